@@ -1,0 +1,23 @@
+# BRAID: Brain Representation to Artificial Image via Diffusion.
+#   snakemake --profile profiles/local                      # the embedded synthetic demo
+#   snakemake --profile profiles/slurm --configfile config/nsd_ssd1b.yaml
+# Stages, one rules file each: nsd (fetch) -> model -> betas -> latents -> encoder
+# -> reconstruct -> evaluate. Helpers and config validation live in rules/common.smk.
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/nsd.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/betas.smk"
+include: "workflow/rules/latents.smk"
+include: "workflow/rules/encoder.smk"
+include: "workflow/rules/reconstruct.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    input:
+        get_final_outputs(),
+    default_target: True

@@ -1,0 +1,10 @@
+"""Rule encoder_train: train one encoder for one subject and predict its test latents."""
+import json
+
+from braid.common import resolve_device, snakemake_job
+from braid.encoder import train
+
+with snakemake_job(snakemake):
+    i, o = snakemake.input, snakemake.output
+    train(i.betas, i.trials, i.latents, json.loads(snakemake.params.hp), o.model, o.history, o.plot,
+          o.predictions, device=resolve_device(snakemake.params.device))

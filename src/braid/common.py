@@ -1,0 +1,116 @@
+"""Helpers every stage uses: atomic outputs, logging for Snakemake scripts, devices, subjects.
+
+Kept small on purpose: anything stage-specific lives in that stage's module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger("braid")
+
+
+class BraidError(RuntimeError):
+    """An error a user can act on: the message names the file, key or value and what to do."""
+
+
+def subject_label(subject: int) -> str:
+    """NSD's 1-based subject label: 1 -> 'subj01'."""
+    if not 1 <= int(subject) <= 8:
+        raise BraidError(f"subject {subject!r} is outside NSD's subjects 1..8")
+    return f"subj{int(subject):02d}"
+
+
+def subject_number(label: str) -> int:
+    """'subj01' -> 1 (inverse of :func:`subject_label`)."""
+    if not (label.startswith("subj") and label[4:].isdigit()):
+        raise BraidError(f"subject label {label!r} is not of the form 'subjNN'")
+    return int(label[4:])
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds.
+
+    Works for files and directories (a Zarr store, a pipeline folder). A failure or a kill
+    leaves at most a ``.tmp-*`` sibling, never a half-written ``path`` that a rerun would trust.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        yield tmp
+        if tmp.is_file():
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors) create files 0600
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def setup_logging(logfile: str | os.PathLike | None = None, level: int = logging.INFO) -> None:
+    """Log to ``logfile`` (Snakemake's ``log:``) and to stderr, in one format."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if logfile:
+        Path(logfile).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(logfile, mode="w"))
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    logging.captureWarnings(True)
+
+
+@contextlib.contextmanager
+def snakemake_job(smk) -> Iterator[None]:
+    """Run a rule's script body with logging to its ``log:`` file; errors are logged, then re-raised.
+
+    tqdm progress bars write to stderr, which Snakemake shows locally and SLURM keeps in its
+    job log; the ``log:`` file gets the messages.
+    """
+    logfile = smk.log[0] if len(smk.log) else None
+    setup_logging(logfile)
+    log.info("rule %s: wildcards %s", smk.rule, dict(smk.wildcards.items()))
+    try:
+        yield
+    except BraidError as err:
+        log.error("%s", err)
+        raise
+    except Exception:
+        log.exception("rule %s failed", smk.rule)
+        raise
+
+
+def resolve_device(name: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is returned as is."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BraidError(f"device {name!r} was requested (config key 'device') but no CUDA GPU is visible")
+    return name
+
+
+def torch_dtype(name: str):
+    import torch
+
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    except KeyError:
+        raise BraidError(f"dtype {name!r} is not one of float32, float16, bfloat16") from None

@@ -1,0 +1,52 @@
+"""Checks of the configuration that a JSON schema cannot express, and names derived from it.
+
+``snakemake`` validates the config against ``config/schema.yaml`` first; :func:`check` then
+looks at combinations (sessions a subject has, strengths the step count can run) so that a bad
+config stops the workflow before any job, with one message per problem.
+"""
+
+from __future__ import annotations
+
+from .common import BraidError, subject_label
+from .nsd import SESSIONS
+
+
+def check(config: dict) -> None:
+    problems = []
+    subjects, sessions = config["subjects"], config["sessions"]
+    if config["nsd"]["source"] == "synthetic":
+        syn = config["synthetic"]
+        extra = sorted(set(subjects) - set(syn["subjects"]))
+        if extra:
+            problems.append(f"subjects {extra} are not in synthetic.subjects {syn['subjects']}")
+        over = [s for s in sessions if s > syn["sessions"]]
+        if over:
+            problems.append(f"sessions {over} exceed synthetic.sessions ({syn['sessions']})")
+    else:
+        for s in subjects:
+            bad = [n for n in sessions if n > SESSIONS[s]]
+            if bad:
+                problems.append(f"sessions {bad} are outside {subject_label(s)}'s NSD sessions 1..{SESSIONS[s]}")
+    steps = config["reconstruct"]["steps"]
+    for s in config["reconstruct"]["strengths"]:
+        if int(steps * s) == 0:
+            problems.append(
+                f"reconstruct.strengths {s} with reconstruct.steps {steps} runs no denoising step "
+                f"(int({steps}*{s}) = 0); raise steps or the strength"
+            )
+    split = config["split"]
+    if split["rule"] == "seed" and min(split["train"], split["val"], split["test"]) <= 0:
+        problems.append("split.train, split.val and split.test must all be > 0 with split.rule 'seed'")
+    if problems:
+        raise BraidError("config: " + "; ".join(problems))
+
+
+def model_name(model: dict) -> str:
+    """Folder name under resources/models for the configured model."""
+    if model["source"] == "tiny":
+        return f"tiny-ssd1b-seed{model.get('seed', 0)}"
+    return model["source"].replace("/", "--")
+
+
+def strength_label(strength: float) -> str:
+    return f"{float(strength):g}"

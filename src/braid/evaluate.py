@@ -1,0 +1,206 @@
+"""Score reconstructions with the field's metrics, and the predicted latents themselves.
+
+Image metrics follow the MindEye reference code (``shared/reference/metrics.md`` §2, the "ME"
+preset): reconstruction and stimulus are both resized to 256², then to 425²; PixCorr is the
+Pearson r of the flattened RGB images; SSIM is 2-D SSIM of the ``rgb2gray`` images with
+Gaussian weights (σ 1.5), population covariance, data range 1 (scikit-image ≥ 0.20 semantics).
+
+Latent metrics are computed per test trial (single-trial decoding, as the seed design trains):
+MSE in the latent scale img2img consumes, Pearson r after standardising with the training
+latents' mean and std (so that predicting the average latent scores 0, not a spurious 0.9),
+and 2-way identification (chance 50 %) where a trial is compared only with trials of *other*
+images, since repeats of one image share a ground truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .common import BraidError, atomic_output
+
+log = logging.getLogger(__name__)
+
+
+def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r between matching rows of ``a`` and ``b`` (flattened per row)."""
+    a = np.asarray(a, np.float64).reshape(len(a), -1)
+    b = np.asarray(b, np.float64).reshape(len(b), -1)
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    denom = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (a * b).sum(1) / denom
+    return np.where(denom > 0, r, 0.0)
+
+
+def two_way_identification(real: np.ndarray, pred: np.ndarray, groups: np.ndarray | None = None) -> float:
+    """Fraction of pairs in which a prediction correlates more with its own target than with another's.
+
+    As in the MindEye/Brain-Diffuser code: ``r[i, j]`` = corr(real_i, pred_j); for each j count
+    the i with ``r[i, j] < r[j, j]``, over the i that may be compared (``groups[i] != groups[j]``
+    when ``groups`` is given, else all i ≠ j), and average. Chance is 0.5.
+    """
+    real = np.asarray(real, np.float64).reshape(len(real), -1)
+    pred = np.asarray(pred, np.float64).reshape(len(pred), -1)
+    n = len(real)
+    if n < 2:
+        raise BraidError("2-way identification needs at least two test samples")
+    rz = real - real.mean(1, keepdims=True)
+    pz = pred - pred.mean(1, keepdims=True)
+    rz /= np.linalg.norm(rz, axis=1, keepdims=True) + 1e-12
+    pz /= np.linalg.norm(pz, axis=1, keepdims=True) + 1e-12
+    r = rz @ pz.T  # rows: ground truth, columns: predictions
+    own = np.diag(r)
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    comparable = groups[:, None] != groups[None, :]
+    wins = ((r < own[None, :]) & comparable).sum(0)
+    counts = comparable.sum(0)
+    valid = counts > 0
+    if not valid.any():
+        raise BraidError("2-way identification needs test samples from at least two different images")
+    return float(np.mean(wins[valid] / counts[valid]))
+
+
+def latent_metrics(pred: np.ndarray, true: np.ndarray, mean: np.ndarray, std: np.ndarray, groups) -> dict:
+    """MSE (latent scale), Pearson r and 2-way identification (standardised) over test trials."""
+    ps = (pred - mean) / std
+    ts = (true - mean) / std
+    return {
+        "latent_mse": float(np.mean((pred - true) ** 2)),
+        "latent_r": float(np.mean(rowwise_pearson(ps, ts))),
+        "latent_two_way": two_way_identification(ts, ps, groups),
+        "n_test_trials": int(len(pred)),
+    }
+
+
+def _me_resize(images, size_hi: int = 425):
+    """MindEye path: to 256², then to 425² (bilinear, antialiased); float tensor (n, 3, 425, 425)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(images, dtype=torch.float32)
+    x = F.interpolate(x, size=(256, 256), mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(x, size=(size_hi, size_hi), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def image_metrics(recons: np.ndarray, stimuli: np.ndarray) -> pd.DataFrame:
+    """Per-image PixCorr and SSIM; ``recons`` float (n, 3, H, W) in [0, 1], ``stimuli`` uint8 (n, H, W, 3)."""
+    from skimage.color import rgb2gray
+    from skimage.metrics import structural_similarity
+
+    if len(recons) != len(stimuli):
+        raise BraidError(f"{len(recons)} reconstructions for {len(stimuli)} stimuli")
+    rec = _me_resize(recons).numpy()
+    gt = _me_resize(np.moveaxis(stimuli, -1, 1).astype(np.float32) / 255.0).numpy()
+    pixcorr = rowwise_pearson(rec, gt)
+    ssim = [
+        structural_similarity(
+            rgb2gray(np.moveaxis(r, 0, -1)),
+            rgb2gray(np.moveaxis(g, 0, -1)),
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            data_range=1.0,
+        )
+        for r, g in zip(rec, gt)
+    ]
+    return pd.DataFrame({"pixcorr": pixcorr, "ssim": np.asarray(ssim)})
+
+
+def save_grid(stimuli: np.ndarray, recons: np.ndarray, labels, path: str | os.PathLike, title: str, n: int = 8) -> None:
+    """PNG: stimuli on the top row, reconstructions below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(n, len(stimuli))
+    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.6 * max(n, 1), 3.6), squeeze=False)
+    for k in range(n):
+        axes[0, k].imshow(stimuli[k])
+        axes[1, k].imshow(np.moveaxis(np.clip(recons[k], 0, 1), 0, -1))
+        axes[0, k].set_title(str(labels[k]), fontsize=7)
+    for ax in axes.ravel():
+        ax.axis("off")
+    axes[0, 0].text(-0.1, 0.5, "seen", transform=axes[0, 0].transAxes, ha="right", va="center", rotation=90)
+    axes[1, 0].text(-0.1, 0.5, "reconstructed", transform=axes[1, 0].transAxes, ha="right", va="center", rotation=90)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def summarise(metric_files: list[str], out_csv: str | os.PathLike, out_png: str | os.PathLike, ceiling: dict | None) -> pd.DataFrame:
+    """Concatenate per-run metrics, add the synthetic ceiling where known, and plot them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = pd.concat([pd.read_csv(f) for f in metric_files], ignore_index=True)
+    if ceiling:
+        table["ceiling_latent_r"] = table["subject"].map(lambda s: ceiling.get(s, {}).get("ceiling_latent_r"))
+        table["ceiling_two_way"] = table["subject"].map(lambda s: ceiling.get(s, {}).get("ceiling_two_way"))
+    table = table.sort_values(["subject", "encoder", "strength"]).reset_index(drop=True)
+    with atomic_output(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+
+    cols = ["latent_r", "latent_two_way", "pixcorr", "ssim"]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2))
+    labels = [f"{r.subject}\n{r.encoder}\ns={r.strength:g}" for r in table.itertuples()]
+    for ax, col in zip(axes, cols):
+        ax.bar(range(len(table)), table[col], color="tab:blue")
+        ceiling_col = {"latent_r": "ceiling_latent_r", "latent_two_way": "ceiling_two_way"}.get(col)
+        if ceiling_col in table:
+            ax.scatter(range(len(table)), table[ceiling_col], marker="_", s=400, color="k", label="ceiling")
+            ax.legend(fontsize=7)
+        if col == "latent_two_way":
+            ax.axhline(0.5, ls=":", color="grey")
+        ax.set_title(col)
+        ax.set_xticks(range(len(table)), labels, fontsize=6)
+    fig.tight_layout()
+    with atomic_output(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return table
+
+
+def load_images(directory: str | os.PathLike, nsd_ids) -> np.ndarray:
+    """Reconstructions ``<nsd_id>.png`` from ``directory`` as float (n, 3, H, W) in [0, 1]."""
+    from PIL import Image
+
+    out = []
+    for i in nsd_ids:
+        p = Path(directory) / f"{int(i)}.png"
+        if not p.is_file():
+            raise BraidError(f"{p}: reconstruction missing; rerun the reconstruct rule")
+        out.append(np.moveaxis(np.asarray(Image.open(p).convert("RGB"), np.float32) / 255.0, -1, 0))
+    return np.stack(out)
+
+
+def evaluate_run(inputs, out_metrics, out_grid, subject: str, encoder: str, strength: float) -> pd.DataFrame:
+    """All metrics of one subject x encoder x strength into a one-row CSV, and the grid PNG."""
+    from .encoder import load_predictions
+    from .latents import LatentCache, read_stimuli
+
+    preds = load_predictions(inputs.predictions)
+    true = LatentCache(inputs.latents).get(preds["nsd_id"])
+    row = {"subject": subject, "encoder": encoder, "strength": strength, "n_parameters": preds["n_parameters"]}
+    row |= latent_metrics(preds["pred"], true, preds["z_mean"], preds["z_std"], preds["nsd_id"])
+    ids = np.unique(preds["nsd_id"])
+    stimuli = read_stimuli(inputs.stimuli, ids)
+    recons = load_images(inputs.images, ids)
+    per_image = image_metrics(recons, stimuli)
+    row |= {"pixcorr": float(per_image["pixcorr"].mean()), "ssim": float(per_image["ssim"].mean()), "n_test_images": int(ids.size)}
+    table = pd.DataFrame([row])
+    with atomic_output(out_metrics) as tmp:
+        table.to_csv(tmp, index=False)
+    save_grid(stimuli, recons, ids, out_grid, f"{subject} · {encoder} · strength {strength:g} · latent r {row['latent_r']:.2f}")
+    log.info("%s", row)
+    return table

@@ -1,0 +1,176 @@
+"""The diffusion model: SSD-1B from the Hugging Face hub, or a tiny SSD-1B-shaped stand-in.
+
+Every stage loads the model with :func:`load_img2img` (``from_pretrained`` on a local folder),
+so the tiny pipeline exercises exactly the code path that loads ``segmind/SSD-1B``. Download
+(:func:`download`) happens in a local rule; compute jobs load with ``local_files_only``.
+
+The tiny pipeline keeps SSD-1B's distinctive structure (resnet-only mid block,
+``reverse_transformer_layers_per_block``, VAE ``scaling_factor`` 0.13025, two CLIP text
+encoders, ``text_time`` conditioning without aesthetic score, 8x VAE downsampling) at widths
+that run on a CPU in seconds. Its weights are random: its images are not meant to look like
+anything, only to flow through the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from .common import BraidError, atomic_output
+
+log = logging.getLogger(__name__)
+
+SDXL_VAE_SCALING = 0.13025
+
+
+def _byte_vocab() -> dict[str, int]:
+    """A CLIP BPE vocab with no merges: start/end tokens and the 256 byte symbols, plain and word-final."""
+    # GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest to 256+n
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(extra))]
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny SSD-1B-shaped ``StableDiffusionXLImg2ImgPipeline`` to ``out_dir`` (HF layout)."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids + pooled TE2 projection
+        cross_attention_dim=64,  # TE1 hidden (32) + TE2 hidden (32)
+        mid_block_type="UNetMidBlock2D",  # SSD-1B: resnet-only mid block
+        transformer_layers_per_block=[1, 2],
+        reverse_transformer_layers_per_block=[[2, 1, 1], 1],
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32, 32, 32],  # 4 blocks: 8x downsampling, as the SDXL VAE
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=SDXL_VAE_SCALING,
+        force_upcast=True,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    te_cfg = dict(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=1000,
+        hidden_act="gelu",
+        projection_dim=32,
+        max_position_embeddings=77,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg))
+    with tempfile.TemporaryDirectory() as tok_dir:
+        Path(tok_dir, "vocab.json").write_text(json.dumps(_byte_vocab()))
+        Path(tok_dir, "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    with atomic_output(out_dir) as tmp:
+        pipe.save_pretrained(tmp)
+    log.info("wrote tiny SSD-1B-shaped pipeline to %s", out_dir)
+    return Path(out_dir)
+
+
+def download(repo_id: str, out_dir: str | os.PathLike, revision: str | None = None, variant: str | None = None) -> Path:
+    """Download a diffusers pipeline from the hub into ``out_dir`` (run where the network is)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = None
+    if variant:
+        # the variant's weights plus configs and tokenizers; not the fp32 duplicates
+        patterns = [f"*.{variant}.safetensors", "*.json", "*.txt", "tokenizer*/*", "scheduler/*"]
+    with atomic_output(out_dir) as tmp:
+        snapshot_download(repo_id, revision=revision, local_dir=tmp, allow_patterns=patterns)
+    return Path(out_dir)
+
+
+def load_img2img(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32", variant: str | None = None):
+    """Load an SDXL img2img pipeline from a local folder, offline, as compute nodes must."""
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from .common import torch_dtype
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise BraidError(f"{path}: no model_index.json; fetch the model first (rule model_download or model_tiny)")
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        path,
+        torch_dtype=torch_dtype(dtype),
+        variant=variant,
+        local_files_only=True,
+        add_watermarker=False,
+    )
+    if pipe.vae.config.get("force_upcast", False) and dtype == "float16":
+        pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_vae(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32"):
+    """The pipeline's VAE alone (for caching latents), from the same local folder."""
+    from diffusers import AutoencoderKL
+
+    from .common import torch_dtype
+
+    path = Path(path)
+    if not (path / "vae" / "config.json").is_file():
+        raise BraidError(f"{path}/vae: no VAE config; fetch the model first (rule model_download or model_tiny)")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype(dtype), local_files_only=True)
+    return vae.to(device).eval()
+
+
+def vae_image_size(vae, requested: int | None = None) -> int:
+    """The pixel size images are resized to before encoding: the config value, or the VAE's sample_size."""
+    return int(requested or vae.config.sample_size)

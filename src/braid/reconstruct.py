@@ -1,0 +1,103 @@
+"""img2img reconstruction with SSD-1B (or the tiny stand-in) from predicted latents.
+
+The predicted ``z0`` is passed as the pipeline's ``image``: a 4-channel tensor bypasses the VAE
+encoder, so it must already be in the scaled latent space (× 0.13025), which is how the encoder
+predicts it. ``strength`` s runs the last ``int(steps · s)`` of ``steps`` denoising steps after
+noising ``z0`` to that level; when that product is 0 the pipeline silently returns nothing, so
+it is refused here with a message.
+
+One reconstruction per test image: the encoder's predictions for the image's test trials
+(its repeats) are averaged first. Each image's generator is seeded by ``seed + nsd_id``, so an
+image's reconstruction does not depend on which other images share its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .common import BraidError, atomic_output
+
+log = logging.getLogger(__name__)
+
+
+def check_strength(strength: float, steps: int) -> None:
+    if not 0.0 < strength <= 1.0:
+        raise BraidError(f"strength {strength} is outside (0, 1] (config reconstruct.strengths)")
+    if int(steps * strength) == 0:
+        raise BraidError(
+            f"strength {strength} with {steps} steps runs int({steps}*{strength}) = 0 denoising steps and "
+            f"would return no image; raise reconstruct.steps to at least {int(np.ceil(1 / strength))} or raise the strength"
+        )
+
+
+def average_by_image(pred: np.ndarray, nsd_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean predicted latent per distinct image, images in ascending id order."""
+    ids, inverse = np.unique(nsd_ids, return_inverse=True)
+    sums = np.zeros((ids.size, *pred.shape[1:]), np.float64)
+    np.add.at(sums, inverse, pred)
+    counts = np.bincount(inverse, minlength=ids.size).reshape(-1, *([1] * (pred.ndim - 1)))
+    return ids, (sums / counts).astype(np.float32)
+
+
+def reconstruct(
+    predictions_path,
+    model_dir,
+    out_dir,
+    strength: float,
+    params: dict,
+    device: str = "cpu",
+) -> None:
+    """Write ``<nsd_id>.png`` for every test image into ``out_dir``."""
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .encoder import load_predictions
+    from .models import load_img2img
+
+    steps = int(params["steps"])
+    check_strength(strength, steps)
+    preds = load_predictions(predictions_path)
+    ids, latents = average_by_image(preds["pred"], preds["nsd_id"])
+    if not np.isfinite(latents).all():
+        raise BraidError(f"{predictions_path}: predicted latents hold NaN/inf; retrain the encoder")
+    pipe = load_img2img(model_dir, device=device, dtype=params["dtype"], variant=params.get("variant"))
+    dtype = pipe.unet.dtype
+    embeds = pipe.encode_prompt(
+        prompt=params["prompt"], device=device, num_images_per_prompt=1,
+        do_classifier_free_guidance=params["guidance_scale"] > 1, negative_prompt=params.get("negative_prompt") or None,
+    )
+    prompt_embeds, negative_embeds, pooled, negative_pooled = embeds
+    batch = int(params["batch_size"])
+    log.info("reconstructing %d images at strength %s, %d steps, on %s", ids.size, strength, steps, device)
+    with atomic_output(out_dir) as tmp:
+        tmp.mkdir()
+        for start in tqdm(range(0, ids.size, batch), desc=f"img2img s={strength}", unit="batch", mininterval=2):
+            chunk = ids[start : start + batch]
+            n = chunk.size
+            z = torch.from_numpy(latents[start : start + n]).to(device=device, dtype=dtype)
+            gens = [torch.Generator(device).manual_seed(int(params["seed"]) + int(i)) for i in chunk]
+            kwargs = {}
+            if negative_embeds is not None:
+                kwargs = dict(negative_prompt_embeds=negative_embeds.repeat(n, 1, 1),
+                              negative_pooled_prompt_embeds=negative_pooled.repeat(n, 1))
+            with torch.inference_mode():
+                images = pipe(
+                    prompt_embeds=prompt_embeds.repeat(n, 1, 1),
+                    pooled_prompt_embeds=pooled.repeat(n, 1),
+                    image=z,
+                    strength=strength,
+                    num_inference_steps=steps,
+                    guidance_scale=params["guidance_scale"],
+                    generator=gens,
+                    output_type="np",
+                    **kwargs,
+                ).images
+            if len(images) != n:
+                raise BraidError(f"the pipeline returned {len(images)} images for {n} latents")
+            for i, img in zip(chunk, images):
+                Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(Path(tmp) / f"{int(i)}.png")

@@ -1,0 +1,298 @@
+"""A synthetic NSD: the bucket's keys and file formats at small sizes, with a planted signal.
+
+Generative model (per subject, deterministic from ``seed``)
+-----------------------------------------------------------
+Let ``z_i`` be the VAE latent of stimulus ``i`` under the configured model (exactly what the
+``latents`` stage computes), standardised per dimension over the stimulus set: ``s_i``
+(``d`` = 4·h·w dims). Each voxel ``v`` of the subject's ``nsdgeneral`` ROI gets a fixed random
+weight vector ``w_v ~ N(0, I_d)``; its response to trial ``t`` showing image ``i`` is
+
+    beta_tv = gain * ( f(a_v · w_v · s_i) + noise_sd * e_tv ),   e_tv ~ N(0, 1) i.i.d.
+
+where ``a_v`` scales the signal to unit variance over the stimuli and ``f`` is the identity or,
+with ``nonlinearity: tanh``, a mild saturation ``tanh``. Repeats of an image share the signal,
+not the noise. Brain voxels outside the ROI carry ``gain * noise_sd * e``; voxels outside the
+brain mask are 0, as in NSD. Betas are stored as NSD does: int16 = percent change x 300.
+
+Ceiling
+-------
+With a linear ``f`` the best decoder of ``s`` from one trial is the posterior mean
+``E[s | x] = C Aᵀ (A C Aᵀ + noise_sd² I)⁻¹ x`` (``C`` = covariance of ``s`` over the stimuli,
+``A`` = the voxel weights). Applied to every generated trial, it gives the best single-trial
+latent correlation and 2-way identification any decoder can expect at this noise level; both
+are written to ``braid_synthetic.json`` beside the data. (With ``tanh`` the same decoder is a
+lower bound of the ideal one.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import nsd
+from .common import BraidError, atomic_output, subject_label
+from .evaluate import rowwise_pearson, two_way_identification
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 425
+META = "braid_synthetic.json"
+_PHOTOS = (
+    "astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "clock", "moon",
+    "brick", "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "retina",
+)  # fmt: skip
+
+
+def keys(cfg: dict, resolution: str = "func1pt8mm", beta_version: str = "betas_fithrf_GLMdenoise_RR") -> list[str]:
+    """Every bucket key the generator writes for ``cfg`` (the synthetic block of the config)."""
+    out = [nsd.EXPDESIGN, nsd.STIM_INFO, nsd.STIMULI]
+    for s in cfg["subjects"]:
+        out += [nsd.brainmask_key(s, resolution)]
+        out += [nsd.roi_key(s, roi, resolution) for roi in ("nsdgeneral", "prf-visualrois")]
+        out += [nsd.betas_key(s, n, resolution, beta_version) for n in range(1, cfg["sessions"] + 1)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Stimuli
+# --------------------------------------------------------------------------------------------
+
+
+def make_stimuli(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` distinct 425x425 RGB photographs: random crops, flips and colour shifts of skimage's samples."""
+    import skimage.data
+    from PIL import Image
+
+    sources = []
+    for name in _PHOTOS:
+        img = getattr(skimage.data, name)()
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=-1)
+        sources.append(Image.fromarray(np.ascontiguousarray(img[..., :3])))
+    out = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for k in range(n):
+        src = sources[rng.integers(len(sources))]
+        w, h = src.size
+        side = int(min(h, w) * rng.uniform(0.35, 1.0))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        img = src.crop((x, y, x + side, y + side)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+        img = np.asarray(img, np.float32) / 255.0
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        if rng.random() < 0.25:
+            img = img[::-1]
+        img = img * rng.uniform(0.6, 1.4, size=3) + rng.uniform(-0.15, 0.15, size=3)
+        out[k] = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Design: expdesign.mat and the stimulus-info CSV
+# --------------------------------------------------------------------------------------------
+
+
+def make_design(cfg: dict, rng: np.random.Generator) -> dict:
+    """Image assignment and trial order, 1-based as NSD stores them."""
+    subjects = sorted(cfg["subjects"])
+    n_trials = cfg["sessions"] * cfg["trials_per_session"]
+    per_subject = cfg["images_per_subject"]
+    n_shared = cfg["shared_images"]
+    if n_shared > per_subject:
+        raise BraidError(f"synthetic.shared_images ({n_shared}) exceeds synthetic.images_per_subject ({per_subject})")
+    if 3 * per_subject < n_trials:
+        raise BraidError(
+            f"synthetic: {n_trials} trials need at least {-(-n_trials // 3)} images per subject "
+            f"(each is shown at most 3 times); raise synthetic.images_per_subject"
+        )
+    n_unique = per_subject - n_shared
+    n_images = n_shared + len(subjects) * n_unique + cfg.get("extra_images", 0)
+    ids = rng.permutation(n_images) + 1  # 1-based 73k ids
+    shared = np.sort(ids[:n_shared])
+    subjectim = np.zeros((8, per_subject), dtype=np.int32)
+    for k, s in enumerate(subjects):
+        unique = ids[n_shared + k * n_unique : n_shared + (k + 1) * n_unique]
+        subjectim[s - 1] = np.concatenate([shared, unique])  # shared images fill the first slots, as in NSD
+    # every slot three times, in random order, cut to the number of trials (NSD's masterordering
+    # is the same for all subjects)
+    masterordering = rng.permutation(np.repeat(np.arange(1, per_subject + 1), 3))[:n_trials].astype(np.int32)
+    return {
+        "n_images": n_images,
+        "masterordering": masterordering[None, :],
+        "subjectim": subjectim,
+        "sharedix": shared[None, :].astype(np.int32),
+    }
+
+
+def stim_info_table(design: dict, subjects: list[int], rng: np.random.Generator) -> pd.DataFrame:
+    n = design["n_images"]
+    df = pd.DataFrame(
+        {
+            "cocoId": rng.choice(600_000, size=n, replace=False),
+            "cocoSplit": np.where(rng.random(n) < 0.9, "train2017", "val2017"),
+            "cropBox": ["(0, 0, 0.1671875, 0.1671875)"] * n,
+            "loss": np.zeros(n),
+            "nsdId": np.arange(n),
+            "flagged": False,
+            "BOLD5000": False,
+            "shared1000": np.isin(np.arange(1, n + 1), design["sharedix"]),
+        }
+    )
+    order = design["masterordering"].ravel()
+    for s in range(1, 9):
+        df[f"subject{s}"] = 0
+    for s in range(1, 9):
+        reps = np.zeros((n, 3), dtype=np.int64)
+        if s in subjects:
+            ids = design["subjectim"][s - 1, order - 1] - 1  # 0-based nsd id per trial
+            df[f"subject{s}"] = np.isin(np.arange(n), design["subjectim"][s - 1] - 1).astype(int)
+            count = np.zeros(n, dtype=np.int64)
+            for t, i in enumerate(ids.tolist()):
+                reps[i, count[i]] = t + 1  # 1-based global trial number
+                count[i] += 1
+        for r in range(3):
+            df[f"subject{s}_rep{r}"] = reps[:, r]
+    return df
+
+
+# --------------------------------------------------------------------------------------------
+# Volumes
+# --------------------------------------------------------------------------------------------
+
+
+def _affine(dims, res=1.8) -> np.ndarray:
+    aff = np.diag([res, res, res, 1.0])
+    aff[:3, 3] = -res * (np.asarray(dims) - 1) / 2.0  # origin at the volume centre, as nsd_savenifti
+    return aff
+
+
+def make_rois(dims, rng: np.random.Generator, roi_fraction: float) -> dict[str, np.ndarray]:
+    """Brain mask and ROI volumes (X, Y, Z): -1 outside the brain, 0 not in the ROI, labels >= 1."""
+    X, Y, Z = dims
+    g = np.stack(np.meshgrid(*(np.linspace(-1, 1, d) for d in dims), indexing="ij"))
+    jitter = rng.uniform(0.85, 0.95, size=3)
+    brain = ((g / jitter[:, None, None, None]) ** 2).sum(0) <= 1.0
+    # nsdgeneral: the posterior part of the brain (low y), sized to roi_fraction of brain voxels
+    y = g[1] + 0.1 * g[2]
+    cut = np.quantile(y[brain], roi_fraction)
+    general = brain & (y <= cut)
+    nsdgeneral = np.where(brain, 0, -1).astype(np.int16)
+    nsdgeneral[general] = 1
+    # prf-visualrois: labels 1..7 (V1v, V1d, V2v, V2d, V3v, V3d, hV4) in slabs of the most posterior half
+    visual = general & (y <= np.quantile(y[general], 0.5))
+    prf = np.where(brain, 0, -1).astype(np.int16)
+    ranks = np.argsort(np.argsort(g[2][visual] + 0.5 * g[0][visual]))
+    prf[visual] = (1 + ranks * 7 // max(ranks.size, 1)).astype(np.int16)
+    return {"brainmask": brain.astype(np.int16), "nsdgeneral": nsdgeneral, "prf-visualrois": prf}
+
+
+def _save_nifti(arr: np.ndarray, path: Path) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(arr, _affine(arr.shape))
+    img.header.set_xyzt_units("mm")
+    with atomic_output(path) as tmp:
+        nib.save(img, str(tmp) + ".nii.gz")
+        os.replace(str(tmp) + ".nii.gz", tmp)
+
+
+def write_betas(path: Path, values: np.ndarray, mask_zyx: np.ndarray) -> None:
+    """Write ``/betas`` (trials, Z, Y, X) int16, chunks (trials, 1, 1, 1), uncompressed, as NSD."""
+    import h5py
+
+    vol = np.zeros((values.shape[0], *mask_zyx.shape), dtype=np.int16)
+    vol[:, mask_zyx] = values
+    with atomic_output(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("betas", data=vol, chunks=(vol.shape[0], 1, 1, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# The whole mirror
+# --------------------------------------------------------------------------------------------
+
+
+def generate(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.PathLike, image_size: int | None = None,
+             resolution: str = "func1pt8mm", beta_version: str = "betas_fithrf_GLMdenoise_RR") -> dict:
+    """Write a synthetic NSD mirror under ``out_dir`` with the bucket's keys; return its metadata."""
+    import h5py
+    from scipy.io import savemat
+    from tqdm import tqdm
+
+    from .latents import encode_images
+    from .models import load_vae, vae_image_size
+
+    out = Path(out_dir)
+    rng = np.random.default_rng(cfg["seed"])
+    subjects = sorted(cfg["subjects"])
+    design = make_design(cfg, rng)
+    stimuli = make_stimuli(design["n_images"], rng)
+
+    # stimuli, design, stim info
+    with atomic_output(out / nsd.STIMULI) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("imgBrick", data=stimuli, chunks=(1, IMAGE_SIZE, IMAGE_SIZE, 3))
+    with atomic_output(out / nsd.EXPDESIGN) as tmp:
+        savemat(tmp, {k: design[k] for k in ("masterordering", "subjectim", "sharedix")}, format="5")
+    with atomic_output(out / nsd.STIM_INFO) as tmp:
+        stim_info_table(design, subjects, rng).to_csv(tmp)
+
+    # the planted signal lives in the standardised latents of the configured model
+    vae = load_vae(model_dir)
+    z = encode_images(stimuli, vae, vae_image_size(vae, image_size)).reshape(len(stimuli), -1).astype(np.float64)
+    s_all = (z - z.mean(0)) / (z.std(0) + 1e-8)
+    cov = np.cov(s_all, rowvar=False)
+    gain, noise_sd = cfg["gain"], cfg["noise_sd"]
+    nonlinear = cfg.get("nonlinearity", "none") == "tanh"
+
+    meta = {"generative_model": __doc__, "config": cfg, "latent_dims": int(z.shape[1]), "subjects": {}}
+    trials_per_session = cfg["trials_per_session"]
+    order = design["masterordering"].ravel() - 1
+    for s in subjects:
+        rois = make_rois(cfg["volume"], rng, cfg["roi_fraction"])
+        _save_nifti(rois["brainmask"], out / nsd.brainmask_key(s, resolution))
+        for name in ("nsdgeneral", "prf-visualrois"):
+            _save_nifti(rois[name], out / nsd.roi_key(s, name, resolution))
+        brain_zyx = rois["brainmask"].T > 0
+        roi_zyx = rois["nsdgeneral"].T > 0
+        in_roi = roi_zyx[brain_zyx]  # ROI voxels, in the order of the brain voxels
+        n_vox = int(roi_zyx.sum())
+        weights = rng.standard_normal((n_vox, z.shape[1]))
+        signal = s_all @ weights.T
+        scale = 1.0 / signal.std(0)
+        signal *= scale
+        if nonlinear:
+            signal = np.tanh(signal)
+        ids = design["subjectim"][s - 1, order] - 1  # 0-based nsd id of each trial
+        all_x = []
+        for session in tqdm(range(1, cfg["sessions"] + 1), desc=f"{subject_label(s)} betas", mininterval=2):
+            t = slice((session - 1) * trials_per_session, session * trials_per_session)
+            noise = noise_sd * rng.standard_normal((trials_per_session, int(brain_zyx.sum())))
+            x = noise
+            x[:, in_roi] += signal[ids[t]]
+            stored = np.clip(np.round(gain * x * 300), -32767, 32767).astype(np.int16)
+            write_betas(out / nsd.betas_key(s, session, resolution, beta_version), stored, brain_zyx)
+            all_x.append(stored[:, in_roi].astype(np.float64) / 300 / gain)
+        x_roi = np.concatenate(all_x)
+        A = weights * scale[:, None]
+        decoded = oracle_decode(x_roi, A, cov, noise_sd)
+        truth = s_all[ids]
+        meta["subjects"][subject_label(s)] = {
+            "roi_voxels": n_vox,
+            "trials": int(x_roi.shape[0]),
+            "ceiling_latent_r": float(np.mean(rowwise_pearson(decoded, truth))),
+            "ceiling_two_way": float(two_way_identification(truth, decoded, ids)),
+        }
+        log.info("%s: %d ROI voxels, ceiling %s", subject_label(s), n_vox, meta["subjects"][subject_label(s)])
+    with atomic_output(out / META) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, default=str))
+    return meta
+
+
+def oracle_decode(x: np.ndarray, A: np.ndarray, cov: np.ndarray, noise_sd: float) -> np.ndarray:
+    """Posterior mean of the standardised latent given ROI responses ``x`` = A s + noise."""
+    K = A @ cov @ A.T + noise_sd**2 * np.eye(A.shape[0])
+    return np.linalg.solve(K, x.T).T @ (A @ cov)

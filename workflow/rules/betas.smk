@@ -1,0 +1,22 @@
+# Stage 2: ROI-masked, normalised single-trial betas per subject, with a leakage-free split.
+
+
+rule betas_mask:
+    input:
+        sessions=lambda wc: list(get_session_files(wc).values()),
+        rois=lambda wc: list(get_roi_files(wc).values()),
+        expdesign=nsd_file(braid.nsd.EXPDESIGN),
+        code=src("betas"),
+    output:
+        betas=directory("results/{subject}/betas.zarr"),
+        trials="results/{subject}/trials.parquet",
+    params:
+        sessions=lambda wc: as_json(get_session_files(wc)),
+        rois=lambda wc: as_json(get_roi_files(wc)),
+        roi_labels=as_json(config["roi"]),
+        split=as_json(config["split"]),
+        betas=as_json(config["betas"]),
+    log:
+        "logs/{subject}/betas.log",
+    script:
+        "../../scripts/betas_mask.py"

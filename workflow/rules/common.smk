@@ -1,0 +1,104 @@
+# Helpers shared by the rules files, and the config checks that run before any job.
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+# The library lives in src/braid; make it importable here and in every script job.
+SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
+
+import braid.config
+import braid.nsd
+import braid.synthetic
+from braid.common import BraidError, subject_label
+
+validate(config, "../../config/schema.yaml")
+try:
+    braid.config.check(config)
+except BraidError as err:
+    raise WorkflowError(str(err))
+
+
+wildcard_constraints:
+    subject=r"subj0[1-8]",
+    encoder=r"[A-Za-z0-9_-]+",
+    strength=r"[0-9.]+",
+
+
+NSD = config["nsd"]
+SYNTHETIC_ROOT = "resources/synthetic_nsd"
+MODEL_DIR = f"resources/models/{braid.config.model_name(config['model'])}"
+SUBJECTS = [subject_label(s) for s in config["subjects"]]
+STRENGTHS = [braid.config.strength_label(s) for s in config["reconstruct"]["strengths"]]
+ENCODERS = sorted(config["encoders"])
+
+
+def as_json(value):
+    """Params are compared by repr(): a sorted JSON string reruns a job only when a value changes."""
+    return json.dumps(value, sort_keys=True)
+
+
+def src(module):
+    """A library module as an input, so that editing it reruns the stage (scripts' imports are not tracked)."""
+    return str(Path(workflow.basedir) / "src" / "braid" / f"{module}.py")
+
+
+def nsd_file(key):
+    return f"resources/nsd/{key}"
+
+
+def get_mirror_file(wildcards):
+    """The source file a fetch copies from, when the source is on this machine (synthetic or a mirror)."""
+    if NSD["source"] == "synthetic":
+        return f"{SYNTHETIC_ROOT}/{wildcards.key}"
+    if NSD["source"].startswith("s3://"):
+        return []
+    return str(Path(NSD["source"]) / wildcards.key)
+
+
+def get_session_files(wildcards):
+    s = int(wildcards.subject[4:])
+    return {
+        str(n): nsd_file(braid.nsd.betas_key(s, n, NSD["resolution"], NSD["beta_version"]))
+        for n in sorted(config["sessions"])
+    }
+
+
+def get_roi_files(wildcards):
+    s = int(wildcards.subject[4:])
+    return {name: nsd_file(braid.nsd.roi_key(s, name, NSD["resolution"])) for name in sorted(config["roi"])}
+
+
+def get_ceiling():
+    return [f"{SYNTHETIC_ROOT}/{braid.synthetic.META}"] if NSD["source"] == "synthetic" else []
+
+
+def get_metric_files():
+    return expand(
+        "results/{subject}/{encoder}/strength-{strength}/metrics.csv",
+        subject=SUBJECTS,
+        encoder=ENCODERS,
+        strength=STRENGTHS,
+    )
+
+
+def get_final_outputs():
+    return [
+        "results/summary.csv",
+        "results/summary.png",
+        *expand("results/{subject}/{encoder}/loss.png", subject=SUBJECTS, encoder=ENCODERS),
+        *expand(
+            "results/{subject}/{encoder}/strength-{strength}/grid.png",
+            subject=SUBJECTS,
+            encoder=ENCODERS,
+            strength=STRENGTHS,
+        ),
+    ]

@@ -1,0 +1,26 @@
+# Stage 4: train each configured encoder per subject; predict the test split's latents.
+
+
+rule encoder_train:
+    input:
+        betas="results/{subject}/betas.zarr",
+        trials="results/{subject}/trials.parquet",
+        latents="results/latents.zarr",
+        code=src("encoder"),
+    output:
+        model="results/{subject}/{encoder}/encoder.safetensors",
+        history="results/{subject}/{encoder}/history.csv",
+        plot=report(
+            "results/{subject}/{encoder}/loss.png",
+            caption="../report/loss.rst",
+            category="Training",
+            labels={"subject": "{subject}", "encoder": "{encoder}"},
+        ),
+        predictions=directory("results/{subject}/{encoder}/predictions.zarr"),
+    params:
+        hp=lambda wc: as_json(config["encoders"][wc.encoder]),
+        device=config["device"],
+    log:
+        "logs/{subject}/{encoder}/train.log",
+    script:
+        "../../scripts/encoder_train.py"

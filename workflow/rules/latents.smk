@@ -1,0 +1,20 @@
+# Stage 3: the VAE latents z0 of every stimulus the configured subjects were scheduled to see,
+# cached once (keyed by NSD id) and shared by all subjects, encoders and strengths.
+
+
+rule latents_encode:
+    input:
+        stimuli=nsd_file(braid.nsd.STIMULI),
+        expdesign=nsd_file(braid.nsd.EXPDESIGN),
+        model=MODEL_DIR,
+        code=src("latents"),
+    output:
+        directory("results/latents.zarr"),
+    params:
+        subjects=config["subjects"],
+        model=as_json(config["model"]),
+        device=config["device"],
+    log:
+        "logs/latents/encode.log",
+    script:
+        "../../scripts/latents_encode.py"

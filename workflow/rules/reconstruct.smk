@@ -1,0 +1,17 @@
+# Stage 5: img2img from the predicted latents, one job per subject x encoder x strength.
+
+
+rule reconstruct_img2img:
+    input:
+        predictions="results/{subject}/{encoder}/predictions.zarr",
+        model=MODEL_DIR,
+        code=src("reconstruct"),
+    output:
+        directory("results/{subject}/{encoder}/strength-{strength}/images"),
+    params:
+        settings=as_json({k: v for k, v in config["reconstruct"].items() if k != "strengths"} | {"variant": config["model"]["variant"]}),
+        device=config["device"],
+    log:
+        "logs/{subject}/{encoder}/strength-{strength}/reconstruct.log",
+    script:
+        "../../scripts/reconstruct_img2img.py"
