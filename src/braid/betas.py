@@ -116,8 +116,11 @@ def build(
     if n_vox == 0:
         raise BraidError(f"the ROI selection {roi_labels} has no voxels")
     sessions = sorted(session_files)
-    with h5py.File(session_files[sessions[0]], "r") as f:
-        trials_per_session = f["betas"].shape[0]
+    try:
+        with h5py.File(session_files[sessions[0]], "r") as f:
+            trials_per_session = f["betas"].shape[0]
+    except (OSError, KeyError) as err:
+        raise BraidError(f"{session_files[sessions[0]]}: cannot read betas ({err}); delete the file and fetch it again") from err
     design = ExpDesign.load(expdesign_path)
     table = design.trial_images(subject, sessions, trials_per_session)
     table["split"] = split_images(
@@ -143,7 +146,7 @@ def build(
                     if ds.shape[0] != trials_per_session:
                         raise BraidError(f"{path}: {ds.shape[0]} trials, expected {trials_per_session}")
                     x = ds[:][:, mask_zyx].astype(np.float32) / 300.0
-            except OSError as err:
+            except (OSError, KeyError) as err:
                 raise BraidError(f"{path}: cannot read betas ({err}); delete the file and fetch it again") from err
             finite = np.isfinite(x)
             bad |= ~finite.all(0) | (np.abs(x).max(0) == 0)

@@ -217,8 +217,10 @@ def _fetch_s3(source, key, dest, endpoint_url, region, anonymous) -> int:
             ) from err
         if code in ("403", "AccessDenied"):
             raise BraidError(
-                f"s3://{bucket}/{full_key}: access denied. NSD is public for reads without credentials "
-                f"(nsd.anonymous: true); a mirror may need credentials, and NSD requires its data-use terms."
+                f"s3://{bucket}/{full_key}: access denied. Either the key does not exist (S3 answers 403 "
+                f"for missing keys to readers who may not list the bucket: check subject, session and "
+                f"resolution) or the source needs credentials (nsd.anonymous: false uses boto3's "
+                f"profile/env credentials). NSD itself is public for reads, under its data-use terms."
             ) from err
         raise
     config = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8)

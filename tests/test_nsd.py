@@ -1,0 +1,106 @@
+"""NSD design files (1-based conventions) and fetching from a mirror or a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.io import savemat
+
+from braid import nsd
+from braid.common import BraidError
+
+
+def write_design(path, masterordering, subjectim, sharedix):
+    savemat(path, {"masterordering": np.asarray(masterordering)[None, :], "subjectim": np.asarray(subjectim),
+                   "sharedix": np.asarray(sharedix)[None, :]})
+
+
+def test_trial_images_converts_one_based_ids(tmp_path):
+    # subject 2 sees 73k ids 11, 12, 13 (1-based) in slots 1..3; trials show slots 3, 1, 3, 2
+    subjectim = np.zeros((8, 3), np.int32)
+    subjectim[1] = [11, 12, 13]
+    write_design(tmp_path / "d.mat", [3, 1, 3, 2], subjectim, [11])
+    design = nsd.ExpDesign.load(tmp_path / "d.mat")
+    table = design.trial_images(2, [1, 2], trials_per_session=2)
+    assert table["nsd_id"].tolist() == [12, 10, 12, 11]  # 0-based
+    assert table["session"].tolist() == [1, 1, 2, 2]
+    assert table["trial"].tolist() == [1, 2, 1, 2]
+    assert table["global_trial"].tolist() == [0, 1, 2, 3]
+    assert table["repeat"].tolist() == [0, 0, 1, 0]
+    assert table["shared1000"].tolist() == [False, True, False, False]
+    # a later session alone keeps its global trial numbers and repeat counts
+    late = design.trial_images(2, [2], trials_per_session=2)
+    assert late["global_trial"].tolist() == [2, 3] and late["repeat"].tolist() == [1, 0]
+
+
+def test_trial_images_errors_name_the_problem(tmp_path):
+    subjectim = np.zeros((8, 2), np.int32)
+    subjectim[0] = [1, 2]
+    write_design(tmp_path / "d.mat", [1, 2], subjectim, [1])
+    design = nsd.ExpDesign.load(tmp_path / "d.mat")
+    with pytest.raises(BraidError, match="session 2 needs trials 3..4"):
+        design.trial_images(1, [2], trials_per_session=2)
+    with pytest.raises(BraidError, match="subj03"):
+        design.trial_images(3, [1], trials_per_session=2)
+
+
+def test_corrupt_expdesign_is_a_clear_error(tmp_path):
+    bad = tmp_path / "nsd_expdesign.mat"
+    bad.write_bytes(b"not a mat file")
+    with pytest.raises(BraidError, match="nsd_expdesign.mat"):
+        nsd.ExpDesign.load(bad)
+
+
+def test_keys_match_the_bucket_layout():
+    assert nsd.betas_key(1, 3) == "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR/betas_session03.hdf5"
+    assert nsd.roi_key(8, "nsdgeneral", "func1mm") == "nsddata/ppdata/subj08/func1mm/roi/nsdgeneral.nii.gz"
+    with pytest.raises(BraidError, match="outside subj04's NSD sessions 1..30"):
+        nsd.check_sessions(4, [30, 31])
+
+
+def test_stim_info_agrees_with_expdesign(mirror):
+    """subjectK_repR holds the 1-based trial numbers at which masterordering shows each image."""
+    root, _ = mirror
+    design = nsd.ExpDesign.load(root / nsd.EXPDESIGN)
+    info = nsd.load_stim_info(root / nsd.STIM_INFO)
+    assert list(info.columns[:8]) == ["cocoId", "cocoSplit", "cropBox", "loss", "nsdId", "flagged", "BOLD5000", "shared1000"]
+    assert info["shared1000"].sum() == design.sharedix.size
+    ids = design.subjectim[0, design.masterordering - 1] - 1
+    for trial, nsd_id in enumerate(ids[:20]):
+        reps = info.loc[nsd_id, ["subject1_rep0", "subject1_rep1", "subject1_rep2"]].tolist()
+        assert trial + 1 in reps
+    assert info["subject3_rep0"].eq(0).all()
+
+
+def test_fetch_from_local_mirror(mirror, tmp_path):
+    root, _ = mirror
+    dest = tmp_path / "out" / nsd.EXPDESIGN
+    size = nsd.fetch(str(root), nsd.EXPDESIGN, dest)
+    assert dest.read_bytes() == (root / nsd.EXPDESIGN).read_bytes() and size == dest.stat().st_size
+    assert not list(dest.parent.glob(".tmp-*"))
+    with pytest.raises(BraidError, match="not found in the local NSD mirror"):
+        nsd.fetch(str(root), "nsddata/nope.csv", tmp_path / "nope.csv")
+    assert not (tmp_path / "nope.csv").exists()
+
+
+def test_fetch_from_s3_anonymously(s3_server, mirror, tmp_path):
+    import boto3
+
+    root, _ = mirror
+    admin = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-2",
+                         aws_access_key_id="admin", aws_secret_access_key="admin")
+    admin.create_bucket(Bucket=nsd.BUCKET, CreateBucketConfiguration={"LocationConstraint": "us-east-2"})
+    key = nsd.betas_key(1, 1)
+    admin.upload_file(str(root / key), nsd.BUCKET, key)
+    with pytest.raises(BraidError, match="access denied"):  # private until a policy opens it
+        nsd.fetch(f"s3://{nsd.BUCKET}", key, tmp_path / "private.hdf5", endpoint_url=s3_server)
+    assert not (tmp_path / "private.hdf5").exists()
+    admin.put_object_acl(Bucket=nsd.BUCKET, Key=key, ACL="public-read")  # NSD's objects are world-readable
+
+    dest = tmp_path / key
+    nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=s3_server)  # no credentials anywhere
+    assert dest.read_bytes() == (root / key).read_bytes()
+    missing = nsd.betas_key(1, 9)
+    with pytest.raises(BraidError, match="betas_session09.hdf5: no such object"):
+        nsd.fetch(f"s3://{nsd.BUCKET}", missing, tmp_path / "x.hdf5", endpoint_url=s3_server)
+    assert not (tmp_path / "x.hdf5").exists()
