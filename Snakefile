@@ -4,7 +4,11 @@
 # Stages, one rules file each: nsd (fetch) -> model -> betas -> latents -> encoder
 # -> reconstruct -> evaluate. Helpers and config validation live in rules/common.smk.
 
-configfile: "config/config.yaml"
+from pathlib import Path
+
+
+# The embedded default; --configfile files are layered on top of it (from any working directory).
+configfile: str(Path(workflow.basedir) / "config" / "config.yaml")
 
 
 include: "workflow/rules/common.smk"

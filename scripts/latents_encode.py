@@ -20,4 +20,5 @@ with snakemake_job(snakemake):
         device=resolve_device(snakemake.params.device),
         dtype=model["dtype"],
         batch_size=model["latent_batch_size"],
+        variant=model["variant"],
     )

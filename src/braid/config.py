@@ -27,6 +27,9 @@ def check(config: dict) -> None:
             bad = [n for n in sessions if n > SESSIONS[s]]
             if bad:
                 problems.append(f"sessions {bad} are outside {subject_label(s)}'s NSD sessions 1..{SESSIONS[s]}")
+    unknown = sorted(set(config.get("train_encoders") or []) - set(config["encoders"]))
+    if unknown:
+        problems.append(f"train_encoders {unknown} are not defined under encoders ({sorted(config['encoders'])})")
     steps = config["reconstruct"]["steps"]
     for s in config["reconstruct"]["strengths"]:
         if int(steps * s) == 0:
@@ -46,6 +49,10 @@ def model_name(model: dict) -> str:
     if model["source"] == "tiny":
         return f"tiny-ssd1b-seed{model.get('seed', 0)}"
     return model["source"].replace("/", "--")
+
+
+def encoder_names(config: dict) -> list[str]:
+    return sorted(config.get("train_encoders") or config["encoders"])
 
 
 def strength_label(strength: float) -> str:

@@ -80,6 +80,7 @@ def cache_latents(
     device: str = "cpu",
     dtype: str = "float32",
     batch_size: int = 16,
+    variant: str | None = None,
 ) -> None:
     """Encode the stimuli ``nsd_ids`` and write ``latents.zarr`` (arrays ``latents`` and ``nsd_id``)."""
     import zarr
@@ -87,7 +88,7 @@ def cache_latents(
 
     from .models import load_vae, vae_image_size
 
-    vae = load_vae(model_dir, device=device, dtype=dtype)
+    vae = load_vae(model_dir, device=device, dtype=dtype, variant=variant)
     size = vae_image_size(vae, image_size)
     ids = np.unique(np.asarray(nsd_ids, dtype=np.int64))
     log.info("encoding %d stimuli at %dpx with %s", ids.size, size, model_dir)

@@ -158,7 +158,7 @@ def load_img2img(path: str | os.PathLike, device: str = "cpu", dtype: str = "flo
     return pipe.to(device)
 
 
-def load_vae(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32"):
+def load_vae(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32", variant: str | None = None):
     """The pipeline's VAE alone (for caching latents), from the same local folder."""
     from diffusers import AutoencoderKL
 
@@ -167,7 +167,9 @@ def load_vae(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32
     path = Path(path)
     if not (path / "vae" / "config.json").is_file():
         raise BraidError(f"{path}/vae: no VAE config; fetch the model first (rule model_download or model_tiny)")
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype(dtype), local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(
+        path, subfolder="vae", torch_dtype=torch_dtype(dtype), variant=variant, local_files_only=True
+    )
     return vae.to(device).eval()
 
 

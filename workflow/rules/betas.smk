@@ -18,5 +18,7 @@ rule betas_mask:
         betas=as_json(config["betas"]),
     log:
         "logs/{subject}/betas.log",
+    conda:
+        "../../envs/braid.yaml"
     script:
         "../../scripts/betas_mask.py"

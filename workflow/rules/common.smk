@@ -38,7 +38,7 @@ SYNTHETIC_ROOT = "resources/synthetic_nsd"
 MODEL_DIR = f"resources/models/{braid.config.model_name(config['model'])}"
 SUBJECTS = [subject_label(s) for s in config["subjects"]]
 STRENGTHS = [braid.config.strength_label(s) for s in config["reconstruct"]["strengths"]]
-ENCODERS = sorted(config["encoders"])
+ENCODERS = braid.config.encoder_names(config)
 
 
 def as_json(value):

@@ -22,5 +22,7 @@ rule encoder_train:
         device=config["device"],
     log:
         "logs/{subject}/{encoder}/train.log",
+    conda:
+        "../../envs/braid.yaml"
     script:
         "../../scripts/encoder_train.py"

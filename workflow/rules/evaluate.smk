@@ -18,6 +18,8 @@ rule evaluate_metrics:
         ),
     log:
         "logs/{subject}/{encoder}/strength-{strength}/evaluate.log",
+    conda:
+        "../../envs/braid.yaml"
     script:
         "../../scripts/evaluate_metrics.py"
 
@@ -32,5 +34,7 @@ rule evaluate_summary:
         plot=report("results/summary.png", caption="../report/summary.rst", category="Summary"),
     log:
         "logs/summary.log",
+    conda:
+        "../../envs/braid.yaml"
     script:
         "../../scripts/evaluate_summary.py"

@@ -16,5 +16,7 @@ rule latents_encode:
         device=config["device"],
     log:
         "logs/latents/encode.log",
+    conda:
+        "../../envs/braid.yaml"
     script:
         "../../scripts/latents_encode.py"

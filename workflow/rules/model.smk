@@ -13,5 +13,7 @@ rule model_fetch:
         model=as_json(config["model"]),
     log:
         "logs/model/fetch.log",
+    conda:
+        "../../envs/braid.yaml"
     script:
         "../../scripts/model_fetch.py"

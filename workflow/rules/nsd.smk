@@ -21,6 +21,8 @@ rule nsd_synthetic:
         beta_version=NSD["beta_version"],
     log:
         "logs/nsd/synthetic.log",
+    conda:
+        "../../envs/braid.yaml"
     script:
         "../../scripts/nsd_synthetic.py"
 
@@ -41,5 +43,7 @@ rule nsd_fetch:
     retries: 2
     log:
         "logs/nsd/fetch/{key}.log",
+    conda:
+        "../../envs/braid.yaml"
     script:
         "../../scripts/nsd_fetch.py"

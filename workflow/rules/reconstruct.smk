@@ -13,5 +13,7 @@ rule reconstruct_img2img:
         device=config["device"],
     log:
         "logs/{subject}/{encoder}/strength-{strength}/reconstruct.log",
+    conda:
+        "../../envs/braid.yaml"
     script:
         "../../scripts/reconstruct_img2img.py"

@@ -1,0 +1,89 @@
+"""Config files validate; config checks catch bad combinations; the conda env matches the package."""
+
+from __future__ import annotations
+
+import copy
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+import braid.config
+from braid.common import BraidError
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = str(REPO / "config" / "schema.yaml")
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Snakemake's layering of a --configfile over the configfile directive: dicts merge, the rest replaces."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load(name):
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    if name != "config.yaml":
+        config = merge(config, yaml.safe_load((REPO / "config" / name).read_text()))
+    validate(config, SCHEMA)
+    return config
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "nsd_ssd1b.yaml"])
+def test_shipped_configs_validate_and_pass_checks(name):
+    config = load(name)
+    braid.config.check(config)
+    assert config["encoders"]  # defaults filled in for every encoder
+    for enc in config["encoders"].values():
+        assert {"hidden", "dropout", "lr", "batch_size", "epochs", "seed", "weight_decay"} <= set(enc)
+
+
+def test_real_config_is_the_seed_design():
+    config = load("nsd_ssd1b.yaml")
+    mlp = config["encoders"]["mlp"]
+    assert (mlp["hidden"], mlp["dropout"], mlp["lr"], mlp["batch_size"], mlp["epochs"]) == ([2048, 4096], 0.5, 1e-4, 512, 200)
+    assert config["model"]["source"] == "segmind/SSD-1B" and config["nsd"]["source"] == "s3://natural-scenes-dataset"
+    assert (config["split"]["train"], config["split"]["val"], config["split"]["test"]) == (0.9, 0.05, 0.05)
+    assert len(config["sessions"]) * 750 == 7500
+    assert braid.config.encoder_names(config) == ["mlp"]
+
+
+def test_schema_rejects_unknown_keys_and_values():
+    config = load("config.yaml")
+    for mutate in (lambda c: c.update(subject=[1]), lambda c: c["split"].update(rule="random"),
+                   lambda c: c["encoders"].update({"a b": {}}), lambda c: c["reconstruct"].update(strengths=[1.5])):
+        bad = copy.deepcopy(config)
+        mutate(bad)
+        with pytest.raises(Exception):
+            validate(bad, SCHEMA)
+
+
+def test_checks_name_the_keys():
+    config = load("config.yaml")
+    config["nsd"]["source"] = "s3://natural-scenes-dataset"
+    config["subjects"] = [4]
+    config["sessions"] = [29, 31, 33]
+    with pytest.raises(BraidError, match=r"sessions \[31, 33\] are outside subj04's NSD sessions 1..30"):
+        braid.config.check(config)
+    assert braid.config.model_name({"source": "segmind/SSD-1B"}) == "segmind--SSD-1B"
+
+
+def test_conda_env_lists_the_package_dependencies():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = yaml.safe_load((REPO / "envs" / "braid.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    names = lambda specs: {re.split(r"[<>=\[ ]", s)[0].lower() for s in specs}  # noqa: E731
+    assert names(deps) - {"snakemake"} == names(pip)
+    assert sorted(deps_spec for deps_spec in deps if not deps_spec.startswith("snakemake")) == sorted(pip)
+
+
+def test_every_rule_logs_and_names_its_env():
+    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
+        text = smk.read_text()
+        for rule in re.split(r"\nrule ", text)[1:]:
+            assert "\n    log:" in rule and "\n    conda:" in rule, f"{smk.name}: rule {rule.split(':')[0]}"
