@@ -18,4 +18,5 @@ with snakemake_job(snakemake):
         split=json.loads(p.split),
         normalisation=settings["normalisation"],
         dtype=settings["dtype"],
+        trials=settings["trials"],
     )

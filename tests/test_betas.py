@@ -13,7 +13,7 @@ from braid import betas, nsd
 from braid.common import BraidError
 
 
-def run_build(root, out, subject=1, sessions=(1, 2), roi=None, split=None, normalisation="session"):
+def run_build(root, out, subject=1, sessions=(1, 2), roi=None, split=None, normalisation="session", trials="single"):
     roi = roi or {"nsdgeneral": [1]}
     split = split or {"rule": "seed", "train": 0.7, "val": 0.15, "test": 0.15, "seed": 0}
     return betas.build(
@@ -26,6 +26,7 @@ def run_build(root, out, subject=1, sessions=(1, 2), roi=None, split=None, norma
         out_trials=out / "trials.parquet",
         split=split,
         normalisation=normalisation,
+        trials=trials,
     )
 
 
@@ -132,3 +133,103 @@ def test_nan_and_empty_voxels_are_dropped(mirror, tmp_path):
     store = zarr.open_group(tmp_path / "o" / "betas.zarr", mode="r")
     assert store["betas"].shape[1] == (roi == 1).sum() - 1 == store["voxel_ijk"].shape[0]
     assert store.attrs["dropped_voxels"] == 1 and np.isfinite(store["betas"][:]).all()
+
+
+def test_train_statistics_normalisation(mirror, tmp_path):
+    root, _ = mirror
+    table = run_build(root, tmp_path, normalisation="train")
+    store = zarr.open_group(tmp_path / "betas.zarr", mode="r")
+    raw = np.concatenate([peers_masking(root, 1, s) for s in (1, 2)])
+    train = raw[table["split"].to_numpy() == "train"]
+    mean, std = train.mean(0), train.std(0)
+    np.testing.assert_allclose(store["train_mean"][:], mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(store["train_std"][:], std, rtol=1e-5)
+    np.testing.assert_allclose(store["betas"][:], (raw - mean) / std, rtol=1e-4, atol=1e-4)
+    assert store.attrs["normalisation"] == "train"
+
+
+def test_session_statistics_are_stored(mirror, tmp_path):
+    root, _ = mirror
+    run_build(root, tmp_path)
+    store = zarr.open_group(tmp_path / "betas.zarr", mode="r")
+    for k, s in enumerate((1, 2)):
+        raw = peers_masking(root, 1, s)
+        np.testing.assert_allclose(store["session_mean"][k], raw.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(store["session_std"][k], raw.std(0), rtol=1e-5)
+
+
+def test_repeats_averaged_per_image(mirror, tmp_path):
+    root, _ = mirror
+    single = run_build(root, tmp_path / "single")
+    x = zarr.open_group(tmp_path / "single" / "betas.zarr", mode="r")["betas"][:]
+    avg = run_build(root, tmp_path / "avg", trials="average")
+    y = zarr.open_group(tmp_path / "avg" / "betas.zarr", mode="r")["betas"][:]
+    assert avg["nsd_id"].is_unique and len(avg) == single["nsd_id"].nunique() == len(y)
+    for row in avg.sample(5, random_state=0).itertuples():
+        rows = single.index[single["nsd_id"] == row.nsd_id]
+        assert row.n_repeats == len(rows) and row.repeat == -1
+        np.testing.assert_allclose(y[row.Index], x[rows].mean(0), rtol=1e-5, atol=1e-5)
+    # the split of an image is the same in both modes
+    assert dict(zip(avg["nsd_id"], avg["split"])) == dict(zip(single["nsd_id"], single["split"]))
+
+
+def test_hemisphere_files_unite_to_the_whole(mirror, tmp_path):
+    root, _ = mirror
+    run_build(root, tmp_path / "both", roi={"lh.nsdgeneral": [1], "rh.nsdgeneral": [1]}, normalisation="none")
+    run_build(root, tmp_path / "whole", normalisation="none")
+    both = zarr.open_group(tmp_path / "both" / "betas.zarr", mode="r")
+    whole = zarr.open_group(tmp_path / "whole" / "betas.zarr", mode="r")
+    np.testing.assert_array_equal(both["betas"][:], whole["betas"][:])
+    np.testing.assert_array_equal(both["voxel_ijk"][:], whole["voxel_ijk"][:])
+
+
+def test_other_layouts_fall_back_to_plane_reads(mirror, tmp_path, caplog):
+    """A compressed or contiguous file (not NSD's layout) gives the same values, read another way."""
+    root, _ = mirror
+    roi = np.asarray(nib.load(root / nsd.roi_key(1, "nsdgeneral")).dataobj) == 1
+    with h5py.File(root / nsd.betas_key(1, 1), "r") as f:
+        vol = f["betas"][:]
+    for name, kwargs in (("gzip.hdf5", dict(chunks=(60, 2, 2, 2), compression="gzip")), ("contig.hdf5", {})):
+        with h5py.File(tmp_path / name, "w") as f:
+            f.create_dataset("betas", data=vol, **kwargs)
+        with caplog.at_level("INFO", logger="braid.betas"):
+            got = betas.read_session(tmp_path / name, roi.T)
+        np.testing.assert_array_equal(got, peers_masking(root, 1, 1))
+        assert "reading Z-planes" in caplog.text
+        caplog.clear()
+    assert "reading Z-planes" not in caplog.text
+    betas.read_session(root / nsd.betas_key(1, 1), roi.T)
+    assert "reading Z-planes" not in caplog.text
+
+
+def test_memory_does_not_grow_with_sessions(tmp_path):
+    """Sessions are streamed: three sessions peak at about what one does."""
+    import tracemalloc
+
+    from scipy.io import savemat
+
+    from braid.synthetic import write_betas
+
+    rng = np.random.default_rng(0)
+    dims, per_session, n_sessions = (20, 20, 16), 300, 3
+    roi = np.zeros(dims, np.int16)
+    roi[2:18, 2:18, 4:12] = 1  # 2,048 voxels
+    root = tmp_path / "m"
+    (root / nsd.roi_key(1, "nsdgeneral")).parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(roi, np.eye(4)), root / nsd.roi_key(1, "nsdgeneral"))
+    subjectim = np.zeros((8, 450), np.int32)
+    subjectim[0] = np.arange(1, 451)
+    (root / nsd.EXPDESIGN).parent.mkdir(parents=True)
+    order = rng.permutation(np.repeat(np.arange(1, 451), 2))[: per_session * n_sessions]
+    savemat(root / nsd.EXPDESIGN, {"masterordering": order[None], "subjectim": subjectim, "sharedix": np.arange(1, 11)[None]})
+    brain = np.ones(dims[::-1], bool)
+    for k in range(1, n_sessions + 1):
+        write_betas(root / nsd.betas_key(1, k), rng.integers(-900, 900, (per_session, brain.sum()), dtype=np.int16), brain)
+    run_build(root, tmp_path / "warm", sessions=(1,))  # imports and caches outside the measurement
+    peaks = []
+    for sessions in ((1,), (1, 2, 3)):
+        tracemalloc.start()
+        run_build(root, tmp_path / str(len(sessions)), sessions=sessions)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 1.3 * peaks[0], peaks

@@ -4,9 +4,10 @@ Output (per subject)
   ``betas.zarr``: array ``betas`` (trials x voxels, float32, percent signal change / z-scored),
   array ``voxel_ijk`` (voxels x 3, the NIfTI (i, j, k) of each column), attributes saying
   subject, ROI files and labels, sessions, normalisation and split rule.
-  ``trials.parquet``: one row per stored trial, in the store's row order: session and trial
+  ``trials.parquet``: one row per stored row, in the store's order: session and trial
   (1-based, NSD's numbering), global_trial (0-based), nsd_id (0-based), repeat (0 = first
-  presentation), shared1000, split (train/val/test).
+  presentation), shared1000, split (train/val/test). With ``trials: average`` a row is an image:
+  session/trial/global_trial of its first presentation, repeat -1, and n_repeats.
 
 Conventions: HDF5 betas are (trials, Z, Y, X) through h5py and NIfTI ROIs are (X, Y, Z), so the
 mask is transposed (``roi.T``); values are int16 x 300 and are divided by 300.
@@ -91,6 +92,66 @@ def split_images(nsd_ids: np.ndarray, rule: str, fractions: dict, seed: int, sha
     return out
 
 
+NORMALISATIONS = ("session", "train", "none")
+TRIAL_MODES = ("single", "average")
+
+
+def read_session(path: str | os.PathLike, mask_zyx: np.ndarray, trials: int | None = None) -> np.ndarray:
+    """The ROI voxels of one session file as float32 (trials, voxels), percent signal change.
+
+    NSD stores each voxel's trials as one uncompressed chunk (trials, 1, 1, 1): BRAID reads
+    just the chunks of the ROI voxels (HDF5 direct chunk reads, ~2 % of the file for
+    nsdgeneral) instead of the whole volume. Other layouts (compressed, contiguous, other
+    chunking) fall back to reading one Z-plane at a time, and say so in the log. Columns are in
+    the order of ``volume[:, mask_zyx]``.
+    """
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            ds = f["betas"]
+            if ds.ndim != 4 or ds.shape[1:] != mask_zyx.shape:
+                raise BraidError(
+                    f"{path}: betas volume (Z, Y, X) = {ds.shape[1:]} but the ROI is {mask_zyx.shape[::-1]} "
+                    f"as (X, Y, Z); are the ROI and betas of the same subject and resolution?"
+                )
+            if trials is not None and ds.shape[0] != trials:
+                raise BraidError(f"{path}: {ds.shape[0]} trials, expected {trials} like the first session")
+            coords = np.argwhere(mask_zyx)
+            if _voxel_chunked(ds):
+                raw = np.empty((coords.shape[0], ds.shape[0]), dtype=ds.dtype)
+                read = ds.id.read_direct_chunk
+                for k, (z, y, x) in enumerate(coords.tolist()):
+                    filter_mask, chunk = read((0, z, y, x))
+                    raw[k] = np.frombuffer(chunk, dtype=ds.dtype)
+                out = raw.T
+            else:
+                log.info("%s: layout %s, chunks %s, filters %s: reading Z-planes instead of voxel chunks",
+                         path, ds.id.get_create_plist().get_layout(), ds.chunks, ds.compression)
+                out = np.empty((ds.shape[0], coords.shape[0]), dtype=ds.dtype)
+                col = 0
+                for z in np.unique(coords[:, 0]).tolist():
+                    plane = ds[:, z]
+                    vals = plane[:, mask_zyx[z]]
+                    out[:, col : col + vals.shape[1]] = vals
+                    col += vals.shape[1]
+    except (OSError, KeyError, ValueError) as err:
+        raise BraidError(f"{path}: cannot read betas ({err}); delete the file and fetch it again") from err
+    return out.astype(np.float32) / 300.0
+
+
+def _voxel_chunked(ds) -> bool:
+    """True when every voxel is one unfiltered chunk holding all its trials (NSD's layout)."""
+    import h5py
+
+    plist = ds.id.get_create_plist()
+    return (
+        plist.get_layout() == h5py.h5d.CHUNKED
+        and ds.chunks == (ds.shape[0], 1, 1, 1)
+        and plist.get_nfilters() == 0
+    )
+
+
 def build(
     subject: int,
     session_files: dict[int, str | os.PathLike],
@@ -102,78 +163,122 @@ def build(
     split: dict,
     normalisation: str = "session",
     dtype: str = "float32",
+    trials: str = "single",
 ) -> pd.DataFrame:
-    """Mask, scale and normalise the betas of ``session_files`` into ``out_zarr``; write ``out_trials``."""
-    import h5py
+    """Mask, scale and normalise the betas of ``session_files`` into ``out_zarr``; write ``out_trials``.
+
+    normalisation: ``session`` z-scores each voxel within each session (NSD's convention),
+    ``train`` z-scores with the mean/std of the training split's trials, ``none`` keeps percent
+    signal change. The statistics are stored with the data (``session_mean``/``session_std`` or
+    ``train_mean``/``train_std``) so that new data can be transformed the same way.
+    trials: ``single`` keeps every trial; ``average`` averages the (normalised) repeats of each
+    image, one row per image. At most one session is in memory at a time (plus, for
+    ``average``, one running sum per image).
+    """
     import zarr
     from tqdm import tqdm
 
-    if normalisation not in ("session", "none"):
-        raise BraidError(f"normalisation {normalisation!r} is not one of 'session', 'none' (config betas.normalisation)")
+    if normalisation not in NORMALISATIONS:
+        raise BraidError(f"normalisation {normalisation!r} is not one of {NORMALISATIONS} (config betas.normalisation)")
+    if trials not in TRIAL_MODES:
+        raise BraidError(f"trials {trials!r} is not one of {TRIAL_MODES} (config betas.trials)")
     mask_xyz, affine = load_roi_mask(roi_files, roi_labels)
     mask_zyx = mask_xyz.T
     n_vox = int(mask_zyx.sum())
     if n_vox == 0:
         raise BraidError(f"the ROI selection {roi_labels} has no voxels")
     sessions = sorted(session_files)
-    try:
-        with h5py.File(session_files[sessions[0]], "r") as f:
-            trials_per_session = f["betas"].shape[0]
-    except (OSError, KeyError) as err:
-        raise BraidError(f"{session_files[sessions[0]]}: cannot read betas ({err}); delete the file and fetch it again") from err
+
     design = ExpDesign.load(expdesign_path)
-    table = design.trial_images(subject, sessions, trials_per_session)
+    first = read_session(session_files[sessions[0]], mask_zyx)
+    per_session = first.shape[0]
+    table = design.trial_images(subject, sessions, per_session)
     table["split"] = split_images(
         table["nsd_id"].to_numpy(), split["rule"], split, split["seed"], table["shared1000"].to_numpy()
     ).reindex(table["nsd_id"]).to_numpy()
+    is_train = table["split"].to_numpy() == "train"
 
     with atomic_output(out_zarr) as tmp:
         root = zarr.open_group(tmp, mode="w")
-        store = root.create_array(
-            "betas", shape=(len(table), n_vox), chunks=(min(256, len(table)), n_vox), dtype=dtype
-        )
+        scratch = root.create_array("scratch", shape=(len(table), n_vox), chunks=(per_session, n_vox), dtype="float32")
         bad = np.zeros(n_vox, bool)
-        for k, session in enumerate(tqdm(sessions, desc=f"{subject_label(subject)} sessions", mininterval=2)):
-            path = session_files[session]
-            try:
-                with h5py.File(path, "r") as f:
-                    ds = f["betas"]
-                    if ds.shape[1:] != mask_zyx.shape:
-                        raise BraidError(
-                            f"{path}: betas volume (Z, Y, X) = {ds.shape[1:]} but the ROI is {mask_zyx.shape[::-1]} "
-                            f"as (X, Y, Z); are the ROI and betas of the same subject and resolution?"
-                        )
-                    if ds.shape[0] != trials_per_session:
-                        raise BraidError(f"{path}: {ds.shape[0]} trials, expected {trials_per_session}")
-                    x = ds[:][:, mask_zyx].astype(np.float32) / 300.0
-            except (OSError, KeyError) as err:
-                raise BraidError(f"{path}: cannot read betas ({err}); delete the file and fetch it again") from err
-            finite = np.isfinite(x)
-            bad |= ~finite.all(0) | (np.abs(x).max(0) == 0)
+        s_mean = np.zeros((len(sessions), n_vox), np.float32)
+        s_std = np.ones((len(sessions), n_vox), np.float32)
+        train_sum = np.zeros(n_vox, np.float64)
+        train_sq = np.zeros(n_vox, np.float64)
+        bar = tqdm(sessions, desc=f"{subject_label(subject)} sessions", unit="session", mininterval=2)
+        for k, session in enumerate(bar):
+            x = first if k == 0 else read_session(session_files[session], mask_zyx, per_session)
+            rows = slice(k * per_session, (k + 1) * per_session)
+            bad |= ~np.isfinite(x).all(0) | (np.nanmax(np.abs(x), 0) == 0)
+            x = np.nan_to_num(x)
             if normalisation == "session":
-                mu = np.nanmean(x, 0)
-                sd = np.nanstd(x, 0)
+                s_mean[k], sd = x.mean(0), x.std(0)
                 bad |= sd == 0
-                x = (x - mu) / np.where(sd > 0, sd, 1.0)
-            store[k * trials_per_session : (k + 1) * trials_per_session] = np.nan_to_num(x).astype(dtype)
+                s_std[k] = np.where(sd > 0, sd, 1.0)
+                x = (x - s_mean[k]) / s_std[k]
+            elif normalisation == "train":
+                xt = x[is_train[rows]].astype(np.float64)
+                train_sum += xt.sum(0)
+                train_sq += (xt**2).sum(0)
+            scratch[rows] = x
+            del x
+        first = None
+
+        keep = ~bad
+        ijk = _zyx_columns_to_ijk(mask_zyx)
         if bad.any():
-            # drop voxels that are empty or non-finite in any session, and say where they were
+            where = ", ".join(str(tuple(v)) for v in ijk[bad][:10].tolist())
+            log.warning("%s: dropping %d of %d ROI voxels that are all-zero, constant or NaN in some session; "
+                        "(i, j, k) %s%s", subject_label(subject), bad.sum(), n_vox, where, " ..." if bad.sum() > 10 else "")
+        shift = np.zeros(n_vox, np.float32)
+        scale = np.ones(n_vox, np.float32)
+        if normalisation == "train":
+            n = is_train.sum()
+            shift = (train_sum / n).astype(np.float32)
+            sd = np.sqrt(np.maximum(train_sq / n - (train_sum / n) ** 2, 0))
+            bad |= sd == 0
             keep = ~bad
-            log.warning("dropping %d of %d ROI voxels that are all-zero, constant or NaN in some session", bad.sum(), n_vox)
-            data = store[:][:, keep]
-            del root["betas"]
-            root.create_array("betas", data=data, chunks=(min(256, len(table)), int(keep.sum())))
-        voxel_ijk = _zyx_columns_to_ijk(mask_zyx)
+            scale = np.where(sd > 0, sd, 1.0).astype(np.float32)
+            root.create_array("train_mean", data=shift[keep])
+            root.create_array("train_std", data=scale[keep])
+        elif normalisation == "session":
+            root.create_array("session_mean", data=s_mean[:, keep])
+            root.create_array("session_std", data=s_std[:, keep])
+
+        if trials == "average":
+            ids, inverse = np.unique(table["nsd_id"].to_numpy(), return_inverse=True)
+            sums = np.zeros((ids.size, int(keep.sum())), np.float32)
+            for start in range(0, len(table), per_session):
+                block = (scratch[start : start + per_session][:, keep] - shift[keep]) / scale[keep]
+                np.add.at(sums, inverse[start : start + per_session], block)
+            counts = np.bincount(inverse)
+            data = sums / counts[:, None]
+            firsts = table.groupby("nsd_id", sort=True).head(1).set_index("nsd_id").loc[ids].reset_index()
+            firsts["repeat"] = -1
+            firsts["n_repeats"] = counts.astype(np.int16)
+            table = firsts[["session", "trial", "global_trial", "nsd_id", "repeat", "n_repeats", "shared1000", "split"]]
+            out = root.create_array("betas", shape=data.shape, chunks=(min(256, len(data)), data.shape[1]), dtype=dtype)
+            out[:] = data.astype(dtype)
+        else:
+            out = root.create_array("betas", shape=(len(table), int(keep.sum())),
+                                    chunks=(min(256, len(table)), int(keep.sum())), dtype=dtype)
+            for start in range(0, len(table), per_session):
+                block = scratch[start : start + per_session][:, keep]
+                out[start : start + per_session] = ((block - shift[keep]) / scale[keep]).astype(dtype)
+        del root["scratch"]
+        root.create_array("voxel_ijk", data=ijk[keep].astype(np.int32))
         if bad.any():
-            voxel_ijk = voxel_ijk[~bad]
-        root.create_array("voxel_ijk", data=voxel_ijk.astype(np.int32))
+            root.create_array("dropped_voxel_ijk", data=ijk[bad].astype(np.int32))
         root.attrs.update(
             {
                 "subject": subject_label(subject),
                 "roi": {k: [int(v) for v in roi_labels[k]] for k in sorted(roi_labels)},
                 "sessions": [int(s) for s in sessions],
+                "trials": trials,
                 "normalisation": normalisation,
-                "units": "z-score per voxel per session" if normalisation == "session" else "percent signal change",
+                "units": {"session": "z-score per voxel within each session", "train": "z-score with training-split statistics",
+                          "none": "percent signal change"}[normalisation],
                 "split": {k: split[k] for k in sorted(split)},
                 "affine": np.asarray(affine).tolist(),
                 "dropped_voxels": int(bad.sum()),
@@ -183,7 +288,7 @@ def build(
     with atomic_output(out_trials) as tmp:
         table.to_parquet(tmp, index=False)
     counts = table.drop_duplicates("nsd_id")["split"].value_counts().to_dict()
-    log.info("%s: %d trials x %d voxels; images per split %s", subject_label(subject), len(table), n_vox - bad.sum(), counts)
+    log.info("%s: %d rows x %d voxels; images per split %s", subject_label(subject), len(table), keep.sum(), counts)
     return table
 
 

@@ -41,6 +41,7 @@ from .evaluate import rowwise_pearson, two_way_identification
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 425
+ROIS = ("nsdgeneral", "prf-visualrois")
 META = "braid_synthetic.json"
 _PHOTOS = (
     "astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "clock", "moon",
@@ -53,7 +54,7 @@ def keys(cfg: dict, resolution: str = "func1pt8mm", beta_version: str = "betas_f
     out = [nsd.EXPDESIGN, nsd.STIM_INFO, nsd.STIMULI]
     for s in cfg["subjects"]:
         out += [nsd.brainmask_key(s, resolution)]
-        out += [nsd.roi_key(s, roi, resolution) for roi in ("nsdgeneral", "prf-visualrois")]
+        out += [nsd.roi_key(s, f"{hemi}{roi}", resolution) for roi in ROIS for hemi in ("", "lh.", "rh.")]
         out += [nsd.betas_key(s, n, resolution, beta_version) for n in range(1, cfg["sessions"] + 1)]
     return out
 
@@ -187,7 +188,13 @@ def make_rois(dims, rng: np.random.Generator, roi_fraction: float) -> dict[str, 
     prf = np.where(brain, 0, -1).astype(np.int16)
     ranks = np.argsort(np.argsort(g[2][visual] + 0.5 * g[0][visual]))
     prf[visual] = (1 + ranks * 7 // max(ranks.size, 1)).astype(np.int16)
-    return {"brainmask": brain.astype(np.int16), "nsdgeneral": nsdgeneral, "prf-visualrois": prf}
+    rois = {"brainmask": brain.astype(np.int16), "nsdgeneral": nsdgeneral, "prf-visualrois": prf}
+    # hemisphere files, as NSD ships lh./rh. versions: the other half's labels become 0
+    left = np.arange(X)[:, None, None] < X // 2
+    for name in ROIS:
+        for hemi, side in (("lh.", left), ("rh.", ~left)):
+            rois[hemi + name] = np.where(side | (rois[name] < 0), rois[name], 0).astype(np.int16)
+    return rois
 
 
 def _save_nifti(arr: np.ndarray, path: Path) -> None:
@@ -254,8 +261,9 @@ def generate(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.PathLike
     for s in subjects:
         rois = make_rois(cfg["volume"], rng, cfg["roi_fraction"])
         _save_nifti(rois["brainmask"], out / nsd.brainmask_key(s, resolution))
-        for name in ("nsdgeneral", "prf-visualrois"):
-            _save_nifti(rois[name], out / nsd.roi_key(s, name, resolution))
+        for name in rois:
+            if name != "brainmask":
+                _save_nifti(rois[name], out / nsd.roi_key(s, name, resolution))
         brain_zyx = rois["brainmask"].T > 0
         roi_zyx = rois["nsdgeneral"].T > 0
         in_roi = roi_zyx[brain_zyx]  # ROI voxels, in the order of the brain voxels
