@@ -93,6 +93,10 @@ def test_union_of_roi_files_and_labels(mirror, tmp_path):
     run_build(root, tmp_path / "v1", roi={"prf-visualrois": [1, 2]}, normalisation="none")
     v1 = zarr.open_group(tmp_path / "v1" / "betas.zarr", mode="r")["betas"]
     np.testing.assert_array_equal(v1[:], np.concatenate([peers_masking(root, 1, s, "prf-visualrois", (1, 2)) for s in (1, 2)]))
+    store = zarr.open_group(tmp_path / "betas.zarr", mode="r")
+    labels = store["voxel_labels"][:]
+    assert store.attrs["roi_files"] == ["nsdgeneral", "prf-visualrois"]
+    assert (labels[:, 0] == 1).all() and set(np.unique(labels[:, 1])) == set(range(0, 8))
 
 
 def test_bad_inputs_name_the_file_and_leave_nothing(mirror, tmp_path):

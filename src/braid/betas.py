@@ -32,11 +32,12 @@ SPLITS = ("train", "val", "test")
 
 
 def load_roi_mask(roi_files: dict[str, str | os.PathLike], labels: dict[str, list[int]]):
-    """Union of ``labels`` over ROI files -> boolean (X, Y, Z) mask, the affine, and per-voxel labels."""
+    """Union of ``labels`` over ROI files -> boolean (X, Y, Z) mask, the affine, and each file's label volume."""
     import nibabel as nib
 
     mask = None
     affine = None
+    volumes = {}
     for name, path in roi_files.items():
         try:
             img = nib.load(str(path))
@@ -52,13 +53,14 @@ def load_roi_mask(roi_files: dict[str, str | os.PathLike], labels: dict[str, lis
                 f"labels {sorted(v for v in present if v > 0)}"
             )
         this = np.isin(vol, want)
+        volumes[name] = vol
         if mask is None:
             mask, affine = this, img.affine
         elif this.shape != mask.shape:
             raise BraidError(f"{path}: ROI dims {this.shape} differ from the other ROI files' {mask.shape}")
         else:
             mask |= this
-    return mask, affine
+    return mask, affine, volumes
 
 
 def split_images(nsd_ids: np.ndarray, rule: str, fractions: dict, seed: int, shared: np.ndarray | None = None) -> pd.Series:
@@ -119,12 +121,9 @@ def read_session(path: str | os.PathLike, mask_zyx: np.ndarray, trials: int | No
                 raise BraidError(f"{path}: {ds.shape[0]} trials, expected {trials} like the first session")
             coords = np.argwhere(mask_zyx)
             if _voxel_chunked(ds):
-                raw = np.empty((coords.shape[0], ds.shape[0]), dtype=ds.dtype)
                 read = ds.id.read_direct_chunk
-                for k, (z, y, x) in enumerate(coords.tolist()):
-                    filter_mask, chunk = read((0, z, y, x))
-                    raw[k] = np.frombuffer(chunk, dtype=ds.dtype)
-                out = raw.T
+                chunks = b"".join([read((0, z, y, x))[1] for z, y, x in coords.tolist()])
+                out = np.frombuffer(chunks, dtype=ds.dtype).reshape(coords.shape[0], ds.shape[0]).T
             else:
                 log.info("%s: layout %s, chunks %s, filters %s: reading Z-planes instead of voxel chunks",
                          path, ds.id.get_create_plist().get_layout(), ds.chunks, ds.compression)
@@ -137,7 +136,9 @@ def read_session(path: str | os.PathLike, mask_zyx: np.ndarray, trials: int | No
                     col += vals.shape[1]
     except (OSError, KeyError, ValueError) as err:
         raise BraidError(f"{path}: cannot read betas ({err}); delete the file and fetch it again") from err
-    return out.astype(np.float32) / 300.0
+    scaled = np.empty(out.shape, np.float32)
+    np.divide(out, np.float32(300.0), out=scaled)  # int16 x 300 -> percent signal change, one pass
+    return scaled
 
 
 def _voxel_chunked(ds) -> bool:
@@ -182,7 +183,7 @@ def build(
         raise BraidError(f"normalisation {normalisation!r} is not one of {NORMALISATIONS} (config betas.normalisation)")
     if trials not in TRIAL_MODES:
         raise BraidError(f"trials {trials!r} is not one of {TRIAL_MODES} (config betas.trials)")
-    mask_xyz, affine = load_roi_mask(roi_files, roi_labels)
+    mask_xyz, affine, roi_volumes = load_roi_mask(roi_files, roi_labels)
     mask_zyx = mask_xyz.T
     n_vox = int(mask_zyx.sum())
     if n_vox == 0:
@@ -268,12 +269,16 @@ def build(
                 out[start : start + per_session] = ((block - shift[keep]) / scale[keep]).astype(dtype)
         del root["scratch"]
         root.create_array("voxel_ijk", data=ijk[keep].astype(np.int32))
+        names = sorted(roi_volumes)
+        labels = np.stack([roi_volumes[n][tuple(ijk[keep].T)] for n in names], axis=1).astype(np.int16)
+        root.create_array("voxel_labels", data=labels)  # voxels x ROI files (attrs roi_files), the files' own labels
         if bad.any():
             root.create_array("dropped_voxel_ijk", data=ijk[bad].astype(np.int32))
         root.attrs.update(
             {
                 "subject": subject_label(subject),
                 "roi": {k: [int(v) for v in roi_labels[k]] for k in sorted(roi_labels)},
+                "roi_files": names,
                 "sessions": [int(s) for s in sessions],
                 "trials": trials,
                 "normalisation": normalisation,
