@@ -169,12 +169,23 @@ def test_repeats_averaged_per_image(mirror, tmp_path):
     avg = run_build(root, tmp_path / "avg", trials="average")
     y = zarr.open_group(tmp_path / "avg" / "betas.zarr", mode="r")["betas"][:]
     assert avg["nsd_id"].is_unique and len(avg) == single["nsd_id"].nunique() == len(y)
+    assert avg["global_trial"].is_monotonic_increasing
     for row in avg.sample(5, random_state=0).itertuples():
         rows = single.index[single["nsd_id"] == row.nsd_id]
         assert row.n_repeats == len(rows) and row.repeat == -1
         np.testing.assert_allclose(y[row.Index], x[rows].mean(0), rtol=1e-5, atol=1e-5)
     # the split of an image is the same in both modes
     assert dict(zip(avg["nsd_id"], avg["split"])) == dict(zip(single["nsd_id"], single["split"]))
+    # average_test: test images averaged, train/val trials untouched
+    mixed = run_build(root, tmp_path / "mixed", trials="average_test")
+    z = zarr.open_group(tmp_path / "mixed" / "betas.zarr", mode="r")["betas"][:]
+    test = mixed[mixed["split"] == "test"]
+    assert test["nsd_id"].is_unique and (test["repeat"] == -1).all()
+    assert len(mixed) == (single["split"] != "test").sum() + single.loc[single["split"] == "test", "nsd_id"].nunique()
+    kept = mixed[mixed["split"] != "test"]
+    np.testing.assert_array_equal(z[kept.index], x[single.index[single["split"] != "test"]])
+    for row in test.itertuples():
+        np.testing.assert_allclose(z[row.Index], x[single.index[single["nsd_id"] == row.nsd_id]].mean(0), rtol=1e-5, atol=1e-5)
 
 
 def test_hemisphere_files_unite_to_the_whole(mirror, tmp_path):

@@ -6,8 +6,8 @@ Output (per subject)
   subject, ROI files and labels, sessions, normalisation and split rule.
   ``trials.parquet``: one row per stored row, in the store's order: session and trial
   (1-based, NSD's numbering), global_trial (0-based), nsd_id (0-based), repeat (0 = first
-  presentation), shared1000, split (train/val/test). With ``trials: average`` a row is an image:
-  session/trial/global_trial of its first presentation, repeat -1, and n_repeats.
+  presentation), n_repeats (1 for a single trial), shared1000, split (train/val/test). An
+  averaged row is an image: session/trial/global_trial of its first presentation, repeat -1.
 
 Conventions: HDF5 betas are (trials, Z, Y, X) through h5py and NIfTI ROIs are (X, Y, Z), so the
 mask is transposed (``roi.T``); values are int16 x 300 and are divided by 300.
@@ -95,7 +95,8 @@ def split_images(nsd_ids: np.ndarray, rule: str, fractions: dict, seed: int, sha
 
 
 NORMALISATIONS = ("session", "train", "none")
-TRIAL_MODES = ("single", "average")
+TRIAL_MODES = ("single", "average", "average_test")
+TABLE_COLUMNS = ["session", "trial", "global_trial", "nsd_id", "repeat", "n_repeats", "shared1000", "split"]
 
 
 def read_session(path: str | os.PathLike, mask_zyx: np.ndarray, trials: int | None = None) -> np.ndarray:
@@ -173,7 +174,8 @@ def build(
     signal change. The statistics are stored with the data (``session_mean``/``session_std`` or
     ``train_mean``/``train_std``) so that new data can be transformed the same way.
     trials: ``single`` keeps every trial; ``average`` averages the (normalised) repeats of each
-    image, one row per image. At most one session is in memory at a time (plus, for
+    image, one row per image; ``average_test`` does so for the test split only (train on single
+    trials, test on repeat averages, as Takagi and MindEye evaluate). At most one session is in memory at a time (plus, for
     ``average``, one running sum per image).
     """
     import zarr
@@ -197,6 +199,8 @@ def build(
     table["split"] = split_images(
         table["nsd_id"].to_numpy(), split["rule"], split, split["seed"], table["shared1000"].to_numpy()
     ).reindex(table["nsd_id"]).to_numpy()
+    table["n_repeats"] = np.int16(1)
+    table = table[TABLE_COLUMNS]
     is_train = table["split"].to_numpy() == "train"
 
     with atomic_output(out_zarr) as tmp:
@@ -247,18 +251,23 @@ def build(
             root.create_array("session_mean", data=s_mean[:, keep])
             root.create_array("session_std", data=s_std[:, keep])
 
-        if trials == "average":
-            ids, inverse = np.unique(table["nsd_id"].to_numpy(), return_inverse=True)
-            sums = np.zeros((ids.size, int(keep.sum())), np.float32)
+        if trials != "single":
+            # rows that are averaged share a group per image; the others stay single trials
+            averaged = np.ones(len(table), bool) if trials == "average" else table["split"].to_numpy() == "test"
+            group = np.where(averaged, table["nsd_id"].to_numpy(), -1 - np.arange(len(table)))
+            _, first, inverse = np.unique(group, return_index=True, return_inverse=True)
+            rank = np.argsort(np.argsort(first))  # groups in order of their first trial
+            inverse = rank[inverse]
+            sums = np.zeros((first.size, int(keep.sum())), np.float32)
             for start in range(0, len(table), per_session):
                 block = (scratch[start : start + per_session][:, keep] - shift[keep]) / scale[keep]
                 np.add.at(sums, inverse[start : start + per_session], block)
             counts = np.bincount(inverse)
             data = sums / counts[:, None]
-            firsts = table.groupby("nsd_id", sort=True).head(1).set_index("nsd_id").loc[ids].reset_index()
-            firsts["repeat"] = -1
+            firsts = table.iloc[np.sort(first)].reset_index(drop=True)
+            firsts["repeat"] = np.where(averaged[np.sort(first)], -1, firsts["repeat"])
             firsts["n_repeats"] = counts.astype(np.int16)
-            table = firsts[["session", "trial", "global_trial", "nsd_id", "repeat", "n_repeats", "shared1000", "split"]]
+            table = firsts[TABLE_COLUMNS]
             out = root.create_array("betas", shape=data.shape, chunks=(min(256, len(data)), data.shape[1]), dtype=dtype)
             out[:] = data.astype(dtype)
         else:
