@@ -232,10 +232,6 @@ def build(
 
         keep = ~bad
         ijk = _zyx_columns_to_ijk(mask_zyx)
-        if bad.any():
-            where = ", ".join(str(tuple(v)) for v in ijk[bad][:10].tolist())
-            log.warning("%s: dropping %d of %d ROI voxels that are all-zero, constant or NaN in some session; "
-                        "(i, j, k) %s%s", subject_label(subject), bad.sum(), n_vox, where, " ..." if bad.sum() > 10 else "")
         shift = np.zeros(n_vox, np.float32)
         scale = np.ones(n_vox, np.float32)
         if normalisation == "train":
@@ -250,6 +246,10 @@ def build(
         elif normalisation == "session":
             root.create_array("session_mean", data=s_mean[:, keep])
             root.create_array("session_std", data=s_std[:, keep])
+        if bad.any():
+            where = ", ".join(str(tuple(v)) for v in ijk[bad][:10].tolist())
+            log.warning("%s: dropping %d of %d ROI voxels that are all-zero, constant or NaN in some session; "
+                        "(i, j, k) %s%s", subject_label(subject), bad.sum(), n_vox, where, " ..." if bad.sum() > 10 else "")
 
         if trials != "single":
             # rows that are averaged share a group per image; the others stay single trials
