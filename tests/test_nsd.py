@@ -104,3 +104,72 @@ def test_fetch_from_s3_anonymously(s3_server, mirror, tmp_path):
     with pytest.raises(BraidError, match="betas_session09.hdf5: no such object"):
         nsd.fetch(f"s3://{nsd.BUCKET}", missing, tmp_path / "x.hdf5", endpoint_url=s3_server)
     assert not (tmp_path / "x.hdf5").exists()
+
+
+def public_bucket(endpoint, root, keys):
+    """The synthetic mirror's ``keys`` in a bucket named like NSD's, readable anonymously."""
+    import boto3
+
+    admin = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-2",
+                         aws_access_key_id="admin", aws_secret_access_key="admin")
+    admin.create_bucket(Bucket=nsd.BUCKET, CreateBucketConfiguration={"LocationConstraint": "us-east-2"})
+    for key in keys:
+        admin.upload_file(str(root / key), nsd.BUCKET, key, ExtraArgs={"ACL": "public-read"})
+    return admin
+
+
+def roi_zyx(root, subject=1):
+    import nibabel as nib
+
+    return np.asarray(nib.load(root / nsd.roi_key(subject, "nsdgeneral")).dataobj).T == 1
+
+
+def test_roi_only_fetch_equals_whole_file_then_mask(s3_server, mirror, tmp_path):
+    import h5py
+
+    from braid.betas import read_session
+
+    root, _ = mirror
+    key = nsd.betas_key(1, 2)
+    public_bucket(s3_server, root, [key])
+    mask = roi_zyx(root)
+    entry = nsd.fetch_betas_roi(f"s3://{nsd.BUCKET}", key, tmp_path / "roi.hdf5", mask, endpoint_url=s3_server)
+    with h5py.File(root / key, "r") as f:
+        whole = f["betas"][:][:, mask]
+    np.testing.assert_array_equal(read_session(tmp_path / "roi.hdf5", mask), whole.astype(np.float32) / 300)
+    assert entry["mode"] == "roi" and entry["voxels"] == mask.sum()
+    assert entry["bytes_ideal"] <= entry["bytes_data"] <= 1.1 * entry["bytes_ideal"] + 16 * 1024 * entry["requests"]
+    assert entry["bytes_metadata"] + entry["bytes_data"] < entry["bytes_object"]
+    # the same from a local mirror
+    nsd.fetch_betas_roi(str(root), key, tmp_path / "local.hdf5", mask)
+    np.testing.assert_array_equal(read_session(tmp_path / "local.hdf5", mask), whole.astype(np.float32) / 300)
+
+
+def test_roi_only_falls_back_to_whole_object_for_other_layouts(s3_server, mirror, tmp_path, caplog):
+    import h5py
+
+    root, _ = mirror
+    key = nsd.betas_key(1, 1)
+    odd = tmp_path / "mirror"
+    (odd / key).parent.mkdir(parents=True)
+    with h5py.File(root / key, "r") as f, h5py.File(odd / key, "w") as g:
+        g.create_dataset("betas", data=f["betas"][:], chunks=(60, 2, 2, 2), compression="gzip")
+    public_bucket(s3_server, odd, [key])
+    with caplog.at_level("WARNING", logger="braid.nsd"):
+        entry = nsd.fetch_betas_roi(f"s3://{nsd.BUCKET}", key, tmp_path / "out.hdf5", roi_zyx(root), endpoint_url=s3_server)
+    assert entry["mode"] == "whole" and "downloading the whole object" in caplog.text
+    assert (tmp_path / "out.hdf5").read_bytes() == (odd / key).read_bytes()
+
+
+def test_stimuli_rows_only(s3_server, mirror, tmp_path):
+    import h5py
+
+    root, _ = mirror
+    public_bucket(s3_server, root, [nsd.STIMULI])
+    entry = nsd.fetch_stimuli_rows(f"s3://{nsd.BUCKET}", nsd.STIMULI, tmp_path / "s.hdf5", np.array([7, 3, 7]),
+                                   endpoint_url=s3_server)
+    with h5py.File(root / nsd.STIMULI, "r") as f, h5py.File(tmp_path / "s.hdf5", "r") as g:
+        assert g["imgBrick"].shape == f["imgBrick"].shape
+        np.testing.assert_array_equal(g["imgBrick"][[3, 7]], f["imgBrick"][[3, 7]])
+        assert not g["imgBrick"][4].any()  # not fetched
+    assert entry["images"] == 2 and entry["bytes_data"] == 2 * 425 * 425 * 3

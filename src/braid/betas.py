@@ -24,43 +24,11 @@ import pandas as pd
 
 from . import __version__
 from .common import BraidError, atomic_output, subject_label
-from .nsd import ExpDesign
+from .nsd import ExpDesign, load_roi_mask
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-
-
-def load_roi_mask(roi_files: dict[str, str | os.PathLike], labels: dict[str, list[int]]):
-    """Union of ``labels`` over ROI files -> boolean (X, Y, Z) mask, the affine, and each file's label volume."""
-    import nibabel as nib
-
-    mask = None
-    affine = None
-    volumes = {}
-    for name, path in roi_files.items():
-        try:
-            img = nib.load(str(path))
-            vol = np.asarray(img.dataobj).astype(np.int64)
-        except Exception as err:
-            raise BraidError(f"{path}: cannot read ROI '{name}' as NIfTI ({err}); delete it and fetch again") from err
-        want = [int(v) for v in labels[name]]
-        present = set(np.unique(vol).tolist())
-        absent = [v for v in want if v not in present]
-        if absent:
-            raise BraidError(
-                f"{path}: labels {absent} (config roi '{name}') are not in this ROI file, which has "
-                f"labels {sorted(v for v in present if v > 0)}"
-            )
-        this = np.isin(vol, want)
-        volumes[name] = vol
-        if mask is None:
-            mask, affine = this, img.affine
-        elif this.shape != mask.shape:
-            raise BraidError(f"{path}: ROI dims {this.shape} differ from the other ROI files' {mask.shape}")
-        else:
-            mask |= this
-    return mask, affine, volumes
 
 
 def split_images(nsd_ids: np.ndarray, rule: str, fractions: dict, seed: int, shared: np.ndarray | None = None) -> pd.Series:

@@ -9,6 +9,7 @@ and the row of ``imgBrick``), 1-based ``session`` and 1-based ``trial`` within t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -142,6 +143,38 @@ def _as_index(value: np.ndarray, path, key: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def load_roi_mask(roi_files: dict[str, str | os.PathLike], labels: dict[str, list[int]]):
+    """Union of ``labels`` over ROI files -> boolean (X, Y, Z) mask, the affine, and each file's label volume."""
+    import nibabel as nib
+
+    mask = None
+    affine = None
+    volumes = {}
+    for name, path in roi_files.items():
+        try:
+            img = nib.load(str(path))
+            vol = np.asarray(img.dataobj).astype(np.int64)
+        except Exception as err:
+            raise BraidError(f"{path}: cannot read ROI '{name}' as NIfTI ({err}); delete it and fetch again") from err
+        want = [int(v) for v in labels[name]]
+        present = set(np.unique(vol).tolist())
+        absent = [v for v in want if v not in present]
+        if absent:
+            raise BraidError(
+                f"{path}: labels {absent} (config roi '{name}') are not in this ROI file, which has "
+                f"labels {sorted(v for v in present if v > 0)}"
+            )
+        this = np.isin(vol, want)
+        volumes[name] = vol
+        if mask is None:
+            mask, affine = this, img.affine
+        elif this.shape != mask.shape:
+            raise BraidError(f"{path}: ROI dims {this.shape} differ from the other ROI files' {mask.shape}")
+        else:
+            mask |= this
+    return mask, affine, volumes
+
+
 def load_stim_info(path: str | os.PathLike) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, index_col=0)
@@ -209,20 +242,7 @@ def _fetch_s3(source, key, dest, endpoint_url, region, anonymous) -> int:
     try:
         size = client.head_object(Bucket=bucket, Key=full_key)["ContentLength"]
     except ClientError as err:
-        code = err.response.get("Error", {}).get("Code", "")
-        if code in ("404", "NoSuchKey"):
-            raise BraidError(
-                f"s3://{bucket}/{full_key}: no such object. Check the subject, session and resolution "
-                f"in the config (NSD has sessions {SESSIONS}) and the endpoint ({endpoint_url or 'AWS'})."
-            ) from err
-        if code in ("403", "AccessDenied"):
-            raise BraidError(
-                f"s3://{bucket}/{full_key}: access denied. Either the key does not exist (S3 answers 403 "
-                f"for missing keys to readers who may not list the bucket: check subject, session and "
-                f"resolution) or the source needs credentials (nsd.anonymous: false uses boto3's "
-                f"profile/env credentials). NSD itself is public for reads, under its data-use terms."
-            ) from err
-        raise
+        raise _s3_error(err, bucket, full_key, endpoint_url) from err
     config = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8)
     with atomic_output(dest) as tmp, tqdm(total=size, unit="B", unit_scale=True, desc=key, mininterval=2) as bar:
         client.download_file(bucket, full_key, str(tmp), Config=config, Callback=bar.update)
@@ -235,3 +255,221 @@ def _check_size(path: Path, expected: int, key: str) -> None:
     got = path.stat().st_size
     if got != expected:
         raise BraidError(f"{key}: got {got} bytes, the source says {expected}; fetch again")
+
+
+# --------------------------------------------------------------------------------------------
+# Ranged reads: ROI-only betas and the needed rows of the stimuli
+# --------------------------------------------------------------------------------------------
+
+
+class RangeSource:
+    """Ranged reads of one object (S3 or a local mirror), verified, retried, and counted.
+
+    Each read must return exactly the bytes asked for (clamped at the object's end); a short
+    or failed read is retried with backoff, then reported with the key. botocore already
+    retries throttling, 5xx and connection errors for each request.
+    """
+
+    def __init__(self, source: str, key: str, endpoint_url=None, region="us-east-2", anonymous=True, attempts: int = 5):
+        import threading
+
+        self.key, self.attempts = key, attempts
+        self.bytes = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+        if source.startswith("s3://"):
+            bucket, _, prefix = source[len("s3://") :].partition("/")
+            self.bucket, self.full_key = bucket, f"{prefix.strip('/')}/{key}" if prefix.strip("/") else key
+            self.client = s3_client(endpoint_url, region, anonymous)
+            self.size = self._head()
+            self.label = f"s3://{bucket}/{self.full_key}"
+        else:
+            self.client = None
+            self.path = Path(source) / key
+            if not self.path.is_file():
+                raise BraidError(f"{self.path}: not found in the local NSD mirror (config nsd.source = {source!r})")
+            self.size = self.path.stat().st_size
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self.label = str(self.path)
+
+    def _head(self) -> int:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self.full_key)["ContentLength"]
+        except ClientError as err:
+            raise _s3_error(err, self.bucket, self.full_key, self.client.meta.endpoint_url) from err
+
+    def read(self, offset: int, size: int) -> bytes:
+        import time
+
+        size = max(0, min(size, self.size - offset))
+        if size == 0:
+            return b""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                if self.client is None:
+                    data = os.pread(self._fd, size, offset)
+                else:
+                    resp = self.client.get_object(Bucket=self.bucket, Key=self.full_key,
+                                                  Range=f"bytes={offset}-{offset + size - 1}")
+                    data = resp["Body"].read()
+                if len(data) == size:
+                    with self._lock:
+                        self.bytes += size
+                        self.requests += 1
+                    return data
+                problem = f"got {len(data)} of {size} bytes"
+            except BraidError:
+                raise
+            except Exception as err:  # connection resets, timeouts, 5xx after botocore's retries
+                problem = f"{type(err).__name__}: {err}"
+            log.warning("%s bytes %d-%d: %s (attempt %d/%d)", self.label, offset, offset + size - 1, problem, attempt, self.attempts)
+            time.sleep(min(0.2 * 2 ** (attempt - 1), 5.0))
+        raise BraidError(f"{self.label}: bytes {offset}-{offset + size - 1} failed {self.attempts} times ({problem}); "
+                         f"check the network or the endpoint and run again")
+
+    def close(self) -> None:
+        if self.client is None:
+            os.close(self._fd)
+
+
+def _s3_error(err, bucket: str, key: str, endpoint) -> BraidError:
+    code = err.response.get("Error", {}).get("Code", "")
+    if code in ("404", "NoSuchKey"):
+        return BraidError(
+            f"s3://{bucket}/{key}: no such object. Check the subject, session and resolution "
+            f"in the config (NSD has sessions {SESSIONS}) and the endpoint ({endpoint or 'AWS'})."
+        )
+    if code in ("403", "AccessDenied"):
+        return BraidError(
+            f"s3://{bucket}/{key}: access denied. Either the key does not exist (S3 answers 403 "
+            f"for missing keys to readers who may not list the bucket: check subject, session and "
+            f"resolution) or the source needs credentials (nsd.anonymous: false uses boto3's "
+            f"profile/env credentials). NSD itself is public for reads, under its data-use terms."
+        )
+    return BraidError(f"s3://{bucket}/{key}: {err}")
+
+
+def _fetch_runs(src: RangeSource, runs, parallel: int = 16) -> list[bytes]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    total = sum(length for _, length, _ in runs)
+    with ThreadPoolExecutor(parallel) as pool, tqdm(total=total, unit="B", unit_scale=True, desc=src.key.rsplit("/", 1)[-1], mininterval=2) as bar:
+        def one(run):
+            data = src.read(run[0], run[1])
+            bar.update(len(data))
+            return data
+
+        return list(pool.map(one, runs))
+
+
+def fetch_betas_roi(source: str, key: str, dest, mask_zyx: np.ndarray, endpoint_url=None, region="us-east-2",
+                    anonymous=True, max_gap: int = 16 * 1024) -> dict:
+    """Fetch only the chunks of the ROI's voxels of one betas file into a sparse local HDF5.
+
+    ``dest`` gets ``/betas`` with the source's shape, dtype and chunking, holding exactly the
+    source's bytes for the ROI voxels (other chunks are unallocated and read as 0), so that
+    masking it equals masking the whole file. If the source's layout is not one voxel per
+    unfiltered chunk, the whole object is downloaded instead (and the log says why).
+    Returns a manifest entry: bytes of metadata and data requested, bytes stored, checksum.
+    """
+    import hashlib
+
+    import h5py
+
+    from .hdf5_ranges import HDF5Ranges, LayoutError, coalesce
+
+    src = RangeSource(source, key, endpoint_url, region, anonymous)
+    try:
+        meta = HDF5Ranges(src.read)
+        ds = meta.dataset("betas")
+        if ds.layout != "chunked" or ds.filtered or ds.chunk_shape != (ds.shape[0], 1, 1, 1):
+            raise LayoutError(f"layout {ds.layout}, chunks {ds.chunk_shape}, filtered {ds.filtered}")
+        if ds.shape[1:] != mask_zyx.shape:
+            raise BraidError(f"{src.label}: betas volume (Z, Y, X) = {ds.shape[1:]} but the ROI is "
+                             f"{mask_zyx.shape[::-1]} as (X, Y, Z); same subject and resolution?")
+        coords = np.argwhere(mask_zyx)
+        addrs = meta.chunk_addresses(ds, np.c_[np.zeros(len(coords), np.int64), coords])
+    except LayoutError as err:
+        log.warning("%s: ROI-only fetch not possible (%s); downloading the whole object", src.label, err)
+        src.close()
+        size = fetch(source, key, dest, endpoint_url, region, anonymous)
+        return {"key": key, "mode": "whole", "bytes_requested": size, "bytes_stored": Path(dest).stat().st_size}
+    if (addrs < 0).any():
+        raise BraidError(f"{src.label}: {int((addrs < 0).sum())} ROI voxels have no stored chunk; the file looks incomplete")
+    chunk_bytes = ds.shape[0] * ds.dtype.itemsize
+    metadata_bytes = src.bytes
+    runs = coalesce(addrs, chunk_bytes, max_gap)
+    blobs = _fetch_runs(src, runs)
+    src.close()
+    digest = hashlib.sha256()
+    with atomic_output(dest) as tmp, h5py.File(tmp, "w") as f:
+        out = f.create_dataset("betas", shape=ds.shape, dtype=ds.dtype, chunks=ds.chunk_shape)
+        chunks = [b""] * len(coords)
+        for (start, _, idx), blob in zip(runs, blobs):
+            for i in idx.tolist():
+                rel = int(addrs[i]) - start
+                chunks[i] = blob[rel : rel + chunk_bytes]
+        for (z, y, x), chunk in zip(coords.tolist(), chunks):
+            out.id.write_direct_chunk((0, z, y, x), chunk)
+            digest.update(chunk)
+        f.attrs["braid_roi_only"] = json.dumps({"source": source, "key": key, "voxels": int(len(coords))})
+    entry = {
+        "key": key, "mode": "roi", "voxels": int(len(coords)), "requests": src.requests,
+        "bytes_metadata": int(metadata_bytes), "bytes_data": int(src.bytes - metadata_bytes),
+        "bytes_ideal": int(len(coords) * chunk_bytes), "bytes_object": int(src.size),
+        "bytes_stored": Path(dest).stat().st_size, "sha256_roi": digest.hexdigest(),
+    }
+    log.info("%s: ROI-only %s", key, entry)
+    return entry
+
+
+def fetch_stimuli_rows(source: str, key: str, dest, nsd_ids: np.ndarray, endpoint_url=None, region="us-east-2",
+                       anonymous=True) -> dict:
+    """Fetch only the ``imgBrick`` rows ``nsd_ids`` into a sparse local HDF5 of the same shape."""
+    import h5py
+
+    from .hdf5_ranges import HDF5Ranges, LayoutError, coalesce
+
+    src = RangeSource(source, key, endpoint_url, region, anonymous)
+    ids = np.unique(np.asarray(nsd_ids, np.int64))
+    try:
+        meta = HDF5Ranges(src.read)
+        ds = meta.dataset("imgBrick")
+        row_bytes = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
+        if ds.filtered:
+            raise LayoutError("filtered")
+        if ds.layout == "contiguous":
+            addrs = ds.address + ids * row_bytes
+        elif ds.chunk_shape == (1, *ds.shape[1:]):
+            coords = np.zeros((ids.size, len(ds.shape)), np.int64)
+            coords[:, 0] = ids
+            addrs = meta.chunk_addresses(ds, coords)
+        else:
+            raise LayoutError(f"chunks {ds.chunk_shape}")
+    except LayoutError as err:
+        log.warning("%s: row-only fetch not possible (%s); downloading the whole object", src.label, err)
+        src.close()
+        size = fetch(source, key, dest, endpoint_url, region, anonymous)
+        return {"key": key, "mode": "whole", "bytes_requested": size, "bytes_stored": Path(dest).stat().st_size}
+    if ids.size and ids.max() >= ds.shape[0]:
+        raise BraidError(f"{src.label}: imgBrick has {ds.shape[0]} images; asked for id {ids.max()}")
+    if (addrs < 0).any():
+        raise BraidError(f"{src.label}: {int((addrs < 0).sum())} requested images have no stored chunk")
+    metadata_bytes = src.bytes
+    runs = coalesce(addrs, row_bytes)
+    blobs = _fetch_runs(src, runs, parallel=8)
+    src.close()
+    with atomic_output(dest) as tmp, h5py.File(tmp, "w") as f:
+        out = f.create_dataset("imgBrick", shape=ds.shape, dtype=ds.dtype, chunks=(1, *ds.shape[1:]))
+        for (start, _, idx), blob in zip(runs, blobs):
+            for i in idx.tolist():
+                rel = int(addrs[i]) - start
+                out.id.write_direct_chunk((int(ids[i]), 0, 0, 0), blob[rel : rel + row_bytes])
+        out.attrs["braid_rows"] = ids
+    return {"key": key, "mode": "rows", "images": int(ids.size), "bytes_metadata": int(metadata_bytes),
+            "bytes_data": int(src.bytes - metadata_bytes), "bytes_object": int(src.size),
+            "bytes_stored": Path(dest).stat().st_size}
