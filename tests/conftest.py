@@ -72,3 +72,94 @@ def s3_server(monkeypatch):
 
         urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).read()
         server.stop()
+
+
+class FaultProxy:
+    """An HTTP proxy on loopback in front of the S3 server that breaks GET responses on purpose.
+
+    ``rate``: the fraction of GETs that fail, evenly as a 500, a connection reset, or a body
+    cut short after the headers promised more. ``down``: every GET is reset (a dead network);
+    ``fail_after``: the network dies after that many GETs.
+    """
+
+    def __init__(self, upstream: str, rate: float = 0.0, seed: int = 0):
+        import http.client
+        import random
+        import socket
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        up = urlparse(upstream)
+        proxy = self
+        self.rate, self.down, self.gets, self.faults = rate, False, 0, 0
+        self.fail_after: int | None = None  # GETs after which the network dies
+        self._rng, self._lock = random.Random(seed), threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+                conn.request(self.command, self.path, body, {k: v for k, v in self.headers.items()})
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                fault = None
+                if self.command == "GET":
+                    with proxy._lock:
+                        proxy.gets += 1
+                        r = proxy._rng.random()
+                        if proxy.fail_after is not None and proxy.gets > proxy.fail_after:
+                            proxy.down = True
+                        if proxy.down:
+                            fault = "reset"
+                        elif r < proxy.rate:
+                            fault = ("500", "reset", "truncate")[int(3 * r / proxy.rate)]
+                        proxy.faults += fault is not None
+                if fault == "reset":
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if fault == "500":
+                    err = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
+                    self.send_response(500)
+                    self.send_header("Content-Length", str(len(err)))
+                    self.end_headers()
+                    self.wfile.write(err)
+                    return
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data)))
+                self.end_headers()
+                if fault == "truncate":
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def fault_proxy(s3_server):
+    proxy = FaultProxy(s3_server)
+    try:
+        yield proxy
+    finally:
+        proxy.close()

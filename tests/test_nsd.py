@@ -173,3 +173,47 @@ def test_stimuli_rows_only(s3_server, mirror, tmp_path):
         np.testing.assert_array_equal(g["imgBrick"][[3, 7]], f["imgBrick"][[3, 7]])
         assert not g["imgBrick"][4].any()  # not fetched
     assert entry["images"] == 2 and entry["bytes_data"] == 2 * 425 * 425 * 3
+
+
+def test_whole_object_resumes_after_a_kill(s3_server, fault_proxy, mirror, tmp_path):
+    root, _ = mirror
+    key = nsd.betas_key(1, 1)
+    public_bucket(s3_server, root, [key])
+    dest = tmp_path / "betas.hdf5"
+    size = (root / key).stat().st_size
+    part = 64 * 1024
+    n_parts = -(-size // part)
+
+    fault_proxy.fail_after = n_parts // 3  # the network dies a third of the way: the fetch fails, keeping its parts
+    with pytest.raises(BraidError, match="failed 5 times"):
+        nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=fault_proxy.endpoint, part_size=part)
+    assert not dest.exists()
+    assert (tmp_path / "betas.hdf5.part").exists() and (tmp_path / "betas.hdf5.part.json").exists()
+    fault_proxy.down, fault_proxy.fail_after = False, None
+    gets_before = fault_proxy.gets
+    nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=fault_proxy.endpoint, part_size=part)
+    assert dest.read_bytes() == (root / key).read_bytes()
+    assert fault_proxy.gets - gets_before < n_parts  # only the missing parts were fetched again
+    assert not (tmp_path / "betas.hdf5.part").exists() and not (tmp_path / "betas.hdf5.part.json").exists()
+
+
+def test_injected_faults_end_with_correct_files(s3_server, fault_proxy, mirror, tmp_path):
+    import h5py
+
+    from braid.betas import read_session
+
+    root, _ = mirror
+    keys = [nsd.betas_key(1, 1), nsd.STIMULI]
+    public_bucket(s3_server, root, keys)
+    fault_proxy.rate = 0.3  # 500s, connection resets and truncated bodies, 10 % each
+    source = f"s3://{nsd.BUCKET}"
+    nsd.fetch(source, keys[0], tmp_path / "whole.hdf5", endpoint_url=fault_proxy.endpoint, part_size=32 * 1024)
+    assert (tmp_path / "whole.hdf5").read_bytes() == (root / keys[0]).read_bytes()
+    mask = roi_zyx(root)
+    nsd.fetch_betas_roi(source, keys[0], tmp_path / "roi.hdf5", mask, endpoint_url=fault_proxy.endpoint)
+    with h5py.File(root / keys[0], "r") as f:
+        np.testing.assert_array_equal(read_session(tmp_path / "roi.hdf5", mask), f["betas"][:][:, mask] / np.float32(300))
+    nsd.fetch_stimuli_rows(source, keys[1], tmp_path / "s.hdf5", np.arange(0, 40, 3), endpoint_url=fault_proxy.endpoint)
+    with h5py.File(root / keys[1], "r") as f, h5py.File(tmp_path / "s.hdf5", "r") as g:
+        np.testing.assert_array_equal(g["imgBrick"][0:40:3], f["imgBrick"][0:40:3])
+    assert fault_proxy.faults > 5  # the faults really happened

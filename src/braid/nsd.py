@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from .common import BraidError, atomic_output, subject_label
 log = logging.getLogger(__name__)
 
 BUCKET = "natural-scenes-dataset"
+PART_SIZE = 16 * 2**20  # ranged parts of whole-object downloads
 TRIALS_PER_SESSION = 750
 SESSIONS = {1: 40, 2: 40, 3: 32, 4: 30, 5: 40, 6: 32, 7: 40, 8: 30}
 
@@ -211,6 +213,7 @@ def fetch(
     endpoint_url: str | None = None,
     region: str = "us-east-2",
     anonymous: bool = True,
+    part_size: int = PART_SIZE,
 ) -> int:
     """Copy object ``key`` from ``source`` (``s3://bucket[/prefix]`` or a local mirror) to ``dest``.
 
@@ -219,7 +222,7 @@ def fetch(
     """
     dest = Path(dest)
     if source.startswith("s3://"):
-        return _fetch_s3(source, key, dest, endpoint_url, region, anonymous)
+        return _fetch_s3(source, key, dest, endpoint_url, region, anonymous, part_size)
     src = Path(source) / key
     if not src.is_file():
         raise BraidError(f"{src}: not found in the local NSD mirror (config nsd.source = {source!r})")
@@ -231,24 +234,67 @@ def fetch(
     return size
 
 
-def _fetch_s3(source, key, dest, endpoint_url, region, anonymous) -> int:
-    from boto3.s3.transfer import TransferConfig
-    from botocore.exceptions import ClientError
+def _fetch_s3(source, key, dest, endpoint_url, region, anonymous, part_size: int = PART_SIZE) -> int:
+    """Parallel ranged download into ``<dest>.part``, resumable after a kill, verified, then renamed.
+
+    ``<dest>.part.json`` records the object's size and ETag and the parts already written; a
+    rerun continues from there if the object is unchanged. The result is checked against the
+    size and, where the ETag is a plain MD5 (single-part uploads), against the MD5.
+    """
+    import hashlib
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    bucket, _, prefix = source[len("s3://") :].partition("/")
-    full_key = f"{prefix.strip('/')}/{key}" if prefix.strip("/") else key
-    client = s3_client(endpoint_url, region, anonymous)
+    src = RangeSource(source, key, endpoint_url, region, anonymous)
+    etag = src.etag
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part, state_path = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.json")
+    n_parts = max(1, -(-src.size // part_size))
+    state = {"size": src.size, "etag": etag, "part_size": part_size, "done": []}
+    if part.exists() and state_path.exists():
+        old = json.loads(state_path.read_text())
+        if {k: old.get(k) for k in ("size", "etag", "part_size")} == {k: state[k] for k in ("size", "etag", "part_size")}:
+            state["done"] = old["done"]
+            log.info("%s: resuming, %d of %d parts already here", key, len(state["done"]), n_parts)
+    if not state["done"]:
+        with open(part, "wb") as f:
+            f.truncate(src.size)
+    lock = threading.Lock()
+    todo = [i for i in range(n_parts) if i not in set(state["done"])]
+    fd = os.open(part, os.O_RDWR)
     try:
-        size = client.head_object(Bucket=bucket, Key=full_key)["ContentLength"]
-    except ClientError as err:
-        raise _s3_error(err, bucket, full_key, endpoint_url) from err
-    config = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8)
-    with atomic_output(dest) as tmp, tqdm(total=size, unit="B", unit_scale=True, desc=key, mininterval=2) as bar:
-        client.download_file(bucket, full_key, str(tmp), Config=config, Callback=bar.update)
-        _check_size(tmp, size, key)
-    log.info("downloaded s3://%s/%s (%d bytes)", bucket, full_key, size)
-    return size
+        with ThreadPoolExecutor(8) as pool, tqdm(total=src.size, initial=len(state["done"]) * part_size, unit="B",
+                                                 unit_scale=True, desc=key.rsplit("/", 1)[-1], mininterval=2) as bar:
+            def one(i):
+                data = src.read(i * part_size, part_size)
+                os.pwrite(fd, data, i * part_size)
+                with lock:
+                    state["done"].append(i)
+                    state_path.write_text(json.dumps(state))
+                    bar.update(len(data))
+
+            for future in [pool.submit(one, i) for i in todo]:
+                future.result()
+    finally:
+        os.close(fd)
+        src.close()
+    _check_size(part, src.size, key)
+    if re.fullmatch(r"[0-9a-f]{32}", etag):
+        md5 = hashlib.md5()
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(8 << 20), b""):
+                md5.update(block)
+        if md5.hexdigest() != etag:
+            part.unlink()
+            state_path.unlink()
+            raise BraidError(f"{key}: MD5 {md5.hexdigest()} differs from the ETag {etag}; the download was corrupted, run again")
+    os.replace(part, dest)
+    state_path.unlink()
+    log.info("downloaded %s (%d bytes, %d requests)", src.label, src.size, src.requests)
+    return src.size
 
 
 def _check_size(path: Path, expected: int, key: str) -> None:
@@ -296,7 +342,9 @@ class RangeSource:
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=self.full_key)["ContentLength"]
+            head = self.client.head_object(Bucket=self.bucket, Key=self.full_key)
+            self.etag = head.get("ETag", "").strip('"')
+            return head["ContentLength"]
         except ClientError as err:
             raise _s3_error(err, self.bucket, self.full_key, self.client.meta.endpoint_url) from err
 
@@ -367,7 +415,7 @@ def _fetch_runs(src: RangeSource, runs, parallel: int = 16) -> list[bytes]:
 
 
 def fetch_betas_roi(source: str, key: str, dest, mask_zyx: np.ndarray, endpoint_url=None, region="us-east-2",
-                    anonymous=True, max_gap: int = 16 * 1024) -> dict:
+                    anonymous=True, max_gap: int = 0) -> dict:
     """Fetch only the chunks of the ROI's voxels of one betas file into a sparse local HDF5.
 
     ``dest`` gets ``/betas`` with the source's shape, dtype and chunking, holding exactly the

@@ -64,12 +64,36 @@ def get_mirror_file(wildcards):
     return str(Path(NSD["source"]) / wildcards.key)
 
 
+ROI_ONLY = NSD["fetch"] == "roi"
+
+
+def fetched_file(key):
+    """Where a betas file or the stimuli land: sparse ROI-only/row-only copies, or whole objects."""
+    return f"resources/nsd_roi/{key}" if ROI_ONLY else nsd_file(key)
+
+
+def stimuli_file():
+    return fetched_file(braid.nsd.STIMULI)
+
+
 def get_session_files(wildcards):
     s = int(wildcards.subject[4:])
     return {
-        str(n): nsd_file(braid.nsd.betas_key(s, n, NSD["resolution"], NSD["beta_version"]))
+        str(n): fetched_file(braid.nsd.betas_key(s, n, NSD["resolution"], NSD["beta_version"]))
         for n in sorted(config["sessions"])
     }
+
+
+def get_betas_roi_inputs(wildcards):
+    """ROI files of the subject whose betas file is being fetched ROI-only."""
+    subject = int(wildcards.path.split("/")[1][4:])
+    return [nsd_file(braid.nsd.roi_key(subject, name, NSD["resolution"])) for name in sorted(config["roi"])]
+
+
+def get_manifests(wildcards):
+    if not ROI_ONLY:
+        return []
+    return [f"{path}.manifest.json" for path in [*get_session_files(wildcards).values(), stimuli_file()]]
 
 
 def get_roi_files(wildcards):
@@ -91,7 +115,9 @@ def get_metric_files():
 
 
 def get_final_outputs():
+    manifests = expand("results/{subject}/fetch_manifest.csv", subject=SUBJECTS) if ROI_ONLY else []
     return [
+        *manifests,
         "results/summary.csv",
         "results/summary.png",
         *expand("results/{subject}/{encoder}/loss.png", subject=SUBJECTS, encoder=ENCODERS),

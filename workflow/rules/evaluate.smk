@@ -6,7 +6,7 @@ rule evaluate_metrics:
         images="results/{subject}/{encoder}/strength-{strength}/images",
         predictions="results/{subject}/{encoder}/predictions.zarr",
         latents="results/latents.zarr",
-        stimuli=nsd_file(braid.nsd.STIMULI),
+        stimuli=stimuli_file(),
         code=src("evaluate"),
     output:
         metrics="results/{subject}/{encoder}/strength-{strength}/metrics.csv",

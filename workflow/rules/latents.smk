@@ -4,7 +4,7 @@
 
 rule latents_encode:
     input:
-        stimuli=nsd_file(braid.nsd.STIMULI),
+        stimuli=stimuli_file(),
         expdesign=nsd_file(braid.nsd.EXPDESIGN),
         model=MODEL_DIR,
         code=src("latents"),

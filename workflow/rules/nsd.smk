@@ -1,8 +1,14 @@
-# Stage 1: NSD files into resources/nsd/<bucket key>. Fetching is a local rule: on a cluster it
+from types import SimpleNamespace
+
+# Stage 1: NSD files into resources/nsd/<bucket key> (whole objects) or resources/nsd_roi/<key>
+# (betas: only the ROI voxels' chunks; stimuli: only the needed rows). Fetching is a local rule: on a cluster it
 # runs on the submit host (network), and compute jobs read only what it fetched.
 
 localrules:
     nsd_fetch,
+    nsd_fetch_betas_roi,
+    nsd_fetch_stimuli_rows,
+    nsd_manifest,
 
 
 rule nsd_synthetic:
@@ -47,3 +53,67 @@ rule nsd_fetch:
         "../../envs/braid.yaml"
     script:
         "../../scripts/nsd_fetch.py"
+
+
+rule nsd_fetch_betas_roi:
+    """Fetch only the chunks of the configured ROIs' voxels of one betas file (ranged reads)."""
+    input:
+        rois=get_betas_roi_inputs,
+        mirror=lambda wc: get_mirror_file(SimpleNamespace(key=f"nsddata_betas/{wc.path}")),
+        code=src("nsd"),
+    output:
+        betas="resources/nsd_roi/nsddata_betas/{path}",
+        manifest="resources/nsd_roi/nsddata_betas/{path}.manifest.json",
+    params:
+        source=NSD["source"] if NSD["source"] != "synthetic" else SYNTHETIC_ROOT,
+        endpoint_url=NSD["endpoint_url"],
+        region=NSD["region"],
+        anonymous=NSD["anonymous"],
+        roi_labels=as_json(config["roi"]),
+    wildcard_constraints:
+        path=r"ppdata/subj0[1-8]/.+\.hdf5",
+    retries: 2
+    log:
+        "logs/nsd/fetch_roi/{path}.log",
+    conda:
+        "../../envs/braid.yaml"
+    script:
+        "../../scripts/nsd_fetch_betas_roi.py"
+
+
+rule nsd_fetch_stimuli_rows:
+    """Fetch only the imgBrick rows of the images the configured subjects were scheduled to see."""
+    input:
+        expdesign=nsd_file(braid.nsd.EXPDESIGN),
+        mirror=lambda wc: get_mirror_file(SimpleNamespace(key=braid.nsd.STIMULI)),
+        code=src("nsd"),
+    output:
+        stimuli=f"resources/nsd_roi/{braid.nsd.STIMULI}",
+        manifest=f"resources/nsd_roi/{braid.nsd.STIMULI}.manifest.json",
+    params:
+        source=NSD["source"] if NSD["source"] != "synthetic" else SYNTHETIC_ROOT,
+        endpoint_url=NSD["endpoint_url"],
+        region=NSD["region"],
+        anonymous=NSD["anonymous"],
+        subjects=config["subjects"],
+    retries: 2
+    log:
+        "logs/nsd/fetch_stimuli_rows.log",
+    conda:
+        "../../envs/braid.yaml"
+    script:
+        "../../scripts/nsd_fetch_stimuli_rows.py"
+
+
+rule nsd_manifest:
+    """Per subject: what was fetched ROI-only, bytes requested and stored, checksums."""
+    input:
+        get_manifests,
+    output:
+        "results/{subject}/fetch_manifest.csv",
+    log:
+        "logs/{subject}/fetch_manifest.log",
+    conda:
+        "../../envs/braid.yaml"
+    script:
+        "../../scripts/nsd_manifest.py"
