@@ -193,7 +193,12 @@ def load_stim_info(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def s3_client(endpoint_url: str | None = None, region: str = "us-east-2", anonymous: bool = True):
-    """A boto3 S3 client: unsigned (anonymous) by default, as NSD's public bucket allows."""
+    """A boto3 S3 client: unsigned (anonymous) by default, as NSD's public bucket allows.
+
+    With ``anonymous=False`` boto3's own credential chain applies (``AWS_PROFILE`` — set from
+    the config's ``nsd.profile`` by the fetch rules — or keys in the environment); credentials
+    never pass through BRAID's config, params or logs.
+    """
     import boto3
     from botocore import UNSIGNED
     from botocore.config import Config

@@ -44,6 +44,7 @@ rule nsd_fetch:
         endpoint_url=NSD["endpoint_url"],
         region=NSD["region"],
         anonymous=NSD["anonymous"],
+        profile=NSD["profile"],
     wildcard_constraints:
         key=r"nsddata(_betas|_stimuli)?/.+",
     retries: 2
@@ -69,6 +70,7 @@ rule nsd_fetch_betas_roi:
         endpoint_url=NSD["endpoint_url"],
         region=NSD["region"],
         anonymous=NSD["anonymous"],
+        profile=NSD["profile"],
         roi_labels=as_json(config["roi"]),
     wildcard_constraints:
         path=r"ppdata/subj0[1-8]/.+\.hdf5",
@@ -95,6 +97,7 @@ rule nsd_fetch_stimuli_rows:
         endpoint_url=NSD["endpoint_url"],
         region=NSD["region"],
         anonymous=NSD["anonymous"],
+        profile=NSD["profile"],
         subjects=config["subjects"],
     retries: 2
     log:
