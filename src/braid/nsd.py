@@ -260,7 +260,10 @@ def _fetch_s3(source, key, dest, endpoint_url, region, anonymous, part_size: int
     n_parts = max(1, -(-src.size // part_size))
     state = {"size": src.size, "etag": etag, "part_size": part_size, "done": []}
     if part.exists() and state_path.exists():
-        old = json.loads(state_path.read_text())
+        try:
+            old = json.loads(state_path.read_text())
+        except ValueError:
+            old = {}  # unreadable record: start again
         if {k: old.get(k) for k in ("size", "etag", "part_size")} == {k: state[k] for k in ("size", "etag", "part_size")}:
             state["done"] = old["done"]
             log.info("%s: resuming, %d of %d parts already here", key, len(state["done"]), n_parts)
@@ -278,7 +281,9 @@ def _fetch_s3(source, key, dest, endpoint_url, region, anonymous, part_size: int
                 os.pwrite(fd, data, i * part_size)
                 with lock:
                     state["done"].append(i)
-                    state_path.write_text(json.dumps(state))
+                    tmp_state = state_path.with_name(state_path.name + ".tmp")
+                    tmp_state.write_text(json.dumps(state))
+                    os.replace(tmp_state, state_path)  # a kill leaves the old record or the new one
                     bar.update(len(data))
 
             for future in [pool.submit(one, i) for i in todo]:
