@@ -87,6 +87,7 @@ class FaultProxy:
         import random
         import socket
         import threading
+        import time
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         from urllib.parse import urlparse
 
@@ -94,6 +95,7 @@ class FaultProxy:
         proxy = self
         self.rate, self.down, self.gets, self.faults = rate, False, 0, 0
         self.fail_after: int | None = None  # GETs after which the network dies
+        self.delay = 0.0  # seconds added to every GET (a slow link)
         self._rng, self._lock = random.Random(seed), threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
@@ -103,6 +105,8 @@ class FaultProxy:
             def _forward(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if self.command == "GET" and proxy.delay:
+                    time.sleep(proxy.delay)
                 conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
                 conn.request(self.command, self.path, body, {k: v for k, v in self.headers.items()})
                 resp = conn.getresponse()

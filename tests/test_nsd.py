@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy.io import savemat
@@ -217,3 +219,34 @@ def test_injected_faults_end_with_correct_files(s3_server, fault_proxy, mirror, 
     with h5py.File(root / keys[1], "r") as f, h5py.File(tmp_path / "s.hdf5", "r") as g:
         np.testing.assert_array_equal(g["imgBrick"][0:40:3], f["imgBrick"][0:40:3])
     assert fault_proxy.faults > 5  # the faults really happened
+
+
+def test_whole_object_resumes_after_sigkill(s3_server, fault_proxy, mirror, tmp_path):
+    """A fetch process killed mid-transfer leaves a record that the next fetch continues from."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = mirror
+    key = nsd.betas_key(1, 2)
+    public_bucket(s3_server, root, [key])
+    dest, part = tmp_path / "betas.hdf5", 8 * 1024
+    n_parts = -(-(root / key).stat().st_size // part)
+    fault_proxy.delay = 0.2
+    code = (f"from braid import nsd; nsd.fetch('s3://{nsd.BUCKET}', {key!r}, {str(dest)!r}, "
+            f"endpoint_url={fault_proxy.endpoint!r}, part_size={part})")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=open(tmp_path / "child.log", "w"))
+    record = tmp_path / "betas.hdf5.part.json"
+    deadline = time.time() + 30
+    while time.time() < deadline and not (record.exists() and len(json.loads(record.read_text())["done"]) >= 10):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(json.loads(record.read_text())["done"])
+    assert 10 <= done < n_parts and not dest.exists()
+    fault_proxy.delay = 0.0
+    gets_before = fault_proxy.gets
+    nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=fault_proxy.endpoint, part_size=part)
+    assert dest.read_bytes() == (root / key).read_bytes()
+    assert fault_proxy.gets - gets_before <= n_parts - done + 8  # in-flight parts at the kill are fetched again
