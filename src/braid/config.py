@@ -7,8 +7,8 @@ config stops the workflow before any job, with one message per problem.
 
 from __future__ import annotations
 
-from .common import BraidError, subject_label
-from .nsd import SESSIONS
+from .common import BraidError
+from .nsd import check_sessions
 
 
 def check(config: dict) -> None:
@@ -24,9 +24,10 @@ def check(config: dict) -> None:
             problems.append(f"sessions {over} exceed synthetic.sessions ({syn['sessions']})")
     else:
         for s in subjects:
-            bad = [n for n in sessions if n > SESSIONS[s]]
-            if bad:
-                problems.append(f"sessions {bad} are outside {subject_label(s)}'s NSD sessions 1..{SESSIONS[s]}")
+            try:
+                check_sessions(s, sessions)
+            except BraidError as err:
+                problems.append(str(err))
     unknown = sorted(set(config.get("train_encoders") or []) - set(config["encoders"]))
     if unknown:
         problems.append(f"train_encoders {unknown} are not defined under encoders ({sorted(config['encoders'])})")
