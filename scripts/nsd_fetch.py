@@ -4,4 +4,4 @@ from braid.nsd import fetch
 
 with snakemake_job(snakemake):
     p = snakemake.params
-    fetch(p.source, snakemake.wildcards.key, snakemake.output[0], p.endpoint_url, p.region, p.anonymous)
+    fetch(p.source, snakemake.wildcards.key, snakemake.output[0], **p.s3)

@@ -10,6 +10,6 @@ with snakemake_job(snakemake):
     files = dict(zip(sorted(labels), snakemake.input.rois))
     mask_xyz, _, _ = load_roi_mask(files, labels)
     key = "nsddata_betas/" + snakemake.wildcards.path
-    entry = fetch_betas_roi(p.source, key, snakemake.output.betas, mask_xyz.T, p.endpoint_url, p.region, p.anonymous)
+    entry = fetch_betas_roi(p.source, key, snakemake.output.betas, mask_xyz.T, **p.s3)
     with atomic_output(snakemake.output.manifest) as tmp:
         tmp.write_text(json.dumps(entry, indent=1))

@@ -10,7 +10,6 @@ with snakemake_job(snakemake):
     p = snakemake.params
     design = ExpDesign.load(snakemake.input.expdesign)
     ids = np.concatenate([design.subjectim[s - 1] for s in p.subjects])
-    entry = fetch_stimuli_rows(p.source, STIMULI, snakemake.output.stimuli, ids[ids > 0] - 1,
-                               p.endpoint_url, p.region, p.anonymous)
+    entry = fetch_stimuli_rows(p.source, STIMULI, snakemake.output.stimuli, ids[ids > 0] - 1, **p.s3)
     with atomic_output(snakemake.output.manifest) as tmp:
         tmp.write_text(json.dumps(entry, indent=1))

@@ -139,9 +139,20 @@ def test_roi_only_fetch_equals_whole_file_then_mask(s3_server, mirror, tmp_path)
     with h5py.File(root / key, "r") as f:
         whole = f["betas"][:][:, mask]
     np.testing.assert_array_equal(read_session(tmp_path / "roi.hdf5", mask), whole.astype(np.float32) / 300)
-    assert entry["mode"] == "roi" and entry["voxels"] == mask.sum()
-    assert entry["bytes_ideal"] <= entry["bytes_data"] <= 1.1 * entry["bytes_ideal"] + 16 * 1024 * entry["requests"]
+    assert entry["mode"] == "roi" and entry["chunks"] == mask.sum()
+    assert entry["bytes_ideal"] == mask.sum() * 60 * 2
+    assert entry["bytes_ideal"] <= entry["bytes_data"] <= entry["bytes_ideal"] + 4 * 60 * 2 * entry["requests"]
     assert entry["bytes_metadata"] + entry["bytes_data"] < entry["bytes_object"]
+    # the manifest's checksum is that of the source's own chunk bytes
+    import hashlib
+
+    with h5py.File(root / key, "r") as f:
+        read = f["betas"].id.read_direct_chunk
+        digest = hashlib.sha256(b"".join(read((0, *c))[1] for c in np.argwhere(mask).tolist()))
+    assert entry["sha256_fetched"] == digest.hexdigest()
+    # without merging gaps, exactly the ideal bytes are requested
+    exact = nsd.fetch_betas_roi(f"s3://{nsd.BUCKET}", key, tmp_path / "exact.hdf5", mask, gap_chunks=0, endpoint_url=s3_server)
+    assert exact["bytes_data"] == exact["bytes_ideal"] and exact["requests"] >= entry["requests"]
     # the same from a local mirror
     nsd.fetch_betas_roi(str(root), key, tmp_path / "local.hdf5", mask)
     np.testing.assert_array_equal(read_session(tmp_path / "local.hdf5", mask), whole.astype(np.float32) / 300)
@@ -174,7 +185,7 @@ def test_stimuli_rows_only(s3_server, mirror, tmp_path):
         assert g["imgBrick"].shape == f["imgBrick"].shape
         np.testing.assert_array_equal(g["imgBrick"][[3, 7]], f["imgBrick"][[3, 7]])
         assert not g["imgBrick"][4].any()  # not fetched
-    assert entry["images"] == 2 and entry["bytes_data"] == 2 * 425 * 425 * 3
+    assert entry["chunks"] == 2 and entry["bytes_data"] == 2 * 425 * 425 * 3
 
 
 def test_whole_object_resumes_after_a_kill(s3_server, fault_proxy, mirror, tmp_path):

@@ -85,9 +85,6 @@ def snakemake_job(smk) -> Iterator[None]:
     """
     logfile = smk.log[0] if len(smk.log) else None
     setup_logging(logfile)
-    profile = getattr(smk.params, "profile", None)
-    if profile:
-        os.environ["AWS_PROFILE"] = profile  # boto3 reads the credentials; BRAID never sees them
     log.info("rule %s: wildcards %s", smk.rule, dict(smk.wildcards.items()))
     try:
         yield

@@ -192,12 +192,14 @@ def load_stim_info(path: str | os.PathLike) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 
 
-def s3_client(endpoint_url: str | None = None, region: str = "us-east-2", anonymous: bool = True):
+def s3_client(endpoint_url: str | None = None, region: str = "us-east-2", anonymous: bool = True,
+              profile: str | None = None):
     """A boto3 S3 client: unsigned (anonymous) by default, as NSD's public bucket allows.
 
-    With ``anonymous=False`` boto3's own credential chain applies (``AWS_PROFILE`` — set from
-    the config's ``nsd.profile`` by the fetch rules — or keys in the environment); credentials
-    never pass through BRAID's config, params or logs.
+    With ``anonymous=False`` boto3's own credential chain applies: the named ``profile`` (the
+    config's ``nsd.profile``) or keys in the environment; credentials never pass through BRAID's
+    config, params or logs. Every fetch function takes these four settings as keywords
+    (``**s3``) and hands them here.
     """
     import boto3
     from botocore import UNSIGNED
@@ -208,17 +210,16 @@ def s3_client(endpoint_url: str | None = None, region: str = "us-east-2", anonym
         retries={"max_attempts": 8, "mode": "adaptive"},
         signature_version=UNSIGNED if anonymous else None,
     )
-    return boto3.client("s3", endpoint_url=endpoint_url or None, config=cfg)
+    session = boto3.Session(profile_name=profile) if profile and not anonymous else boto3.Session()
+    return session.client("s3", endpoint_url=endpoint_url or None, config=cfg)
 
 
 def fetch(
     source: str,
     key: str,
     dest: str | os.PathLike,
-    endpoint_url: str | None = None,
-    region: str = "us-east-2",
-    anonymous: bool = True,
     part_size: int = PART_SIZE,
+    **s3,
 ) -> int:
     """Copy object ``key`` from ``source`` (``s3://bucket[/prefix]`` or a local mirror) to ``dest``.
 
@@ -227,7 +228,7 @@ def fetch(
     """
     dest = Path(dest)
     if source.startswith("s3://"):
-        return _fetch_s3(source, key, dest, endpoint_url, region, anonymous, part_size)
+        return _fetch_s3(source, key, dest, part_size, **s3)
     src = Path(source) / key
     if not src.is_file():
         raise BraidError(f"{src}: not found in the local NSD mirror (config nsd.source = {source!r})")
@@ -239,7 +240,7 @@ def fetch(
     return size
 
 
-def _fetch_s3(source, key, dest, endpoint_url, region, anonymous, part_size: int = PART_SIZE) -> int:
+def _fetch_s3(source, key, dest, part_size: int = PART_SIZE, **s3) -> int:
     """Parallel ranged download into ``<dest>.part``, resumable after a kill, verified, then renamed.
 
     ``<dest>.part.json`` records the object's size and ETag and the parts already written; a
@@ -252,7 +253,7 @@ def _fetch_s3(source, key, dest, endpoint_url, region, anonymous, part_size: int
 
     from tqdm import tqdm
 
-    src = RangeSource(source, key, endpoint_url, region, anonymous)
+    src = RangeSource(source, key, **s3)
     etag = src.etag
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +272,8 @@ def _fetch_s3(source, key, dest, endpoint_url, region, anonymous, part_size: int
         with open(part, "wb") as f:
             f.truncate(src.size)
     lock = threading.Lock()
-    todo = [i for i in range(n_parts) if i not in set(state["done"])]
+    finished = set(state["done"])
+    todo = [i for i in range(n_parts) if i not in finished]
     fd = os.open(part, os.O_RDWR)
     try:
         with ThreadPoolExecutor(8) as pool, tqdm(total=src.size, initial=len(state["done"]) * part_size, unit="B",
@@ -326,7 +328,7 @@ class RangeSource:
     retries throttling, 5xx and connection errors for each request.
     """
 
-    def __init__(self, source: str, key: str, endpoint_url=None, region="us-east-2", anonymous=True, attempts: int = 5):
+    def __init__(self, source: str, key: str, attempts: int = 5, **s3):
         import threading
 
         self.key, self.attempts = key, attempts
@@ -336,7 +338,7 @@ class RangeSource:
         if source.startswith("s3://"):
             bucket, _, prefix = source[len("s3://") :].partition("/")
             self.bucket, self.full_key = bucket, f"{prefix.strip('/')}/{key}" if prefix.strip("/") else key
-            self.client = s3_client(endpoint_url, region, anonymous)
+            self.client = s3_client(**s3)
             self.size = self._head()
             self.label = f"s3://{bucket}/{self.full_key}"
         else:
@@ -424,17 +426,14 @@ def _fetch_runs(src: RangeSource, runs, parallel: int = 16) -> list[bytes]:
         return list(pool.map(one, runs))
 
 
-def fetch_betas_roi(source: str, key: str, dest, mask_zyx: np.ndarray, endpoint_url=None, region="us-east-2",
-                    anonymous=True, max_gap: int | None = None) -> dict:
-    """Fetch only the chunks of the ROI's voxels of one betas file into a sparse local HDF5.
+def _fetch_sparse(source: str, key: str, dest, name: str, locate, gap_chunks: int, what: str, **s3) -> dict:
+    """Fetch some chunks of dataset ``name`` into a sparse local HDF5 of the same shape.
 
-    ``dest`` gets ``/betas`` with the source's shape, dtype and chunking, holding exactly the
-    source's bytes for the ROI voxels (other chunks are unallocated and read as 0), so that
-    masking it equals masking the whole file. If the source's layout is not one voxel per
-    unfiltered chunk, the whole object is downloaded instead (and the log says why).
-    Neighbouring ranges less than ``max_gap`` bytes apart (default: four chunks) are fetched in
-    one request: a few percent more data for fewer requests.
-    Returns a manifest entry: bytes of metadata and data requested, bytes stored, checksum.
+    ``locate(meta, ds)`` returns the chunk coordinates wanted (rows of element offsets) and their
+    byte addresses, or raises ``LayoutError`` when the layout does not allow it; the whole object
+    is then downloaded instead, with a warning. Each written chunk holds the source's exact
+    bytes; the others are unallocated (read as the fill value, 0). Wanted chunks fewer than
+    ``gap_chunks`` chunks apart are fetched in one request. Returns a manifest entry.
     """
     import hashlib
 
@@ -442,94 +441,87 @@ def fetch_betas_roi(source: str, key: str, dest, mask_zyx: np.ndarray, endpoint_
 
     from .hdf5_ranges import HDF5Ranges, LayoutError, coalesce
 
-    src = RangeSource(source, key, endpoint_url, region, anonymous)
+    src = RangeSource(source, key, **s3)
     try:
         meta = HDF5Ranges(src.read)
-        ds = meta.dataset("betas")
-        if ds.layout != "chunked" or ds.filtered or ds.chunk_shape != (ds.shape[0], 1, 1, 1):
-            raise LayoutError(f"layout {ds.layout}, chunks {ds.chunk_shape}, filtered {ds.filtered}")
-        if ds.shape[1:] != mask_zyx.shape:
-            raise BraidError(f"{src.label}: betas volume (Z, Y, X) = {ds.shape[1:]} but the ROI is "
-                             f"{mask_zyx.shape[::-1]} as (X, Y, Z); same subject and resolution?")
-        coords = np.argwhere(mask_zyx)
-        addrs = meta.chunk_addresses(ds, np.c_[np.zeros(len(coords), np.int64), coords])
+        ds = meta.dataset(name)
+        if ds.filtered or ds.layout not in ("chunked", "contiguous"):
+            raise LayoutError(f"layout {ds.layout}, filtered {ds.filtered}")
+        coords, addrs, chunk_shape = locate(meta, ds)
     except LayoutError as err:
-        log.warning("%s: ROI-only fetch not possible (%s); downloading the whole object", src.label, err)
+        log.warning("%s: %s fetch not possible (%s); downloading the whole object", src.label, what, err)
         src.close()
-        size = fetch(source, key, dest, endpoint_url, region, anonymous)
-        return {"key": key, "mode": "whole", "bytes_requested": size, "bytes_stored": Path(dest).stat().st_size}
+        size = fetch(source, key, dest, **s3)
+        return {"key": key, "mode": "whole", "bytes_metadata": 0, "bytes_data": size, "bytes_object": size,
+                "bytes_stored": Path(dest).stat().st_size}
     if (addrs < 0).any():
-        raise BraidError(f"{src.label}: {int((addrs < 0).sum())} ROI voxels have no stored chunk; the file looks incomplete")
-    chunk_bytes = ds.shape[0] * ds.dtype.itemsize
+        raise BraidError(f"{src.label}: {int((addrs < 0).sum())} wanted chunks are not stored; the file looks incomplete")
+    chunk_bytes = int(np.prod(chunk_shape)) * ds.dtype.itemsize
     metadata_bytes = src.bytes
-    runs = coalesce(addrs, chunk_bytes, 4 * chunk_bytes if max_gap is None else max_gap)
+    runs = coalesce(addrs, chunk_bytes, gap_chunks * chunk_bytes)
     blobs = _fetch_runs(src, runs)
     src.close()
+    chunks = [b""] * len(coords)
+    for (start, _, idx), blob in zip(runs, blobs):
+        for i in idx.tolist():
+            rel = int(addrs[i]) - start
+            chunks[i] = blob[rel : rel + chunk_bytes]
     digest = hashlib.sha256()
     with atomic_output(dest) as tmp, h5py.File(tmp, "w") as f:
-        out = f.create_dataset("betas", shape=ds.shape, dtype=ds.dtype, chunks=ds.chunk_shape)
-        chunks = [b""] * len(coords)
-        for (start, _, idx), blob in zip(runs, blobs):
-            for i in idx.tolist():
-                rel = int(addrs[i]) - start
-                chunks[i] = blob[rel : rel + chunk_bytes]
-        for (z, y, x), chunk in zip(coords.tolist(), chunks):
-            out.id.write_direct_chunk((0, z, y, x), chunk)
+        out = f.create_dataset(name, shape=ds.shape, dtype=ds.dtype, chunks=chunk_shape)
+        for coord, chunk in zip(coords.tolist(), chunks):
+            out.id.write_direct_chunk(tuple(coord), chunk)
             digest.update(chunk)
-        f.attrs["braid_roi_only"] = json.dumps({"source": source, "key": key, "voxels": int(len(coords))})
+        out.attrs["braid_sparse"] = json.dumps({"source": source, "key": key, "what": what, "chunks": len(coords)})
     entry = {
-        "key": key, "mode": "roi", "voxels": int(len(coords)), "requests": src.requests,
+        "key": key, "mode": what, "chunks": len(coords), "requests": src.requests,
         "bytes_metadata": int(metadata_bytes), "bytes_data": int(src.bytes - metadata_bytes),
-        "bytes_ideal": int(len(coords) * chunk_bytes), "bytes_object": int(src.size),
-        "bytes_stored": Path(dest).stat().st_size, "sha256_roi": digest.hexdigest(),
+        "bytes_ideal": len(coords) * chunk_bytes, "bytes_object": int(src.size),
+        "bytes_stored": Path(dest).stat().st_size, "sha256_fetched": digest.hexdigest(),
     }
-    log.info("%s: ROI-only %s", key, entry)
+    log.info("%s: %s", key, entry)
     return entry
 
 
-def fetch_stimuli_rows(source: str, key: str, dest, nsd_ids: np.ndarray, endpoint_url=None, region="us-east-2",
-                       anonymous=True) -> dict:
+def fetch_betas_roi(source: str, key: str, dest, mask_zyx: np.ndarray, gap_chunks: int = 4, **s3) -> dict:
+    """Fetch only the chunks of the ROI's voxels of one betas file into a sparse local HDF5.
+
+    ``dest`` gets ``/betas`` with the source's shape, dtype and chunking, so that masking it
+    equals masking the whole file. The source must keep one voxel per unfiltered chunk (NSD's
+    layout); otherwise the whole object is downloaded. Chunks fewer than ``gap_chunks`` chunks
+    apart are fetched in one request: a few percent more data, fewer requests.
+    """
+    from .hdf5_ranges import LayoutError
+
+    def locate(meta, ds):
+        if ds.layout != "chunked" or ds.chunk_shape != (ds.shape[0], 1, 1, 1):
+            raise LayoutError(f"layout {ds.layout}, chunks {ds.chunk_shape}")
+        if ds.shape[1:] != mask_zyx.shape:
+            raise BraidError(f"{key}: betas volume (Z, Y, X) = {ds.shape[1:]} but the ROI is "
+                             f"{mask_zyx.shape[::-1]} as (X, Y, Z); same subject and resolution?")
+        coords = np.argwhere(mask_zyx)
+        coords = np.c_[np.zeros(len(coords), np.int64), coords]
+        return coords, meta.chunk_addresses(ds, coords), ds.chunk_shape
+
+    return _fetch_sparse(source, key, dest, "betas", locate, gap_chunks, "roi", **s3)
+
+
+def fetch_stimuli_rows(source: str, key: str, dest, nsd_ids: np.ndarray, **s3) -> dict:
     """Fetch only the ``imgBrick`` rows ``nsd_ids`` into a sparse local HDF5 of the same shape."""
-    import h5py
+    from .hdf5_ranges import LayoutError
 
-    from .hdf5_ranges import HDF5Ranges, LayoutError, coalesce
-
-    src = RangeSource(source, key, endpoint_url, region, anonymous)
     ids = np.unique(np.asarray(nsd_ids, np.int64))
-    try:
-        meta = HDF5Ranges(src.read)
-        ds = meta.dataset("imgBrick")
-        row_bytes = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
-        if ds.filtered:
-            raise LayoutError("filtered")
+
+    def locate(meta, ds):
+        if ids.size and ids.max() >= ds.shape[0]:
+            raise BraidError(f"{key}: imgBrick has {ds.shape[0]} images; asked for id {ids.max()}")
+        row = (1, *ds.shape[1:])
+        coords = np.zeros((ids.size, len(ds.shape)), np.int64)
+        coords[:, 0] = ids
         if ds.layout == "contiguous":
-            addrs = ds.address + ids * row_bytes
-        elif ds.chunk_shape == (1, *ds.shape[1:]):
-            coords = np.zeros((ids.size, len(ds.shape)), np.int64)
-            coords[:, 0] = ids
-            addrs = meta.chunk_addresses(ds, coords)
-        else:
+            return coords, ds.address + ids * int(np.prod(row)) * ds.dtype.itemsize, row
+        if ds.chunk_shape != row:
             raise LayoutError(f"chunks {ds.chunk_shape}")
-    except LayoutError as err:
-        log.warning("%s: row-only fetch not possible (%s); downloading the whole object", src.label, err)
-        src.close()
-        size = fetch(source, key, dest, endpoint_url, region, anonymous)
-        return {"key": key, "mode": "whole", "bytes_requested": size, "bytes_stored": Path(dest).stat().st_size}
-    if ids.size and ids.max() >= ds.shape[0]:
-        raise BraidError(f"{src.label}: imgBrick has {ds.shape[0]} images; asked for id {ids.max()}")
-    if (addrs < 0).any():
-        raise BraidError(f"{src.label}: {int((addrs < 0).sum())} requested images have no stored chunk")
-    metadata_bytes = src.bytes
-    runs = coalesce(addrs, row_bytes)
-    blobs = _fetch_runs(src, runs, parallel=8)
-    src.close()
-    with atomic_output(dest) as tmp, h5py.File(tmp, "w") as f:
-        out = f.create_dataset("imgBrick", shape=ds.shape, dtype=ds.dtype, chunks=(1, *ds.shape[1:]))
-        for (start, _, idx), blob in zip(runs, blobs):
-            for i in idx.tolist():
-                rel = int(addrs[i]) - start
-                out.id.write_direct_chunk((int(ids[i]), 0, 0, 0), blob[rel : rel + row_bytes])
-        out.attrs["braid_rows"] = ids
-    return {"key": key, "mode": "rows", "images": int(ids.size), "bytes_metadata": int(metadata_bytes),
-            "bytes_data": int(src.bytes - metadata_bytes), "bytes_object": int(src.size),
-            "bytes_stored": Path(dest).stat().st_size}
+        return coords, meta.chunk_addresses(ds, coords), row
+
+    return _fetch_sparse(source, key, dest, "imgBrick", locate, 0, "rows", **s3)

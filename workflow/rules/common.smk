@@ -35,6 +35,9 @@ wildcard_constraints:
 
 NSD = config["nsd"]
 SYNTHETIC_ROOT = "resources/synthetic_nsd"
+FETCH_SOURCE = SYNTHETIC_ROOT if NSD["source"] == "synthetic" else NSD["source"]
+# how fetch jobs reach S3 (keywords of braid.nsd.s3_client); a dict param, compared by sorted repr
+S3_SETTINGS = {k: NSD[k] for k in ("anonymous", "endpoint_url", "profile", "region")}
 MODEL_DIR = f"resources/models/{braid.config.model_name(config['model'])}"
 SUBJECTS = [subject_label(s) for s in config["subjects"]]
 STRENGTHS = [braid.config.strength_label(s) for s in config["reconstruct"]["strengths"]]
@@ -55,13 +58,9 @@ def nsd_file(key):
     return f"resources/nsd/{key}"
 
 
-def get_mirror_file(wildcards):
-    """The source file a fetch copies from, when the source is on this machine (synthetic or a mirror)."""
-    if NSD["source"] == "synthetic":
-        return f"{SYNTHETIC_ROOT}/{wildcards.key}"
-    if NSD["source"].startswith("s3://"):
-        return []
-    return str(Path(NSD["source"]) / wildcards.key)
+def mirror_file(key):
+    """The source file a fetch reads, when the source is on this machine (synthetic or a mirror)."""
+    return [] if FETCH_SOURCE.startswith("s3://") else str(Path(FETCH_SOURCE) / key)
 
 
 ROI_ONLY = NSD["fetch"] == "roi"

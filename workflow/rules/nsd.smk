@@ -1,5 +1,3 @@
-from types import SimpleNamespace
-
 # Stage 1: NSD files into resources/nsd/<bucket key> (whole objects) or resources/nsd_roi/<key>
 # (betas: only the ROI voxels' chunks; stimuli: only the needed rows). Fetching is a local rule: on a cluster it
 # runs on the submit host (network), and compute jobs read only what it fetched.
@@ -36,15 +34,12 @@ rule nsd_synthetic:
 rule nsd_fetch:
     """Copy one NSD object from the configured source (S3 via boto3, or a local mirror)."""
     input:
-        get_mirror_file,
+        lambda wc: mirror_file(wc.key),
     output:
         "resources/nsd/{key}",
     params:
-        source=NSD["source"] if NSD["source"] != "synthetic" else SYNTHETIC_ROOT,
-        endpoint_url=NSD["endpoint_url"],
-        region=NSD["region"],
-        anonymous=NSD["anonymous"],
-        profile=NSD["profile"],
+        source=FETCH_SOURCE,
+        s3=S3_SETTINGS,
     wildcard_constraints:
         key=r"nsddata(_betas|_stimuli)?/.+",
     retries: 2
@@ -60,17 +55,14 @@ rule nsd_fetch_betas_roi:
     """Fetch only the chunks of the configured ROIs' voxels of one betas file (ranged reads)."""
     input:
         rois=get_betas_roi_inputs,
-        mirror=lambda wc: get_mirror_file(SimpleNamespace(key=f"nsddata_betas/{wc.path}")),
+        mirror=lambda wc: mirror_file(f"nsddata_betas/{wc.path}"),
         code=src("nsd"),
     output:
         betas="resources/nsd_roi/nsddata_betas/{path}",
         manifest="resources/nsd_roi/nsddata_betas/{path}.manifest.json",
     params:
-        source=NSD["source"] if NSD["source"] != "synthetic" else SYNTHETIC_ROOT,
-        endpoint_url=NSD["endpoint_url"],
-        region=NSD["region"],
-        anonymous=NSD["anonymous"],
-        profile=NSD["profile"],
+        source=FETCH_SOURCE,
+        s3=S3_SETTINGS,
         roi_labels=as_json(config["roi"]),
     wildcard_constraints:
         path=r"ppdata/subj0[1-8]/.+\.hdf5",
@@ -87,17 +79,14 @@ rule nsd_fetch_stimuli_rows:
     """Fetch only the imgBrick rows of the images the configured subjects were scheduled to see."""
     input:
         expdesign=nsd_file(braid.nsd.EXPDESIGN),
-        mirror=lambda wc: get_mirror_file(SimpleNamespace(key=braid.nsd.STIMULI)),
+        mirror=mirror_file(braid.nsd.STIMULI),
         code=src("nsd"),
     output:
         stimuli=f"resources/nsd_roi/{braid.nsd.STIMULI}",
         manifest=f"resources/nsd_roi/{braid.nsd.STIMULI}.manifest.json",
     params:
-        source=NSD["source"] if NSD["source"] != "synthetic" else SYNTHETIC_ROOT,
-        endpoint_url=NSD["endpoint_url"],
-        region=NSD["region"],
-        anonymous=NSD["anonymous"],
-        profile=NSD["profile"],
+        source=FETCH_SOURCE,
+        s3=S3_SETTINGS,
         subjects=config["subjects"],
     retries: 2
     log:
