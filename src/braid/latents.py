@@ -32,16 +32,14 @@ def preprocess(images: np.ndarray, size: int):
     return (x.clamp(0, 1) * 2 - 1).contiguous()
 
 
-def encode_images(images: np.ndarray, vae, size: int, batch_size: int = 16, progress: bool = False) -> np.ndarray:
+def encode_images(images: np.ndarray, vae, size: int, batch_size: int = 16) -> np.ndarray:
     """Encode uint8 images to scaled latent means, float32 (n, 4, size/8, size/8)."""
     import torch
-    from tqdm import tqdm
 
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     out = []
-    starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc="encode latents", unit="batch", disable=not progress, mininterval=2):
+    for start in range(0, len(images), batch_size):
         x = preprocess(images[start : start + batch_size], size).to(device=device, dtype=dtype)
         with torch.inference_mode():
             z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
