@@ -1,14 +1,24 @@
-"""img2img from latents: the empty-output guard, averaging repeats, deterministic images."""
+"""img2img from latents: the empty-output guard, averaging repeats, what is reproducible, every dtype,
+and the images pinned against diffusers and the VAE called by hand."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
+import torch
 import zarr
+from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline
 from PIL import Image
 
 from braid.common import BraidError
+from braid.models import decode_latents, load_img2img
 from braid.reconstruct import average_by_image, check_strength, reconstruct
+
+PARAMS = {"steps": 4, "guidance_scale": 1.0, "prompt": "", "negative_prompt": "", "dtype": "float32",
+          "batch_size": 1, "seed": 0}
 
 
 def test_strength_guard_names_the_fix():
@@ -36,23 +46,112 @@ def write_predictions(path, pred, ids):
     root.attrs["n_parameters"] = 1
 
 
-def test_reconstruct_writes_one_deterministic_png_per_image(tiny_model, tmp_path):
-    rng = np.random.default_rng(0)
-    pred = (0.1 * rng.standard_normal((3, 4, 8, 8))).astype(np.float32)
-    write_predictions(tmp_path / "p.zarr", pred, np.array([11, 4, 11]))
-    params = {"steps": 4, "guidance_scale": 1.0, "prompt": "", "negative_prompt": "", "dtype": "float32",
-              "batch_size": 1, "seed": 0}
-    reconstruct(tmp_path / "p.zarr", tiny_model, tmp_path / "a", 0.5, params)
-    params["batch_size"] = 2  # batching must not change an image
-    reconstruct(tmp_path / "p.zarr", tiny_model, tmp_path / "b", 0.5, params)
+@pytest.fixture(scope="module")
+def predictions(tmp_path_factory):
+    """Three test trials of two images (11 twice), latents at the scale of real scaled SDXL latents."""
+    path = tmp_path_factory.mktemp("pred") / "p.zarr"
+    pred = np.random.default_rng(1).standard_normal((3, 4, 8, 8)).astype(np.float32)
+    write_predictions(path, pred, np.array([11, 4, 11]))
+    return path, pred
+
+
+def png(path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(np.int16)
+
+
+def test_one_png_per_image_and_bit_identical_for_the_same_settings(tiny_model, predictions, tmp_path):
+    path, _ = predictions
+    params = PARAMS | {"batch_size": 2}
+    reconstruct(path, tiny_model, tmp_path / "a", 0.5, params)
+    reconstruct(path, tiny_model, tmp_path / "b", 0.5, params)
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == ["11.png", "4.png"]
     for n in names:
-        a = np.asarray(Image.open(tmp_path / "a" / n))
-        assert a.shape == (64, 64, 3)
-        np.testing.assert_array_equal(a, np.asarray(Image.open(tmp_path / "b" / n)))
-    reconstruct(tmp_path / "p.zarr", tiny_model, tmp_path / "c", 1.0, params)
-    assert not np.array_equal(np.asarray(Image.open(tmp_path / "a/4.png")), np.asarray(Image.open(tmp_path / "c/4.png")))
+        assert png(tmp_path / "a" / n).shape == (64, 64, 3)
+        np.testing.assert_array_equal(png(tmp_path / "a" / n), png(tmp_path / "b" / n))
+    reconstruct(path, tiny_model, tmp_path / "c", 1.0, params)
+    assert not np.array_equal(png(tmp_path / "a/4.png"), png(tmp_path / "c/4.png"))
     with pytest.raises(BraidError, match="denoising steps"):
-        reconstruct(tmp_path / "p.zarr", tiny_model, tmp_path / "d", 0.1, params)
+        reconstruct(path, tiny_model, tmp_path / "d", 0.1, params)
     assert not (tmp_path / "d").exists()
+
+
+def test_batch_size_changes_an_image_by_at_most_2_of_255(tiny_model, predictions, tmp_path):
+    """Reduction order differs between batch sizes: the promise is a tolerance, not bit equality."""
+    path, _ = predictions
+    reconstruct(path, tiny_model, tmp_path / "one", 0.5, PARAMS | {"batch_size": 1})
+    reconstruct(path, tiny_model, tmp_path / "two", 0.5, PARAMS | {"batch_size": 2})
+    for n in ("4.png", "11.png"):
+        diff = np.abs(png(tmp_path / "one" / n) - png(tmp_path / "two" / n))
+        assert diff.max() <= 2 and diff.mean() < 0.1
+
+
+def test_equals_the_diffusers_pipeline_called_by_hand(tiny_model, predictions, tmp_path):
+    """BRAID's PNG for image 11 is diffusers' img2img on the mean of its two predicted latents."""
+    path, pred = predictions
+    reconstruct(path, tiny_model, tmp_path / "r", 0.5, PARAMS)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_model, local_files_only=True)
+    z = torch.from_numpy((pred[0] + pred[2])[None] / 2)
+    with torch.inference_mode():
+        ref = pipe(prompt="", image=z, strength=0.5, num_inference_steps=4, guidance_scale=1.0, output_type="np",
+                   generator=[torch.Generator().manual_seed(0 + 11)]).images[0]
+    ref = (ref * 255).round().astype(np.int16)
+    assert np.abs(png(tmp_path / "r" / "11.png") - ref).max() <= 1
+
+
+def vae_decode_by_hand(model_dir, z: np.ndarray) -> np.ndarray:
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", local_files_only=True)
+    with torch.no_grad():
+        x = vae.decode(torch.from_numpy(z[None]) / 0.13025).sample[0]
+    return (x / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def test_lowest_strength_is_the_vae_decoding_of_the_predicted_latent(tiny_model, predictions, tmp_path):
+    """One denoising step at t=1 barely moves the latent: the image is the decoded prediction,
+    which pins the latent's content and its scale (× 0.13025) as img2img receives it."""
+    path, pred = predictions
+    reconstruct(path, tiny_model, tmp_path / "r", 0.02, PARAMS | {"steps": 50})
+    got = png(tmp_path / "r" / "4.png") / 255.0
+    z = pred[1]  # image 4 has one trial, the second
+    err = {name: np.abs(got - vae_decode_by_hand(tiny_model, v)).mean()
+           for name, v in {"z": z, "zeros": 0 * z, "unscaled": z / 0.13025, "doubled": 2 * z, "other": pred[0]}.items()}
+    assert err["z"] < 0.02, err
+    assert all(err["z"] < err[k] / 3 for k in err if k != "z"), err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_every_dtype_runs_end_to_end(tiny_model, predictions, tmp_path, dtype):
+    """Each reconstruct.dtype the schema allows writes images close to the float32 ones."""
+    path, _ = predictions
+    reconstruct(path, tiny_model, tmp_path / "ref", 0.5, PARAMS)
+    reconstruct(path, tiny_model, tmp_path / dtype, 0.5, PARAMS | {"dtype": dtype})
+    for n in ("4.png", "11.png"):
+        diff = np.abs(png(tmp_path / dtype / n) - png(tmp_path / "ref" / n))
+        assert diff.mean() < 2 and diff.max() <= 16, (dtype, diff.mean(), diff.max())
+
+
+def overflowing_copy(model_dir, dest, force_upcast: bool):
+    """The tiny model with a VAE decoder whose activations exceed float16's range (like the SDXL VAE's)."""
+    shutil.copytree(model_dir, dest)
+    vae = AutoencoderKL.from_pretrained(dest, subfolder="vae", local_files_only=True)
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e5)
+    vae.register_to_config(force_upcast=force_upcast)
+    vae.save_pretrained(dest / "vae")
+    assert json.loads((dest / "vae" / "config.json").read_text())["force_upcast"] is force_upcast
+    return dest
+
+
+def test_float16_decodes_in_float32_when_the_vae_overflows(tiny_model, tmp_path):
+    z = torch.from_numpy(np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32))
+    upcast = load_img2img(overflowing_copy(tiny_model, tmp_path / "upcast", True), dtype="float16")
+    assert upcast.unet.dtype == torch.float16 and upcast.vae.dtype == torch.float32
+    image = decode_latents(upcast.vae, z.half())
+    assert image.dtype == torch.float32 and torch.isfinite(image).all() and image.shape == (1, 3, 64, 64)
+    # a VAE that claims to be safe in float16 is kept in float16; here it is not, and that is reported
+    fp16 = load_img2img(overflowing_copy(tiny_model, tmp_path / "fp16", False), dtype="float16")
+    assert fp16.vae.dtype == torch.float16
+    with pytest.raises(BraidError, match="non-finite pixels in torch.float16.*bfloat16 or float32"):
+        decode_latents(fp16.vae, z.half())
+    # bfloat16 keeps the VAE in bfloat16, whatever force_upcast says
+    assert load_img2img(tiny_model, dtype="bfloat16").vae.dtype == torch.bfloat16

@@ -135,16 +135,37 @@ def download(repo_id: str, out_dir: str | os.PathLike, revision: str | None = No
     return Path(out_dir)
 
 
+def vae_dtype(vae_config, dtype: str) -> str:
+    """The dtype the VAE must run in when the rest of the model runs in ``dtype``.
+
+    The SDXL VAE overflows in float16 (NaN images); its config says so with ``force_upcast``,
+    and diffusers' own pipelines then run it in float32. BRAID follows the same rule: float16
+    with ``force_upcast`` -> float32; a VAE fine-tuned for float16 (``force_upcast: false``,
+    e.g. madebyollin/sdxl-vae-fp16-fix) stays float16; float32 and bfloat16 are kept.
+    """
+    if dtype == "float16" and vae_config.get("force_upcast", False):
+        return "float32"
+    return dtype
+
+
+def _require(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise BraidError(f"{path}: missing, so {what} cannot be loaded; fetch the model first (rule model_fetch)")
+
+
 def load_img2img(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32", variant: str | None = None):
-    """Load an SDXL img2img pipeline from a local folder, offline, as compute nodes must."""
-    import torch
+    """Load an SDXL img2img pipeline from a local folder, offline, as compute nodes must.
+
+    UNet and text encoders run in ``dtype``; the VAE in :func:`vae_dtype`. Decode with
+    :func:`decode_latents`, not the pipeline's own decoder: the pipeline upcasts the VAE only
+    while it is still float16, which this loader has already settled.
+    """
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     from .common import torch_dtype
 
     path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise BraidError(f"{path}: no model_index.json; fetch the model first (rule model_download or model_tiny)")
+    _require(path / "model_index.json", "the img2img pipeline")
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
         path,
         torch_dtype=torch_dtype(dtype),
@@ -152,23 +173,48 @@ def load_img2img(path: str | os.PathLike, device: str = "cpu", dtype: str = "flo
         local_files_only=True,
         add_watermarker=False,
     )
-    if pipe.vae.config.get("force_upcast", False) and dtype == "float16":
-        pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
+    run_vae = vae_dtype(pipe.vae.config, dtype)
+    if run_vae != dtype:
+        log.info("VAE runs in %s (force_upcast: the SDXL VAE overflows in %s)", run_vae, dtype)
+    pipe.vae.to(torch_dtype(run_vae))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
+def decode_latents(vae, latents):
+    """Scaled latents (as img2img returns them with ``output_type="latent"``) -> float (n, 3, H, W) in [0, 1].
+
+    Divides by the VAE's ``scaling_factor`` and decodes in the VAE's own dtype, as diffusers'
+    pipelines do; non-finite pixels (a float16 overflow) raise a :class:`BraidError`.
+    """
+    import torch
+
+    dtype = next(vae.parameters()).dtype
+    with torch.inference_mode():
+        image = vae.decode(latents.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    image = image.float()
+    if not torch.isfinite(image).all():
+        raise BraidError(
+            f"the VAE decoded non-finite pixels in {dtype}; the SDXL VAE overflows in float16: use "
+            "reconstruct.dtype bfloat16 or float32, or a VAE made for float16 (force_upcast false, e.g. "
+            "madebyollin/sdxl-vae-fp16-fix)"
+        )
+    return (image / 2 + 0.5).clamp(0, 1)
+
+
 def load_vae(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32", variant: str | None = None):
-    """The pipeline's VAE alone (for caching latents), from the same local folder."""
+    """The pipeline's VAE alone (for caching latents), from the same local folder, in :func:`vae_dtype`."""
     from diffusers import AutoencoderKL
 
     from .common import torch_dtype
 
     path = Path(path)
-    if not (path / "vae" / "config.json").is_file():
-        raise BraidError(f"{path}/vae: no VAE config; fetch the model first (rule model_download or model_tiny)")
+    _require(path / "vae" / "config.json", "the VAE")
+    run_vae = vae_dtype(json.loads((path / "vae" / "config.json").read_text()), dtype)
+    if run_vae != dtype:
+        log.info("VAE runs in %s (force_upcast: the SDXL VAE overflows in %s)", run_vae, dtype)
     vae = AutoencoderKL.from_pretrained(
-        path, subfolder="vae", torch_dtype=torch_dtype(dtype), variant=variant, local_files_only=True
+        path, subfolder="vae", torch_dtype=torch_dtype(run_vae), variant=variant, local_files_only=True
     )
     return vae.to(device).eval()
 

@@ -4,11 +4,17 @@ The predicted ``z0`` is passed as the pipeline's ``image``: a 4-channel tensor b
 encoder, so it must already be in the scaled latent space (× 0.13025), which is how the encoder
 predicts it. ``strength`` s runs the last ``int(steps · s)`` of ``steps`` denoising steps after
 noising ``z0`` to that level; when that product is 0 the pipeline silently returns nothing, so
-it is refused here with a message.
+it is refused here with a message. The denoised latents are decoded by
+:func:`braid.models.decode_latents`, with the VAE in float32 when the model runs in float16 and
+the VAE's config says it overflows there (``force_upcast``, the SDXL VAE).
 
 One reconstruction per test image: the encoder's predictions for the image's test trials
-(its repeats) are averaged first. Each image's generator is seeded by ``seed + nsd_id``, so an
-image's reconstruction does not depend on which other images share its batch.
+(its repeats) are averaged first. Each image's generator is seeded by ``seed + nsd_id``.
+
+What is reproducible: the same inputs, settings, batch size, device and software give
+bit-identical PNGs. A different ``batch_size`` gives the same image up to floating-point
+reduction order, which on CPU changes a pixel value by at most 2 of 255 (tested); other
+machines and devices differ by similar amounts, not bit for bit.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ def reconstruct(
     from tqdm import tqdm
 
     from .encoder import load_predictions
-    from .models import load_img2img
+    from .models import decode_latents, load_img2img
 
     steps = int(params["steps"])
     check_strength(strength, steps)
@@ -73,7 +79,7 @@ def reconstruct(
     )
     prompt_embeds, negative_embeds, pooled, negative_pooled = embeds
     batch = int(params["batch_size"])
-    log.info("reconstructing %d images at strength %s, %d steps, on %s", ids.size, strength, steps, device)
+    log.info("reconstructing %d images at strength %s, %d steps, %s, on %s", ids.size, strength, steps, dtype, device)
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()
         for start in tqdm(range(0, ids.size, batch), desc=f"img2img s={strength}", unit="batch", mininterval=2):
@@ -86,7 +92,7 @@ def reconstruct(
                 kwargs = dict(negative_prompt_embeds=negative_embeds.repeat(n, 1, 1),
                               negative_pooled_prompt_embeds=negative_pooled.repeat(n, 1))
             with torch.inference_mode():
-                images = pipe(
+                denoised = pipe(
                     prompt_embeds=prompt_embeds.repeat(n, 1, 1),
                     pooled_prompt_embeds=pooled.repeat(n, 1),
                     image=z,
@@ -94,10 +100,11 @@ def reconstruct(
                     num_inference_steps=steps,
                     guidance_scale=params["guidance_scale"],
                     generator=gens,
-                    output_type="np",
+                    output_type="latent",
                     **kwargs,
                 ).images
-            if len(images) != n:
-                raise BraidError(f"the pipeline returned {len(images)} images for {n} latents")
+            if len(denoised) != n:
+                raise BraidError(f"the pipeline returned {len(denoised)} latents for {n} inputs")
+            images = decode_latents(pipe.vae, denoised).permute(0, 2, 3, 1).cpu().numpy()
             for i, img in zip(chunk, images):
-                Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(Path(tmp) / f"{int(i)}.png")
+                Image.fromarray((img * 255).round().astype(np.uint8)).save(Path(tmp) / f"{int(i)}.png")
