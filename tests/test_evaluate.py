@@ -1,4 +1,6 @@
-"""Metric definitions: identities, chance levels and the repeat-aware 2-way identification."""
+"""Metric definitions, pinned against independent computations: the published 2-way loop, a numpy
+bilinear resize with torchvision 0.15's tensor semantics, the SSIM formula of Wang et al. (2004) with
+scipy's Gaussian filter, and numpy's Pearson r."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import numpy as np
 import pytest
 
 from braid.common import BraidError
-from braid.evaluate import image_metrics, rowwise_pearson, two_way_identification
+from braid.evaluate import image_metrics, latent_metrics, rowwise_pearson, two_way_identification
 
 
 def test_two_way_identical_is_perfect_shuffled_is_chance():
@@ -53,3 +55,100 @@ def test_image_metrics_identity_and_degradation():
     noisy = np.clip(same + 0.3 * rng.standard_normal(same.shape), 0, 1).astype(np.float32)
     worse = image_metrics(noisy, stim)
     assert (worse["pixcorr"] < 0.95).all() and (worse["ssim"] < perfect["ssim"]).all()
+
+
+def test_exact_ties_are_not_wins():
+    rng = np.random.default_rng(4)
+    real = rng.standard_normal((10, 30))
+    real[7] = real[3]  # two different images with the same target
+    # columns 3 and 7 tie with each other, every other comparison is a win
+    assert two_way_identification(real, real) == pytest.approx((8 * 9 + 2 * 8) / (10 * 9))
+    # the same target, scaled and shifted: the same correlations in exact arithmetic, not in floating
+    # point; rounding must not turn these ties into wins
+    real[7] = real[3] * 1.37 + 0.29
+    assert two_way_identification(real, real) == pytest.approx((8 * 9 + 2 * 8) / (10 * 9))
+    # a constant prediction correlates equally (0) with every target: all ties, no wins
+    assert two_way_identification(real, np.ones_like(real)) == 0.0
+
+
+def test_latent_r_standardises_with_the_training_statistics():
+    """Predicting the training mean scores r 0; r is computed on (x - mean) / std, per element."""
+    rng = np.random.default_rng(5)
+    mean, std = rng.normal(3, 1, 12), rng.uniform(0.5, 2, 12)
+    true = mean + std * rng.standard_normal((20, 12))
+    pred = true + std * rng.standard_normal((20, 12))
+    got = latent_metrics(pred, true, mean, std, np.arange(20))
+    ts, ps = (true - mean) / std, (pred - mean) / std
+    assert got["latent_r"] == pytest.approx(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(ps, ts)]))
+    assert got["latent_mse"] == pytest.approx(np.mean((pred - true) ** 2))
+    assert latent_metrics(np.tile(mean, (20, 1)), true, mean, std, np.arange(20))["latent_r"] == 0.0
+
+
+# --- image metrics against independent computations ---------------------------------------------
+
+
+def bilinear_no_antialias(img: np.ndarray, size: int) -> np.ndarray:
+    """(C, H, W) -> (C, size, size): bilinear with half-pixel centres and edge clamping, no antialias
+    (torch.nn.functional.interpolate(align_corners=False), which torchvision 0.15's tensor Resize calls)."""
+
+    def axis(n_in):
+        src = np.maximum((np.arange(size) + 0.5) * n_in / size - 0.5, 0)
+        i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+
+    y0, y1, wy = axis(img.shape[1])
+    x0, x1, wx = axis(img.shape[2])
+    rows = img[:, y0] * (1 - wy)[None, :, None] + img[:, y1] * wy[None, :, None]
+    return rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx
+
+
+def ssim_formula(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM (Wang et al. 2004): Gaussian window σ 1.5 truncated at 3.5σ (11 px), population
+    variances, K1 0.01, K2 0.03, data range 1, mean over the map without a 5-px border."""
+    from scipy.ndimage import gaussian_filter
+
+    f = lambda x: gaussian_filter(x, 1.5, truncate=3.5)  # noqa: E731
+    ua, ub = f(a), f(b)
+    va, vb, cov = f(a * a) - ua**2, f(b * b) - ub**2, f(a * b) - ua * ub
+    c1, c2 = 0.01**2, 0.03**2
+    s = (2 * ua * ub + c1) * (2 * cov + c2) / ((ua**2 + ub**2 + c1) * (va + vb + c2))
+    return float(s[5:-5, 5:-5].mean())
+
+
+def gray(img_chw: np.ndarray) -> np.ndarray:
+    return 0.2125 * img_chw[0] + 0.7154 * img_chw[1] + 0.0721 * img_chw[2]  # ITU-R 709 luma
+
+
+def photo_pairs(rng):
+    """Stimuli (uint8, 425²) and reconstructions (float, 64² as the demo's, 512² as SSD-1B's)."""
+    import skimage.data
+    from PIL import Image
+
+    photo = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((425, 425)))
+    noise = (rng.random((425, 425, 3)) * 255).astype(np.uint8)
+    stim = np.stack([photo, noise])
+    rec64 = rng.random((2, 3, 64, 64)).astype(np.float32)
+    blurred = np.asarray(Image.fromarray(photo).resize((512, 512)).resize((64, 64)).resize((512, 512)))
+    rec512 = np.stack([np.moveaxis(blurred, -1, 0), rng.integers(0, 256, (3, 512, 512))]).astype(np.float32) / 255
+    return stim, rec64, rec512
+
+
+@pytest.mark.parametrize("size", [64, 512])
+def test_image_metrics_equal_the_reference_formulas(size):
+    stim, rec64, rec512 = photo_pairs(np.random.default_rng(6))
+    rec = rec64 if size == 64 else rec512
+    got = image_metrics(rec, stim)
+    for k in range(len(stim)):
+        r = bilinear_no_antialias(bilinear_no_antialias(rec[k].astype(np.float64), 256), 425)
+        g = bilinear_no_antialias(bilinear_no_antialias(np.moveaxis(stim[k], -1, 0) / 255.0, 256), 425)
+        assert got["pixcorr"][k] == pytest.approx(np.corrcoef(r.ravel(), g.ravel())[0, 1], abs=1e-5)
+        assert got["ssim"][k] == pytest.approx(ssim_formula(gray(r), gray(g)), abs=1e-4)
+
+
+def test_image_metrics_see_every_channel():
+    """A reconstruction that is right in red only is not a perfect PixCorr."""
+    stim, _, _ = photo_pairs(np.random.default_rng(7))
+    rec = np.moveaxis(stim, -1, 1).astype(np.float32) / 255
+    rec[:, 1:] = rec[:, 1:, ::-1]  # green and blue flipped upside down
+    assert (image_metrics(rec, stim)["pixcorr"] < 0.9).all()

@@ -1,15 +1,29 @@
 """Score reconstructions with the field's metrics, and the predicted latents themselves.
 
 Image metrics follow the MindEye reference code (``shared/reference/metrics.md`` §2, the "ME"
-preset): reconstruction and stimulus are both resized to 256², then to 425²; PixCorr is the
-Pearson r of the flattened RGB images; SSIM is 2-D SSIM of the ``rgb2gray`` images with
-Gaussian weights (σ 1.5), population covariance, data range 1 (scikit-image ≥ 0.20 semantics).
+preset), which ran torchvision 0.15/0.16:
 
-Latent metrics are computed per test trial (single-trial decoding, as the seed design trains):
-MSE in the latent scale img2img consumes, Pearson r after standardising with the training
-latents' mean and std (so that predicting the average latent scores 0, not a spurious 0.9),
-and 2-way identification (chance 50 %) where a trial is compared only with trials of *other*
-images, since repeats of one image share a ground truth.
+- resampling: reconstruction and stimulus are resized to 256², then to 425², with a *tensor*
+  ``transforms.Resize`` (bilinear, half-pixel centres). In those torchvision versions a tensor
+  resize does **not** antialias (the default changed in 0.17), so neither does BRAID: an
+  antialiased downscale reads SSIM up to +0.14 high on noisy images. (MindEye stored its ground
+  truth at 256²; BRAID brings the 425² stimulus there with the same resize.)
+- PixCorr: Pearson r of the flattened RGB images (all three channels), per image, averaged.
+- SSIM: 2-D SSIM of the ``rgb2gray`` images with Gaussian weights (σ 1.5), population
+  covariance, data range 1 (scikit-image ≥ 0.20 semantics).
+
+Latent metrics are computed per test row (a trial, or a repeat average with
+``betas.trials: average*``):
+
+- ``latent_mse``: mean squared error in the scaled latent space img2img consumes;
+- ``latent_r``: Pearson r across latent elements between prediction and truth, both first
+  standardised per latent element with the *training* split's mean and std (the encoder's own
+  target statistics), averaged over test rows. Standardising makes predicting the average
+  latent score 0, not the spurious ~0.9 that raw latents share through their mean image;
+- ``latent_two_way``: 2-way identification (chance 0.5) on the same standardised latents,
+  where a row is compared only with rows of *other* images (repeats share a ground truth).
+  A comparison counts as a win only if the other image's correlation is lower by more than
+  1e-10: exact ties (identical targets, a constant prediction) are not wins.
 """
 
 from __future__ import annotations
@@ -38,12 +52,17 @@ def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, r, 0.0)
 
 
+TIE = 1e-10  # correlations closer than this are a tie in 2-way identification
+
+
 def two_way_identification(real: np.ndarray, pred: np.ndarray, groups: np.ndarray | None = None) -> float:
     """Fraction of pairs in which a prediction correlates more with its own target than with another's.
 
     As in the MindEye/Brain-Diffuser code: ``r[i, j]`` = corr(real_i, pred_j); for each j count
     the i with ``r[i, j] < r[j, j]``, over the i that may be compared (``groups[i] != groups[j]``
-    when ``groups`` is given, else all i ≠ j), and average. Chance is 0.5.
+    when ``groups`` is given, else all i ≠ j), and average. Chance is 0.5. Differences within
+    ``TIE`` are ties and not wins, so that rounding in the matrix product cannot turn an exact
+    tie into a win.
     """
     real = np.asarray(real, np.float64).reshape(len(real), -1)
     pred = np.asarray(pred, np.float64).reshape(len(pred), -1)
@@ -58,7 +77,7 @@ def two_way_identification(real: np.ndarray, pred: np.ndarray, groups: np.ndarra
     own = np.diag(r)
     groups = np.arange(n) if groups is None else np.asarray(groups)
     comparable = groups[:, None] != groups[None, :]
-    wins = ((r < own[None, :]) & comparable).sum(0)
+    wins = ((r < own[None, :] - TIE) & comparable).sum(0)
     counts = comparable.sum(0)
     valid = counts > 0
     if not valid.any():
@@ -79,13 +98,14 @@ def latent_metrics(pred: np.ndarray, true: np.ndarray, mean: np.ndarray, std: np
 
 
 def _me_resize(images, size_hi: int = 425):
-    """MindEye path: to 256², then to 425² (bilinear, antialiased); float tensor (n, 3, 425, 425)."""
+    """MindEye's path: to 256², then to 425², bilinear without antialiasing (torchvision 0.15/0.16 tensors)."""
     import torch
-    import torch.nn.functional as F
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize
 
     x = torch.as_tensor(images, dtype=torch.float32)
-    x = F.interpolate(x, size=(256, 256), mode="bilinear", antialias=True, align_corners=False)
-    return F.interpolate(x, size=(size_hi, size_hi), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    x = resize(x, [256, 256], interpolation=InterpolationMode.BILINEAR, antialias=False)
+    return resize(x, [size_hi, size_hi], interpolation=InterpolationMode.BILINEAR, antialias=False)
 
 
 def image_metrics(recons: np.ndarray, stimuli: np.ndarray) -> pd.DataFrame:
