@@ -1,4 +1,5 @@
-"""Latent cache: preprocessing, scale and lookup by NSD id."""
+"""Latent cache: preprocessing (pinned to PIL's bicubic resize, as Brain-Diffuser's), scale, every
+VAE dtype, and lookup by NSD id."""
 
 from __future__ import annotations
 
@@ -20,6 +21,26 @@ def test_preprocess_range_and_size():
     assert torch.allclose(x[0], torch.tensor(-1.0)) and torch.allclose(x[1], torch.tensor(1.0))
 
 
+def test_preprocess_is_brain_diffusers_pil_bicubic_without_crop():
+    """Brain-Diffuser: PIL resize(BICUBIC) -> to_tensor -> 2x - 1, on noise (where filters differ most)
+    and on an image whose right and bottom edges are marked (a crop or a flip would move them)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    marked = np.full((425, 425, 3), 128, np.uint8)
+    marked[:, -60:, 0] = 255  # red band at the right edge
+    marked[-60:, :, 2] = 0  # no blue at the bottom
+    images = np.stack([rng.integers(0, 256, (425, 425, 3), dtype=np.uint8), marked])
+    x = preprocess(images, 64).numpy()
+    for img, got in zip(images, x):
+        ref = np.asarray(Image.fromarray(img).resize((64, 64), Image.Resampling.BICUBIC), np.float32) / 255 * 2 - 1
+        np.testing.assert_allclose(np.moveaxis(got, 0, -1), ref, atol=1e-6)
+    assert (x[1, 0, :, -5:] > 0.9).all() and (x[1, 0, :, :40] < 0.1).all()
+    assert (x[1, 2, -5:, :] < -0.9).all() and (x[1, 2, :40, :] > -0.1).all()
+    same = preprocess(images[:, :64, :64], 64).numpy()  # already the model's size: no resampling
+    np.testing.assert_array_equal(np.moveaxis(same, 1, -1), images[:, :64, :64] / np.float32(255) * 2 - 1)
+
+
 def test_cache_is_scaled_posterior_mean_keyed_by_id(mirror, tiny_model, tmp_path):
     root, _ = mirror
     ids = np.array([5, 2, 9, 2])
@@ -34,6 +55,20 @@ def test_cache_is_scaled_posterior_mean_keyed_by_id(mirror, tiny_model, tmp_path
     np.testing.assert_allclose(cache.get([9, 5]), expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(BraidError, match=r"no latents for NSD ids \[3\]"):
         cache.get([3])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_every_vae_dtype_caches_finite_latents_close_to_float32(mirror, tiny_model, tmp_path, dtype):
+    """float16 keeps the SDXL-like VAE (force_upcast) in float32; bfloat16 runs in bfloat16."""
+    root, _ = mirror
+    ids = np.array([1, 2, 3])
+    cache_latents(root / nsd.STIMULI, tiny_model, ids, tmp_path / "f32.zarr", image_size=64)
+    cache_latents(root / nsd.STIMULI, tiny_model, ids, tmp_path / f"{dtype}.zarr", image_size=64, dtype=dtype)
+    ref, got = LatentCache(tmp_path / "f32.zarr").get(ids), LatentCache(tmp_path / f"{dtype}.zarr").get(ids)
+    assert np.isfinite(got).all()
+    tol = 0 if dtype == "float16" else 0.05 * np.abs(ref).max()  # float16 -> the float32 VAE: identical
+    np.testing.assert_allclose(got, ref, atol=tol)
+    assert load_vae(tiny_model, dtype=dtype).dtype == (torch.float32 if dtype == "float16" else torch.bfloat16)
 
 
 def test_read_stimuli_any_order(mirror):

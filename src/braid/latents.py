@@ -1,9 +1,11 @@
 """Cache the VAE latents ``z0`` of the stimuli, keyed by NSD image id.
 
-Preprocessing follows the reference pipelines: the 425x425 NSD image is resized (bicubic, no
-crop) to the model's size, mapped to [-1, 1], encoded, and the posterior **mean** is multiplied
-by the VAE's ``scaling_factor`` (0.13025 for the SDXL VAE) — the deterministic regression
-target, already in the scale that img2img expects as its ``image`` argument.
+Preprocessing is Brain-Diffuser's ``regularize_image``: the 425x425 NSD image is resized with
+PIL's bicubic filter, no crop, to the model's size (uint8, as PIL returns it), mapped to
+[-1, 1], encoded, and the posterior **mean** is multiplied by the VAE's ``scaling_factor``
+(0.13025 for the SDXL VAE) — the deterministic regression target, already in the scale that
+img2img expects as its ``image`` argument. The VAE runs in ``model.dtype``, except that the
+SDXL VAE is kept in float32 where float16 would overflow (``braid.models.vae_dtype``).
 """
 
 from __future__ import annotations
@@ -20,16 +22,17 @@ log = logging.getLogger(__name__)
 
 
 def preprocess(images: np.ndarray, size: int):
-    """uint8 (n, H, W, 3) -> float tensor (n, 3, size, size) in [-1, 1], bicubic, antialiased."""
+    """uint8 (n, H, W, 3) -> float tensor (n, 3, size, size) in [-1, 1]: PIL bicubic resize, no crop."""
     import torch
-    import torch.nn.functional as F
+    from PIL import Image
 
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise BraidError(f"stimuli must be uint8 (n, H, W, 3); got {images.dtype} {images.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return (x.clamp(0, 1) * 2 - 1).contiguous()
+    if images.shape[1:3] != (size, size):
+        images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
+                           for im in images])
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return (x / 255.0 * 2 - 1).contiguous()
 
 
 def encode_images(images: np.ndarray, vae, size: int, batch_size: int = 16) -> np.ndarray:
