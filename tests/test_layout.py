@@ -18,11 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "config" / "schema.yaml")
 
 
-def merge(base: dict, over: dict) -> dict:
-    """Snakemake's layering of a --configfile over the configfile directive: dicts merge, the rest replaces."""
+def merge(base: dict, over: dict, top: bool = True) -> dict:
+    """BRAID's layering of a --configfile over config/config.yaml: Snakemake's deep merge, except that
+    the collections of user-named entries (roi, encoders) are replaced as a whole."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        replace = top and k in ("roi", "encoders")
+        out[k] = merge(out[k], v, False) if isinstance(v, dict) and isinstance(out.get(k), dict) and not replace else v
     return out
 
 
@@ -32,6 +34,18 @@ def load(name):
         config = merge(config, yaml.safe_load((REPO / "config" / name).read_text()))
     validate(config, SCHEMA)
     return config
+
+
+def test_collections_are_the_schemas_named_mappings_and_are_replaced():
+    schema = yaml.safe_load(Path(SCHEMA).read_text())
+    assert braid.config.collection_keys(schema) == ["encoders", "roi"]
+    config = {"roi": {"nsdgeneral": [1]}, "encoders": {"mlp": {"lr": 1}, "linear": {}}, "betas": {"trials": "single"}}
+    layers = [{"roi": {"prf-visualrois": [1, 2]}, "betas": {"dtype": "float16"}}, {"encoders": {"ridge": {}}}]
+    assert braid.config.replace_collections(config, layers, ["encoders", "roi"]) == ["encoders", "roi"]
+    assert config["roi"] == {"prf-visualrois": [1, 2]} and config["encoders"] == {"ridge": {}}
+    assert config["betas"] == {"trials": "single"}  # other mappings are Snakemake's to merge
+    layers[0]["roi"]["prf-visualrois"].append(3)
+    assert config["roi"] == {"prf-visualrois": [1, 2]}  # a copy, not the layer itself
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "nsd_ssd1b.yaml"])

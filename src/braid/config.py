@@ -7,8 +7,42 @@ config stops the workflow before any job, with one message per problem.
 
 from __future__ import annotations
 
+import copy
+
 from .common import BraidError
 from .nsd import check_sessions
+
+
+def collection_keys(schema: dict) -> list[str]:
+    """Top-level keys whose value maps names the user chooses (ROI files, encoders) to settings.
+
+    In the schema they are objects with an ``additionalProperties`` schema and no fixed
+    ``properties``.
+    """
+    return sorted(
+        key for key, spec in schema.get("properties", {}).items()
+        if spec.get("type") == "object" and isinstance(spec.get("additionalProperties"), dict)
+        and not spec.get("properties")
+    )
+
+
+def replace_collections(config: dict, layers: list[dict], keys: list[str]) -> list[str]:
+    """Give each collection in ``keys`` exactly the entries of the last layer that sets it.
+
+    Snakemake deep-merges every ``--configfile`` (and ``--config``) into the default config,
+    so ``roi: {prf-visualrois: [1, 2]}`` would silently be united with the default's
+    ``nsdgeneral``. A layer that names a collection replaces it instead; a layer that does not
+    keeps the one before. ``layers`` are the user's config mappings in the order Snakemake
+    applied them. Returns the keys that were replaced.
+    """
+    replaced = []
+    for key in keys:
+        for layer in reversed(layers):
+            if isinstance(layer, dict) and key in layer:
+                config[key] = copy.deepcopy(layer[key])
+                replaced.append(key)
+                break
+    return replaced
 
 
 def check(config: dict) -> None:
