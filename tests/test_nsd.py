@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,7 +104,8 @@ def test_fetch_from_s3_anonymously(s3_server, mirror, tmp_path):
     nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=s3_server)  # no credentials anywhere
     assert dest.read_bytes() == (root / key).read_bytes()
     missing = nsd.betas_key(1, 9)
-    with pytest.raises(BraidError, match="betas_session09.hdf5: no such object"):
+    with pytest.raises(BraidError, match=r"betas_session09.hdf5 \(endpoint http://127.0.0.1:\d+\): no such object in bucket "
+                                         r"'natural-scenes-dataset'"):
         nsd.fetch(f"s3://{nsd.BUCKET}", missing, tmp_path / "x.hdf5", endpoint_url=s3_server)
     assert not (tmp_path / "x.hdf5").exists()
 
@@ -261,3 +263,102 @@ def test_whole_object_resumes_after_sigkill(s3_server, fault_proxy, mirror, tmp_
     nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=fault_proxy.endpoint, part_size=part)
     assert dest.read_bytes() == (root / key).read_bytes()
     assert fault_proxy.gets - gets_before <= n_parts - done + 8  # in-flight parts at the kill are fetched again
+
+
+def test_wrong_bucket_and_unreachable_endpoint_name_what_to_fix(s3_server, tmp_path):
+    key = nsd.EXPDESIGN
+    with pytest.raises(BraidError, match=r"the bucket 'no-such-bucket' does not exist at this endpoint.*nsd.source"):
+        nsd.fetch("s3://no-such-bucket", key, tmp_path / "x.mat", endpoint_url=s3_server)
+    from conftest import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(BraidError, match=rf"cannot reach the S3 endpoint {closed}.*local rules"):
+        nsd.fetch(f"s3://{nsd.BUCKET}", key, tmp_path / "x.mat", endpoint_url=closed)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_roi_only_fetch_resumes_without_reading_metadata_again(s3_server, fault_proxy, mirror, tmp_path):
+    import h5py
+
+    from braid.betas import read_session
+
+    root, _ = mirror
+    key = nsd.betas_key(1, 1)
+    public_bucket(s3_server, root, [key])
+    mask = roi_zyx(root)
+    dest = tmp_path / "roi.hdf5"
+    source = f"s3://{nsd.BUCKET}"
+    full = nsd.fetch_betas_roi(source, key, tmp_path / "full.hdf5", mask, gap_chunks=0, endpoint_url=s3_server)
+    fault_proxy.fail_after = fault_proxy.gets + full["requests"] // 2  # the network dies half way through
+    with pytest.raises(BraidError, match="failed 5 times"):
+        nsd.fetch_betas_roi(source, key, dest, mask, gap_chunks=0, endpoint_url=fault_proxy.endpoint)
+    assert not dest.exists() and (tmp_path / "roi.hdf5.part.plan.npz").exists()
+    fault_proxy.down, fault_proxy.fail_after = False, None
+    gets = fault_proxy.gets
+    again = nsd.fetch_betas_roi(source, key, dest, mask, gap_chunks=0, endpoint_url=fault_proxy.endpoint)
+    assert again["bytes_metadata"] == 0 and again["resumed_runs"] > 0  # the plan and the runs were kept
+    assert fault_proxy.gets - gets < full["requests"]
+    assert again["sha256_fetched"] == full["sha256_fetched"]
+    with h5py.File(root / key, "r") as f:
+        np.testing.assert_array_equal(read_session(dest, mask), f["betas"][:][:, mask] / np.float32(300))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.hdf5", "roi.hdf5"]  # no .part* left
+    # another ROI is another request: its plan is made afresh, not the old one reused
+    other = nsd.fetch_betas_roi(source, key, tmp_path / "other.hdf5", mask & (np.cumsum(mask) % 2 == 0).reshape(mask.shape),
+                                endpoint_url=s3_server)
+    assert other["chunks"] < full["chunks"]
+
+
+def test_a_second_fetch_of_the_same_file_is_refused_while_the_first_runs(s3_server, fault_proxy, mirror, tmp_path):
+    """An orphaned fetch and a rerun must not write one .part: the second is refused until the first dies."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = mirror
+    key = nsd.betas_key(1, 2)
+    public_bucket(s3_server, root, [key])
+    dest = tmp_path / "betas.hdf5"
+    fault_proxy.delay = 0.2
+    code = (f"from braid import nsd; nsd.fetch('s3://{nsd.BUCKET}', {key!r}, {str(dest)!r}, "
+            f"endpoint_url={fault_proxy.endpoint!r}, part_size=8192)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=open(tmp_path / "child.log", "w"))
+    deadline = time.time() + 30
+    while time.time() < deadline and not (tmp_path / "betas.hdf5.part.json").exists():
+        time.sleep(0.05)
+    with pytest.raises(BraidError, match=r"another process is fetching it now \(lock .*betas.hdf5.part.lock is held\)"):
+        nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=s3_server, part_size=8192)
+    proc.send_signal(signal.SIGKILL)  # the lock dies with its holder
+    proc.wait()
+    fault_proxy.delay = 0.0
+    nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=s3_server, part_size=8192)
+    assert dest.read_bytes() == (root / key).read_bytes()
+
+
+def test_fetch_rule_fails_once_on_a_missing_key_and_keeps_each_runs_log(s3_server, tmp_path):
+    """A 404 is deterministic: Snakemake must not retry it. Snakemake deletes a job's log before each
+    attempt; the history log beside it keeps every attempt."""
+    import subprocess
+    import sys
+
+    import boto3
+    import yaml
+
+    admin = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-2",
+                         aws_access_key_id="admin", aws_secret_access_key="admin")
+    admin.create_bucket(Bucket=nsd.BUCKET, CreateBucketConfiguration={"LocationConstraint": "us-east-2"})
+    config = tmp_path / "s3.yaml"
+    config.write_text(yaml.safe_dump({"nsd": {"source": f"s3://{nsd.BUCKET}", "endpoint_url": s3_server}}))
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "snakemake", f"resources/nsd/{nsd.EXPDESIGN}", "-s", str(repo / "Snakefile"),
+           "-d", str(tmp_path / "w"), "--cores", "1", "--configfile", str(config)]
+    for _ in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode != 0
+        assert "Trying to restart" not in proc.stdout + proc.stderr
+    logs = tmp_path / "w" / "logs" / "nsd" / "fetch" / "nsddata" / "experiments" / "nsd"
+    message = f"nsd_expdesign.mat (endpoint {s3_server}): no such object in bucket 'natural-scenes-dataset'"
+    for name, runs in (("nsd_expdesign.mat.log", 1), ("nsd_expdesign.mat.history.log", 2)):
+        text = (logs / name).read_text()
+        assert text.count("==== rule nsd_fetch, attempt 1") == runs and text.count(message) == runs, name
+    assert not (tmp_path / "w" / "resources" / "nsd" / nsd.EXPDESIGN).exists()

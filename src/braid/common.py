@@ -35,6 +35,12 @@ def subject_number(label: str) -> int:
     return int(label[4:])
 
 
+def store_path(path: str | os.PathLike) -> Path:
+    """The Zarr store of a rule's ``zarr.json`` input/output (see ``zarr_store`` in common.smk); other paths as is."""
+    path = Path(path)
+    return path.parent if path.name == "zarr.json" else path
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds.
@@ -61,12 +67,24 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def history_log(logfile: str | os.PathLike) -> Path:
+    """Where every attempt of a job is logged: ``x.log`` -> ``x.history.log`` beside it."""
+    logfile = Path(logfile)
+    return logfile.with_name(f"{logfile.stem}.history{logfile.suffix or '.log'}")
+
+
 def setup_logging(logfile: str | os.PathLike | None = None, level: int = logging.INFO) -> None:
-    """Log to ``logfile`` (Snakemake's ``log:``) and to stderr, in one format."""
+    """Log to ``logfile`` (Snakemake's ``log:``), to its :func:`history_log`, and to stderr.
+
+    Snakemake deletes a job's ``log:`` file before every attempt (retries and reruns), so the
+    messages are also appended to the history file, which it does not know of: the log of an
+    attempt that failed, or was killed, is kept there above the next one's.
+    """
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if logfile:
         Path(logfile).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(logfile, mode="w"))
+        handlers.append(logging.FileHandler(history_log(logfile), mode="a"))
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -83,9 +101,12 @@ def snakemake_job(smk) -> Iterator[None]:
     tqdm progress bars write to stderr, which Snakemake shows locally and SLURM keeps in its
     job log; the ``log:`` file gets the messages.
     """
+    import socket
+
     logfile = smk.log[0] if len(smk.log) else None
     setup_logging(logfile)
-    log.info("rule %s: wildcards %s", smk.rule, dict(smk.wildcards.items()))
+    log.info("==== rule %s, attempt %s, on %s (pid %d): wildcards %s", smk.rule, getattr(smk, "attempt", 1),
+             socket.gethostname(), os.getpid(), dict(smk.wildcards.items()))
     try:
         yield
     except BraidError as err:

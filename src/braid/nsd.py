@@ -9,6 +9,8 @@ and the row of ``imgBrick``), 1-based ``session`` and 1-based ``trial`` within t
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ SESSIONS = {1: 40, 2: 40, 3: 32, 4: 30, 5: 40, 6: 32, 7: 40, 8: 30}
 
 EXPDESIGN = "nsddata/experiments/nsd/nsd_expdesign.mat"
 STIM_INFO = "nsddata/experiments/nsd/nsd_stim_info_merged.csv"
+STIM_INFO_PKL = "nsddata/experiments/nsd/nsd_stim_info_merged.pkl"
 STIMULI = "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
 
 
@@ -240,73 +243,151 @@ def fetch(
     return size
 
 
-def _fetch_s3(source, key, dest, part_size: int = PART_SIZE, **s3) -> int:
-    """Parallel ranged download into ``<dest>.part``, resumable after a kill, verified, then renamed.
+class PartialDownload:
+    """Bytes of a download gathered in ``<dest>.part``, resumable, and owned by one process.
 
-    ``<dest>.part.json`` records the object's size and ETag and the parts already written; a
-    rerun continues from there if the object is unchanged. The result is checked against the
-    size and, where the ETag is a plain MD5 (single-part uploads), against the MD5.
+    ``lengths`` are the pieces (parts of an object, or runs of chunks), laid end to end in the
+    ``.part`` file. ``<dest>.part.json`` records ``identity`` (what is being downloaded: key,
+    size, ETag...) and the pieces already written; it is replaced atomically after each piece,
+    so a kill leaves the old record or the new one. A rerun with the same identity continues
+    where the last stopped; any other identity starts again. Use it inside :func:`exclusive`.
     """
-    import hashlib
-    import threading
+
+    def __init__(self, dest, identity: dict, lengths: list[int]):
+        import threading
+
+        self.dest = Path(dest)
+        self.part = self.dest.with_name(self.dest.name + ".part")
+        self.record = self.dest.with_name(self.dest.name + ".part.json")
+        self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        self.lengths = [int(n) for n in lengths]
+        self.state = {"identity": identity, "lengths": len(lengths), "total": int(self.offsets[-1]), "done": []}
+        if self.part.exists() and self.record.exists():
+            try:
+                old = json.loads(self.record.read_text())
+            except ValueError:
+                old = {}  # an unreadable record: start again
+            same = all(old.get(k) == self.state[k] for k in ("identity", "lengths", "total"))
+            if same and self.part.stat().st_size == self.state["total"]:
+                self.state["done"] = sorted(set(old["done"]))
+        if not self.state["done"]:
+            with open(self.part, "wb") as f:
+                f.truncate(self.state["total"])
+        self._fd = os.open(self.part, os.O_RDWR)
+        self._mutex = threading.Lock()
+
+    def todo(self) -> list[int]:
+        done = set(self.state["done"])
+        return [i for i in range(len(self.lengths)) if i not in done]
+
+    def write(self, i: int, data: bytes) -> None:
+        if len(data) != self.lengths[i]:
+            raise BraidError(f"{self.dest}: piece {i} has {len(data)} bytes, expected {self.lengths[i]}")
+        os.pwrite(self._fd, data, int(self.offsets[i]))
+        with self._mutex:
+            self.state["done"].append(i)
+            tmp = self.record.with_name(self.record.name + ".tmp")
+            tmp.write_text(json.dumps(self.state))
+            os.replace(tmp, self.record)
+
+    def read(self, i: int) -> bytes:
+        return os.pread(self._fd, self.lengths[i], int(self.offsets[i]))
+
+    def discard(self) -> None:
+        """Forget the pieces (a corrupt result): the next run starts from zero."""
+        for path in (self.part, self.record):
+            path.unlink(missing_ok=True)
+
+    def close(self, finished: bool = False) -> None:
+        """Release the file; when ``finished``, remove the record (the caller has used or moved ``.part``)."""
+        os.close(self._fd)
+        if finished:
+            self.discard()
+
+
+@contextlib.contextmanager
+def exclusive(dest):
+    """Hold ``<dest>.part.lock`` (an exclusive ``flock``) while ``dest`` is being fetched.
+
+    A second process that would write the same ``.part`` files (an orphaned job of a killed
+    Snakemake, and the rerun) is refused with a message; the operating system releases the
+    lock when its holder dies, so a crash never leaves it held.
+    """
+    import fcntl
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lockfile = dest.with_name(dest.name + ".part.lock")
+    fd = os.open(lockfile, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BraidError(
+            f"{dest}: another process is fetching it now (lock {lockfile} is held). Wait for it, or stop it "
+            f"(e.g. a job left running by a Snakemake that was killed) and run again."
+        ) from None
+    try:
+        yield
+    finally:
+        lockfile.unlink(missing_ok=True)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _fetch_s3(source, key, dest, part_size: int = PART_SIZE, **s3) -> int:
+    """Parallel ranged download into ``<dest>.part`` (a :class:`PartialDownload`), verified, then renamed.
+
+    The result is checked against the size and, where the ETag is a plain MD5 (single-part
+    uploads), against the MD5.
+    """
+    src = RangeSource(source, key, **s3)
+    dest = Path(dest)
+    n_parts = max(1, -(-src.size // part_size))
+    lengths = [min(part_size, src.size - i * part_size) for i in range(n_parts)] if src.size else [0]
+    with exclusive(dest):
+        _download_whole(src, key, dest, part_size, lengths)
+    log.info("downloaded %s (%d bytes, %d requests)", src.label, src.size, src.requests)
+    return src.size
+
+
+def _download_whole(src, key, dest, part_size, lengths) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
-    src = RangeSource(source, key, **s3)
-    etag = src.etag
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part, state_path = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.json")
-    n_parts = max(1, -(-src.size // part_size))
-    state = {"size": src.size, "etag": etag, "part_size": part_size, "done": []}
-    if part.exists() and state_path.exists():
-        try:
-            old = json.loads(state_path.read_text())
-        except ValueError:
-            old = {}  # unreadable record: start again
-        if {k: old.get(k) for k in ("size", "etag", "part_size")} == {k: state[k] for k in ("size", "etag", "part_size")}:
-            state["done"] = old["done"]
-            log.info("%s: resuming, %d of %d parts already here", key, len(state["done"]), n_parts)
-    if not state["done"]:
-        with open(part, "wb") as f:
-            f.truncate(src.size)
-    lock = threading.Lock()
-    finished = set(state["done"])
-    todo = [i for i in range(n_parts) if i not in finished]
-    fd = os.open(part, os.O_RDWR)
+    n_parts = len(lengths)
+    download = PartialDownload(dest, {"key": key, "size": src.size, "etag": src.etag, "part_size": part_size}, lengths)
+    finished = False
     try:
-        with ThreadPoolExecutor(8) as pool, tqdm(total=src.size, initial=len(state["done"]) * part_size, unit="B",
-                                                 unit_scale=True, desc=key.rsplit("/", 1)[-1], mininterval=2) as bar:
+        todo = download.todo()
+        if len(todo) < n_parts:
+            log.info("%s: resuming, %d of %d parts already here", key, n_parts - len(todo), n_parts)
+        with ThreadPoolExecutor(8) as pool, tqdm(total=src.size, initial=src.size - sum(lengths[i] for i in todo),
+                                                 unit="B", unit_scale=True, desc=key.rsplit("/", 1)[-1],
+                                                 mininterval=2) as bar:
             def one(i):
-                data = src.read(i * part_size, part_size)
-                os.pwrite(fd, data, i * part_size)
-                with lock:
-                    state["done"].append(i)
-                    tmp_state = state_path.with_name(state_path.name + ".tmp")
-                    tmp_state.write_text(json.dumps(state))
-                    os.replace(tmp_state, state_path)  # a kill leaves the old record or the new one
-                    bar.update(len(data))
+                data = src.read(i * part_size, lengths[i])
+                download.write(i, data)
+                bar.update(len(data))
 
             for future in [pool.submit(one, i) for i in todo]:
                 future.result()
+        _check_size(download.part, src.size, key)
+        if re.fullmatch(r"[0-9a-f]{32}", src.etag):
+            md5 = hashlib.md5()
+            with open(download.part, "rb") as f:
+                for block in iter(lambda: f.read(8 << 20), b""):
+                    md5.update(block)
+            if md5.hexdigest() != src.etag:
+                download.discard()
+                raise BraidError(f"{key}: MD5 {md5.hexdigest()} differs from the ETag {src.etag}; the download was "
+                                 f"corrupted, run again")
+        os.replace(download.part, dest)
+        finished = True
     finally:
-        os.close(fd)
+        download.close(finished)
         src.close()
-    _check_size(part, src.size, key)
-    if re.fullmatch(r"[0-9a-f]{32}", etag):
-        md5 = hashlib.md5()
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(8 << 20), b""):
-                md5.update(block)
-        if md5.hexdigest() != etag:
-            part.unlink()
-            state_path.unlink()
-            raise BraidError(f"{key}: MD5 {md5.hexdigest()} differs from the ETag {etag}; the download was corrupted, run again")
-    os.replace(part, dest)
-    state_path.unlink()
-    log.info("downloaded %s (%d bytes, %d requests)", src.label, src.size, src.requests)
-    return src.size
 
 
 def _check_size(path: Path, expected: int, key: str) -> None:
@@ -346,19 +427,28 @@ class RangeSource:
             self.path = Path(source) / key
             if not self.path.is_file():
                 raise BraidError(f"{self.path}: not found in the local NSD mirror (config nsd.source = {source!r})")
-            self.size = self.path.stat().st_size
+            stat = self.path.stat()
+            self.size = stat.st_size
+            self.etag = f"{stat.st_size}-{stat.st_mtime_ns}"  # what a resume record compares
             self._fd = os.open(self.path, os.O_RDONLY)
             self.label = str(self.path)
 
     def _head(self) -> int:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
+        endpoint = self.client.meta.endpoint_url
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.full_key)
             self.etag = head.get("ETag", "").strip('"')
             return head["ContentLength"]
         except ClientError as err:
-            raise _s3_error(err, self.bucket, self.full_key, self.client.meta.endpoint_url) from err
+            raise _s3_error(err, self.client, self.bucket, self.full_key) from err
+        except BotoCoreError as err:  # no connection, DNS, TLS, timeouts: after botocore's own retries
+            raise BraidError(
+                f"s3://{self.bucket}/{self.full_key}: cannot reach the S3 endpoint {endpoint} ({err}). Check this "
+                f"host's network, or nsd.endpoint_url / nsd.region in the config. On a cluster, the fetch rules are "
+                f"local rules: they run on the host where Snakemake runs, which needs internet access."
+            ) from err
 
     def read(self, offset: int, size: int) -> bytes:
         import time
@@ -394,90 +484,142 @@ class RangeSource:
             os.close(self._fd)
 
 
-def _s3_error(err, bucket: str, key: str, endpoint) -> BraidError:
+def _s3_error(err, client, bucket: str, key: str) -> BraidError:
+    """A message for a failed HEAD of ``key`` that names bucket, endpoint and what to check."""
+    endpoint = client.meta.endpoint_url
     code = err.response.get("Error", {}).get("Code", "")
+    where = f"s3://{bucket}/{key} (endpoint {endpoint})"
+    if code in ("404", "NoSuchKey", "NoSuchBucket", "403", "AccessDenied"):
+        # HEAD has no body to say which is missing: ask about the bucket itself
+        try:
+            client.head_bucket(Bucket=bucket)
+            bucket_ok = True
+        except Exception as bucket_err:  # noqa: BLE001 - any failure here is reported as what it says
+            bucket_code = getattr(bucket_err, "response", {}).get("Error", {}).get("Code", "")
+            bucket_ok = None if bucket_code in ("403", "AccessDenied") else False
+        if bucket_ok is False:
+            return BraidError(
+                f"{where}: the bucket {bucket!r} does not exist at this endpoint. Check nsd.source (NSD's is "
+                f"s3://{BUCKET}), nsd.endpoint_url and nsd.region in the config."
+            )
     if code in ("404", "NoSuchKey"):
         return BraidError(
-            f"s3://{bucket}/{key}: no such object. Check the subject, session and resolution "
-            f"in the config (NSD has sessions {SESSIONS}) and the endpoint ({endpoint or 'AWS'})."
+            f"{where}: no such object in bucket {bucket!r}. Check the subject, session and resolution in the "
+            f"config (NSD has sessions {SESSIONS}), and that nsd.source and nsd.endpoint_url point at NSD."
         )
     if code in ("403", "AccessDenied"):
         return BraidError(
-            f"s3://{bucket}/{key}: access denied. Either the key does not exist (S3 answers 403 "
-            f"for missing keys to readers who may not list the bucket: check subject, session and "
-            f"resolution) or the source needs credentials (nsd.anonymous: false uses boto3's "
-            f"profile/env credentials). NSD itself is public for reads, under its data-use terms."
+            f"{where}: access denied. Either the key does not exist (S3 answers 403 for missing keys to readers "
+            f"who may not list the bucket: check subject, session and resolution) or the source needs credentials "
+            f"(nsd.anonymous: false uses boto3's profile/env credentials). NSD itself is public for reads, under "
+            f"its data-use terms."
         )
-    return BraidError(f"s3://{bucket}/{key}: {err}")
+    return BraidError(f"{where}: {err}")
 
 
-def _fetch_runs(src: RangeSource, runs, parallel: int = 16) -> list[bytes]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
-    total = sum(length for _, length, _ in runs)
-    with ThreadPoolExecutor(parallel) as pool, tqdm(total=total, unit="B", unit_scale=True, desc=src.key.rsplit("/", 1)[-1], mininterval=2) as bar:
-        def one(run):
-            data = src.read(run[0], run[1])
-            bar.update(len(data))
-            return data
-
-        return list(pool.map(one, runs))
-
-
-def _fetch_sparse(source: str, key: str, dest, name: str, locate, gap_chunks: int, what: str, **s3) -> dict:
-    """Fetch some chunks of dataset ``name`` into a sparse local HDF5 of the same shape.
+def _fetch_sparse(source: str, key: str, dest, name: str, locate, want: bytes, gap_chunks: int, what: str,
+                  **s3) -> dict:
+    """Fetch some chunks of dataset ``name`` into a sparse local HDF5 of the same shape; resumable.
 
     ``locate(meta, ds)`` returns the chunk coordinates wanted (rows of element offsets) and their
     byte addresses, or raises ``LayoutError`` when the layout does not allow it; the whole object
-    is then downloaded instead, with a warning. Each written chunk holds the source's exact
+    is then downloaded instead, with a warning. ``want`` identifies the request (the ROI mask,
+    the rows). The located chunks are kept in ``<dest>.part.plan.npz`` and the fetched runs in a
+    :class:`PartialDownload`, so that a failed or killed fetch continues where it stopped,
+    without reading the file's metadata again. Each written chunk holds the source's exact
     bytes; the others are unallocated (read as the fill value, 0). Wanted chunks fewer than
-    ``gap_chunks`` chunks apart are fetched in one request. Returns a manifest entry.
+    ``gap_chunks`` chunks apart are fetched in one request. Returns a manifest entry (bytes and
+    requests of this run; ``resumed_runs`` were already here).
     """
-    import hashlib
+    from .hdf5_ranges import LayoutError
+
+    src = RangeSource(source, key, **s3)
+    dest = Path(dest)
+    identity = {"key": key, "size": src.size, "etag": src.etag, "what": what, "gap_chunks": gap_chunks,
+                "want": hashlib.sha256(want).hexdigest()}
+    try:
+        with exclusive(dest):
+            return _fetch_sparse_locked(src, source, key, dest, name, locate, identity, what)
+    except LayoutError as err:
+        log.warning("%s: %s fetch not possible (%s); downloading the whole object", src.label, what, err)
+        size = fetch(source, key, dest, **s3)
+        return {"key": key, "mode": "whole", "bytes_metadata": 0, "bytes_data": size, "bytes_object": size,
+                "bytes_stored": dest.stat().st_size}
+    finally:
+        src.close()
+
+
+def _fetch_sparse_locked(src, source, key, dest, name, locate, identity, what) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
 
     import h5py
+    from tqdm import tqdm
 
     from .hdf5_ranges import HDF5Ranges, LayoutError, coalesce
 
-    src = RangeSource(source, key, **s3)
-    try:
+    plan_path = dest.with_name(dest.name + ".part.plan.npz")
+    plan = None
+    if plan_path.exists():
+        try:
+            with np.load(plan_path) as f:
+                if json.loads(str(f["identity"])) == identity:
+                    plan = {k: f[k] for k in ("coords", "addrs", "chunk_shape", "shape", "dtype")}
+        except Exception:  # noqa: BLE001 - an unreadable plan is made again
+            plan = None
+    if plan is None:
         meta = HDF5Ranges(src.read)
         ds = meta.dataset(name)
         if ds.filtered or ds.layout not in ("chunked", "contiguous"):
             raise LayoutError(f"layout {ds.layout}, filtered {ds.filtered}")
         coords, addrs, chunk_shape = locate(meta, ds)
-    except LayoutError as err:
-        log.warning("%s: %s fetch not possible (%s); downloading the whole object", src.label, what, err)
-        src.close()
-        size = fetch(source, key, dest, **s3)
-        return {"key": key, "mode": "whole", "bytes_metadata": 0, "bytes_data": size, "bytes_object": size,
-                "bytes_stored": Path(dest).stat().st_size}
-    if (addrs < 0).any():
-        raise BraidError(f"{src.label}: {int((addrs < 0).sum())} wanted chunks are not stored; the file looks incomplete")
-    chunk_bytes = int(np.prod(chunk_shape)) * ds.dtype.itemsize
+        if (addrs < 0).any():
+            raise BraidError(f"{src.label}: {int((addrs < 0).sum())} wanted chunks are not stored; the file looks incomplete")
+        plan = {"coords": coords, "addrs": addrs, "chunk_shape": np.asarray(chunk_shape), "shape": np.asarray(ds.shape),
+                "dtype": np.asarray(ds.dtype.str)}
+        with atomic_output(plan_path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, identity=np.asarray(json.dumps(identity)), **plan)
     metadata_bytes = src.bytes
-    runs = coalesce(addrs, chunk_bytes, gap_chunks * chunk_bytes)
-    blobs = _fetch_runs(src, runs)
-    src.close()
-    chunks = [b""] * len(coords)
-    for (start, _, idx), blob in zip(runs, blobs):
-        for i in idx.tolist():
-            rel = int(addrs[i]) - start
-            chunks[i] = blob[rel : rel + chunk_bytes]
-    digest = hashlib.sha256()
-    with atomic_output(dest) as tmp, h5py.File(tmp, "w") as f:
-        out = f.create_dataset(name, shape=ds.shape, dtype=ds.dtype, chunks=chunk_shape)
-        for coord, chunk in zip(coords.tolist(), chunks):
-            out.id.write_direct_chunk(tuple(coord), chunk)
-            digest.update(chunk)
-        out.attrs["braid_sparse"] = json.dumps({"source": source, "key": key, "what": what, "chunks": len(coords)})
+    coords, addrs = plan["coords"], plan["addrs"]
+    chunk_shape, dtype = tuple(int(n) for n in plan["chunk_shape"]), np.dtype(str(plan["dtype"]))
+    chunk_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
+    runs = coalesce(addrs, chunk_bytes, identity["gap_chunks"] * chunk_bytes)
+    download = PartialDownload(dest, identity, [length for _, length, _ in runs])
+    finished = False
+    try:
+        todo = download.todo()
+        if len(todo) < len(runs):
+            log.info("%s: resuming, %d of %d runs already here", key, len(runs) - len(todo), len(runs))
+        with ThreadPoolExecutor(16) as pool, tqdm(total=sum(runs[k][1] for k in todo), unit="B", unit_scale=True,
+                                                  desc=key.rsplit("/", 1)[-1], mininterval=2) as bar:
+            def one(k):
+                data = src.read(runs[k][0], runs[k][1])
+                download.write(k, data)
+                bar.update(len(data))
+
+            for future in [pool.submit(one, k) for k in todo]:
+                future.result()
+        digest = hashlib.sha256()
+        with atomic_output(dest) as tmp, h5py.File(tmp, "w") as f:
+            out = f.create_dataset(name, shape=tuple(int(n) for n in plan["shape"]), dtype=dtype, chunks=chunk_shape)
+            chunks = {}
+            for k, (start, _, idx) in enumerate(runs):
+                blob = download.read(k)
+                for i in idx.tolist():
+                    rel = int(addrs[i]) - start
+                    chunks[i] = blob[rel : rel + chunk_bytes]
+            for i, coord in enumerate(coords.tolist()):
+                out.id.write_direct_chunk(tuple(coord), chunks[i])
+                digest.update(chunks[i])
+            out.attrs["braid_sparse"] = json.dumps({"source": source, "key": key, "what": what, "chunks": len(coords)})
+        finished = True
+    finally:
+        download.close(finished)
+    plan_path.unlink(missing_ok=True)
     entry = {
-        "key": key, "mode": what, "chunks": len(coords), "requests": src.requests,
+        "key": key, "mode": what, "chunks": len(coords), "requests": src.requests, "resumed_runs": len(runs) - len(todo),
         "bytes_metadata": int(metadata_bytes), "bytes_data": int(src.bytes - metadata_bytes),
         "bytes_ideal": len(coords) * chunk_bytes, "bytes_object": int(src.size),
-        "bytes_stored": Path(dest).stat().st_size, "sha256_fetched": digest.hexdigest(),
+        "bytes_stored": dest.stat().st_size, "sha256_fetched": digest.hexdigest(),
     }
     log.info("%s: %s", key, entry)
     return entry
@@ -503,7 +645,8 @@ def fetch_betas_roi(source: str, key: str, dest, mask_zyx: np.ndarray, gap_chunk
         coords = np.c_[np.zeros(len(coords), np.int64), coords]
         return coords, meta.chunk_addresses(ds, coords), ds.chunk_shape
 
-    return _fetch_sparse(source, key, dest, "betas", locate, gap_chunks, "roi", **s3)
+    return _fetch_sparse(source, key, dest, "betas", locate, np.packbits(mask_zyx).tobytes() + str(mask_zyx.shape).encode(),
+                         gap_chunks, "roi", **s3)
 
 
 def fetch_stimuli_rows(source: str, key: str, dest, nsd_ids: np.ndarray, **s3) -> dict:
@@ -524,4 +667,4 @@ def fetch_stimuli_rows(source: str, key: str, dest, nsd_ids: np.ndarray, **s3) -
             raise LayoutError(f"chunks {ds.chunk_shape}")
         return coords, meta.chunk_addresses(ds, coords), row
 
-    return _fetch_sparse(source, key, dest, "imgBrick", locate, 0, "rows", **s3)
+    return _fetch_sparse(source, key, dest, "imgBrick", locate, ids.tobytes(), 0, "rows", **s3)

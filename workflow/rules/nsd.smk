@@ -1,6 +1,8 @@
 # Stage 1: NSD files into resources/nsd/<bucket key> (whole objects) or resources/nsd_roi/<key>
 # (betas: only the ROI voxels' chunks; stimuli: only the needed rows). Fetching is a local rule: on a cluster it
-# runs on the submit host (network), and compute jobs read only what it fetched.
+# runs on the submit host (network), and compute jobs read only what it fetched. No `retries:`:
+# transient network faults are retried inside the job (botocore, then braid.nsd.RangeSource) and a
+# rerun resumes a partial download, while a 403/404 is deterministic and must fail once, at once.
 
 localrules:
     nsd_fetch,
@@ -17,6 +19,7 @@ rule nsd_synthetic:
     output:
         [f"{SYNTHETIC_ROOT}/{key}" for key in braid.synthetic.keys(config["synthetic"], NSD["resolution"], NSD["beta_version"])],
         meta=f"{SYNTHETIC_ROOT}/{braid.synthetic.META}",
+        oracle=[f"{SYNTHETIC_ROOT}/{braid.synthetic.oracle_key(s)}" for s in config["synthetic"]["subjects"]],
     params:
         cfg=as_json(config["synthetic"]),
         root=SYNTHETIC_ROOT,
@@ -42,7 +45,6 @@ rule nsd_fetch:
         s3=S3_SETTINGS,
     wildcard_constraints:
         key=r"nsddata(_betas|_stimuli)?/.+",
-    retries: 2
     log:
         "logs/nsd/fetch/{key}.log",
     conda:
@@ -66,7 +68,6 @@ rule nsd_fetch_betas_roi:
         roi_labels=as_json(config["roi"]),
     wildcard_constraints:
         path=r"ppdata/subj0[1-8]/.+\.hdf5",
-    retries: 2
     log:
         "logs/nsd/fetch_roi/{path}.log",
     conda:
@@ -88,7 +89,6 @@ rule nsd_fetch_stimuli_rows:
         source=FETCH_SOURCE,
         s3=S3_SETTINGS,
         subjects=config["subjects"],
-    retries: 2
     log:
         "logs/nsd/fetch_stimuli_rows.log",
     conda:
