@@ -2,7 +2,7 @@
 import json
 
 from braid.betas import build
-from braid.common import snakemake_job, subject_number
+from braid.common import snakemake_job, store_path, subject_number
 
 with snakemake_job(snakemake):
     p = snakemake.params
@@ -13,7 +13,7 @@ with snakemake_job(snakemake):
         roi_files=json.loads(p.rois),
         roi_labels=json.loads(p.roi_labels),
         expdesign_path=snakemake.input.expdesign,
-        out_zarr=snakemake.output.betas,
+        out_zarr=store_path(snakemake.output.betas),
         out_trials=snakemake.output.trials,
         split=json.loads(p.split),
         normalisation=settings["normalisation"],

@@ -1,11 +1,6 @@
-"""Rule evaluate_summary: one table and one figure over all runs."""
-import json
-
+"""Rule evaluate_summary: one table and one figure over all runs (with the synthetic oracle, where known)."""
 from braid.common import snakemake_job
 from braid.evaluate import summarise
 
 with snakemake_job(snakemake):
-    ceiling = None
-    if snakemake.input.ceiling:
-        ceiling = json.load(open(snakemake.input.ceiling[0]))["subjects"]
-    summarise(list(snakemake.input.metrics), snakemake.output.table, snakemake.output.plot, ceiling)
+    summarise(list(snakemake.input.metrics), snakemake.output.table, snakemake.output.plot, list(snakemake.input.oracle))

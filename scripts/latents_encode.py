@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from braid.common import resolve_device, snakemake_job
+from braid.common import resolve_device, snakemake_job, store_path
 from braid.latents import cache_latents
 from braid.nsd import ExpDesign
 
@@ -15,7 +15,7 @@ with snakemake_job(snakemake):
         snakemake.input.stimuli,
         snakemake.input.model,
         ids[ids > 0] - 1,  # 1-based 73k ids -> 0-based nsd ids; 0 = no image
-        snakemake.output[0],
+        store_path(snakemake.output[0]),
         image_size=model["image_size"],
         device=resolve_device(snakemake.params.device),
         dtype=model["dtype"],

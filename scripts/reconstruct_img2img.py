@@ -1,12 +1,12 @@
 """Rule reconstruct_img2img: img2img reconstructions of the test images at one strength."""
 import json
 
-from braid.common import resolve_device, snakemake_job
+from braid.common import resolve_device, snakemake_job, store_path
 from braid.reconstruct import reconstruct
 
 with snakemake_job(snakemake):
     reconstruct(
-        snakemake.input.predictions,
+        store_path(snakemake.input.predictions),
         snakemake.input.model,
         snakemake.output[0],
         strength=float(snakemake.wildcards.strength),

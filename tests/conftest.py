@@ -20,6 +20,7 @@ SMALL_SYNTHETIC = {
     "gain": 2.0,
     "noise_sd": 0.5,
     "nonlinearity": "none",
+    "prior_images": 300,
 }
 
 

@@ -137,7 +137,8 @@ def build(
 ) -> pd.DataFrame:
     """Mask, scale and normalise the betas of ``session_files`` into ``out_zarr``; write ``out_trials``.
 
-    normalisation: ``session`` z-scores each voxel within each session (NSD's convention),
+    normalisation: ``session`` z-scores each voxel within each session (NSD's convention; the
+    statistics include the session's test trials, which makes it transductive),
     ``train`` z-scores with the mean/std of the training split's trials, ``none`` keeps percent
     signal change. The statistics are stored with the data (``session_mean``/``session_std`` or
     ``train_mean``/``train_std``) so that new data can be transformed the same way.

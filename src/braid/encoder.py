@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .common import BraidError, atomic_output
-from .evaluate import rowwise_pearson
+from .evaluate import rowwise_pearson, standardiser
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,6 @@ def build_mlp(n_in: int, n_out: int, hidden: list[int], dropout: float):
 
 def n_parameters(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
-
-
-def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = x.mean(0)
-    std = x.std(0)
-    return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
 
 
 def load_split(betas_path, trials_path, latents_path, split: str):
@@ -81,8 +75,8 @@ def train(
     torch.manual_seed(params["seed"])
     x_tr, z_tr, _, latent_shape = load_split(betas_path, trials_path, latents_path, "train")
     x_va, z_va, _, _ = load_split(betas_path, trials_path, latents_path, "val")
-    x_mean, x_std = _standardiser(x_tr)
-    z_mean, z_std = _standardiser(z_tr)
+    x_mean, x_std = standardiser(x_tr)
+    z_mean, z_std = standardiser(z_tr)
     for name, arr in (("betas (train)", x_tr), ("latents (train)", z_tr)):
         if not np.isfinite(arr).all():
             raise BraidError(f"{name} contain NaN or inf values; rerun the betas/latents rules")

@@ -85,6 +85,14 @@ def two_way_identification(real: np.ndarray, pred: np.ndarray, groups: np.ndarra
     return float(np.mean(wins[valid] / counts[valid]))
 
 
+def standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and std (float32; a constant column gets std 1): the training statistics
+    that z-score the encoders' inputs and targets, and that ``latent_r`` standardises with."""
+    mean = x.mean(0)
+    std = x.std(0)
+    return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
+
+
 def latent_metrics(pred: np.ndarray, true: np.ndarray, mean: np.ndarray, std: np.ndarray, groups) -> dict:
     """MSE (latent scale), Pearson r and 2-way identification (standardised) over test trials."""
     ps = (pred - mean) / std
@@ -156,30 +164,63 @@ def save_grid(stimuli: np.ndarray, recons: np.ndarray, labels, path: str | os.Pa
     plt.close(fig)
 
 
-def summarise(metric_files: list[str], out_csv: str | os.PathLike, out_png: str | os.PathLike, ceiling: dict | None) -> pd.DataFrame:
-    """Concatenate per-run metrics, add the synthetic ceiling where known, and plot them."""
+ORACLE_COLUMNS = {"latent_r": "oracle_latent_r", "latent_two_way": "oracle_latent_two_way",
+                  "latent_mse": "oracle_latent_mse"}
+
+
+def evaluate_oracle(oracle_path, session_files: dict, roi_files: dict, roi_labels: dict, expdesign_path, trials_path,
+                    latents_path, out_metrics, subject: str) -> pd.DataFrame:
+    """The synthetic data's oracle (``braid.synthetic``) scored like an encoder, on the same test rows."""
+    from .common import subject_number
+    from .latents import LatentCache
+    from .synthetic import oracle_predictions
+
+    trials = pd.read_parquet(trials_path)
+    pred = oracle_predictions(oracle_path, session_files, roi_files, roi_labels, expdesign_path, trials,
+                              subject_number(subject))
+    cache = LatentCache(latents_path)
+    test = trials[trials["split"] == "test"]
+    train_z = cache.get(trials.loc[trials["split"] == "train", "nsd_id"].to_numpy())
+    mean, std = standardiser(train_z.reshape(len(train_z), -1))
+    true = cache.get(test["nsd_id"].to_numpy()).reshape(len(test), -1)
+    row = {"subject": subject} | latent_metrics(pred, true, mean, std, test["nsd_id"].to_numpy())
+    table = pd.DataFrame([row])
+    with atomic_output(out_metrics) as tmp:
+        table.to_csv(tmp, index=False)
+    log.info("oracle: %s", row)
+    return table
+
+
+def summarise(metric_files: list[str], out_csv: str | os.PathLike, out_png: str | os.PathLike,
+              oracle_files: list[str] = ()) -> pd.DataFrame:
+    """Concatenate per-run metrics, add the synthetic oracle's (``oracle_*``) where known, and plot them."""
+    table = pd.concat([pd.read_csv(f) for f in metric_files], ignore_index=True)
+    if oracle_files:
+        oracle = pd.concat([pd.read_csv(f) for f in oracle_files], ignore_index=True)
+        oracle = oracle[["subject", *ORACLE_COLUMNS]].rename(columns=ORACLE_COLUMNS)
+        table = table.merge(oracle, on="subject", how="left")
+    table = table.sort_values(["subject", "encoder", "strength"]).reset_index(drop=True)
+    with atomic_output(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    _plot_summary(table, out_png)
+    return table
+
+
+def _plot_summary(table: pd.DataFrame, out_png) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    table = pd.concat([pd.read_csv(f) for f in metric_files], ignore_index=True)
-    if ceiling:
-        table["ceiling_latent_r"] = table["subject"].map(lambda s: ceiling.get(s, {}).get("ceiling_latent_r"))
-        table["ceiling_two_way"] = table["subject"].map(lambda s: ceiling.get(s, {}).get("ceiling_two_way"))
-    table = table.sort_values(["subject", "encoder", "strength"]).reset_index(drop=True)
-    with atomic_output(out_csv) as tmp:
-        table.to_csv(tmp, index=False)
 
     cols = ["latent_r", "latent_two_way", "pixcorr", "ssim"]
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2))
     labels = [f"{r.subject}\n{r.encoder}\ns={r.strength:g}" for r in table.itertuples()]
     for ax, col in zip(axes, cols):
         ax.bar(range(len(table)), table[col], color="tab:blue")
-        ceiling_col = {"latent_r": "ceiling_latent_r", "latent_two_way": "ceiling_two_way"}.get(col)
-        if ceiling_col in table:
-            ax.scatter(range(len(table)), table[ceiling_col], marker="_", s=400, color="k", label="ceiling")
-            ax.legend(fontsize=7)
+        if ORACLE_COLUMNS.get(col) in table:
+            ax.scatter(range(len(table)), table[ORACLE_COLUMNS[col]], marker="_", s=400, color="k",
+                       label="oracle (best linear)")
+            ax.legend(fontsize=7, loc="lower right")
         if col == "latent_two_way":
             ax.axhline(0.5, ls=":", color="grey")
         ax.set_title(col)
@@ -188,7 +229,6 @@ def summarise(metric_files: list[str], out_csv: str | os.PathLike, out_png: str 
     with atomic_output(out_png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    return table
 
 
 def load_images(directory: str | os.PathLike, nsd_ids) -> np.ndarray:
@@ -204,18 +244,19 @@ def load_images(directory: str | os.PathLike, nsd_ids) -> np.ndarray:
     return np.stack(out)
 
 
-def evaluate_run(inputs, out_metrics, out_grid, subject: str, encoder: str, strength: float) -> pd.DataFrame:
+def evaluate_run(predictions, latents, stimuli_path, images, out_metrics, out_grid, subject: str, encoder: str,
+                 strength: float) -> pd.DataFrame:
     """All metrics of one subject x encoder x strength into a one-row CSV, and the grid PNG."""
     from .encoder import load_predictions
     from .latents import LatentCache, read_stimuli
 
-    preds = load_predictions(inputs.predictions)
-    true = LatentCache(inputs.latents).get(preds["nsd_id"])
+    preds = load_predictions(predictions)
+    true = LatentCache(latents).get(preds["nsd_id"])
     row = {"subject": subject, "encoder": encoder, "strength": strength, "n_parameters": preds["n_parameters"]}
     row |= latent_metrics(preds["pred"], true, preds["z_mean"], preds["z_std"], preds["nsd_id"])
     ids = np.unique(preds["nsd_id"])
-    stimuli = read_stimuli(inputs.stimuli, ids)
-    recons = load_images(inputs.images, ids)
+    stimuli = read_stimuli(stimuli_path, ids)
+    recons = load_images(images, ids)
     per_image = image_metrics(recons, stimuli)
     row |= {"pixcorr": float(per_image["pixcorr"].mean()), "ssim": float(per_image["ssim"].mean()), "n_test_images": int(ids.size)}
     table = pd.DataFrame([row])

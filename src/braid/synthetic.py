@@ -14,14 +14,24 @@ with ``nonlinearity: tanh``, a mild saturation ``tanh``. Repeats of an image sha
 not the noise. Brain voxels outside the ROI carry ``gain * noise_sd * e``; voxels outside the
 brain mask are 0, as in NSD. Betas are stored as NSD does: int16 = percent change x 300.
 
-Ceiling
--------
-With a linear ``f`` the best decoder of ``s`` from one trial is the posterior mean
-``E[s | x] = C Aᵀ (A C Aᵀ + noise_sd² I)⁻¹ x`` (``C`` = covariance of ``s`` over the stimuli,
-``A`` = the voxel weights). Applied to every generated trial, it gives the best single-trial
-latent correlation and 2-way identification any decoder can expect at this noise level; both
-are written to ``braid_synthetic.json`` beside the data. (With ``tanh`` the same decoder is a
-lower bound of the ideal one.)
+Oracle (the reference the encoders are compared with)
+-----------------------------------------------------
+The *oracle* is the best **linear** decoder of ``s`` from one row of ROI responses ``x``, in
+expected squared error, given everything the generator knows: the weights ``A``, the noise
+level, and the distribution of ``s`` — estimated from ``prior_images`` *fresh* photographs of
+the same generator, never from the stimuli of the data set (their test images included):
+
+    ŝ = μ_s + Cov(s, x) Cov(x)⁻¹ (x − μ_x),   Cov(x) = Cov(f(A s)) + noise_sd² / k · I
+
+for a row that averages ``k`` repeats. The generator writes its ingredients (fresh ``s`` and
+noise-free responses ``f(A s)``) to ``braid_oracle/subjNN.npz``; the workflow's
+``evaluate_oracle`` rule applies the oracle to exactly the test rows of ``trials.parquet``
+(read from the fetched betas, as the encoders' data) and scores it with the encoders' own
+latent metrics. What it bounds: the expected squared error of any decoder that is linear in
+one row's voxels (an encoder of that family, trained on finite data, should not beat it
+beyond sampling error of the test set). It is not a bound for nonlinear decoders (with a
+non-Gaussian ``s``, or ``nonlinearity: tanh``, a nonlinear decoder can do better), and not
+strictly one for correlation or 2-way identification, which it is reported with.
 """
 
 from __future__ import annotations
@@ -36,13 +46,17 @@ import pandas as pd
 
 from . import nsd
 from .common import BraidError, atomic_output, subject_label
-from .evaluate import rowwise_pearson, two_way_identification
 
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 425
 ROIS = ("nsdgeneral", "prf-visualrois")
 META = "braid_synthetic.json"
+
+
+def oracle_key(subject: int) -> str:
+    """The oracle's ingredients for ``subject`` beside the mirror (see the module docstring)."""
+    return f"braid_oracle/{subject_label(subject)}.npz"
 _PHOTOS = (
     "astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "clock", "moon",
     "brick", "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -51,11 +65,13 @@ _PHOTOS = (
 
 def keys(cfg: dict, resolution: str = "func1pt8mm", beta_version: str = "betas_fithrf_GLMdenoise_RR") -> list[str]:
     """Every bucket key the generator writes for ``cfg`` (the synthetic block of the config)."""
-    out = [nsd.EXPDESIGN, nsd.STIM_INFO, nsd.STIMULI]
+    out = [nsd.EXPDESIGN, nsd.STIM_INFO, nsd.STIM_INFO_PKL, nsd.STIMULI]
     for s in cfg["subjects"]:
         out += [nsd.brainmask_key(s, resolution)]
         out += [nsd.roi_key(s, f"{hemi}{roi}", resolution) for roi in ROIS for hemi in ("", "lh.", "rh.")]
-        out += [nsd.betas_key(s, n, resolution, beta_version) for n in range(1, cfg["sessions"] + 1)]
+        for n in range(1, cfg["sessions"] + 1):
+            key = nsd.betas_key(s, n, resolution, beta_version)
+            out += [key, key.replace(".hdf5", ".nii.gz")]
     return out
 
 
@@ -200,11 +216,18 @@ def make_rois(dims, rng: np.random.Generator, roi_fraction: float) -> dict[str, 
 def _save_nifti(arr: np.ndarray, path: Path) -> None:
     import nibabel as nib
 
-    img = nib.Nifti1Image(arr, _affine(arr.shape))
+    img = nib.Nifti1Image(arr, _affine(arr.shape[:3]))
     img.header.set_xyzt_units("mm")
     with atomic_output(path) as tmp:
         nib.save(img, str(tmp) + ".nii.gz")
         os.replace(str(tmp) + ".nii.gz", tmp)
+
+
+def write_betas_nifti(path: Path, values: np.ndarray, mask_zyx: np.ndarray) -> None:
+    """The same betas as NSD's ``betas_sessionNN.nii.gz``: int16 (X, Y, Z, trials), no scaling."""
+    vol = np.zeros((values.shape[0], *mask_zyx.shape), dtype=np.int16)
+    vol[:, mask_zyx] = values
+    _save_nifti(np.ascontiguousarray(vol.transpose(3, 2, 1, 0)), path)
 
 
 def write_betas(path: Path, values: np.ndarray, mask_zyx: np.ndarray) -> None:
@@ -244,14 +267,21 @@ def generate(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.PathLike
         f.create_dataset("imgBrick", data=stimuli, chunks=(1, IMAGE_SIZE, IMAGE_SIZE, 3))
     with atomic_output(out / nsd.EXPDESIGN) as tmp:
         savemat(tmp, {k: design[k] for k in ("masterordering", "subjectim", "sharedix")}, format="5")
+    info = stim_info_table(design, subjects, rng)
     with atomic_output(out / nsd.STIM_INFO) as tmp:
-        stim_info_table(design, subjects, rng).to_csv(tmp)
+        info.to_csv(tmp)
+    with atomic_output(out / nsd.STIM_INFO_PKL) as tmp:
+        info.to_pickle(tmp, compression=None)
 
     # the planted signal lives in the standardised latents of the configured model
     vae = load_vae(model_dir)
-    z = encode_images(stimuli, vae, vae_image_size(vae, image_size)).reshape(len(stimuli), -1).astype(np.float64)
-    s_all = (z - z.mean(0)) / (z.std(0) + 1e-8)
-    cov = np.cov(s_all, rowvar=False)
+    size = vae_image_size(vae, image_size)
+    z = encode_images(stimuli, vae, size).reshape(len(stimuli), -1).astype(np.float64)
+    z_mean, z_std = z.mean(0), z.std(0) + 1e-8
+    s_all = (z - z_mean) / z_std
+    # the oracle's prior: fresh images of the same generator (own random stream: the data do not change)
+    prior_images = make_stimuli(cfg["prior_images"], np.random.default_rng([cfg["seed"], 1]))
+    s_prior = (encode_images(prior_images, vae, size).reshape(len(prior_images), -1) - z_mean) / z_std
     gain, noise_sd = cfg["gain"], cfg["noise_sd"]
     nonlinear = cfg.get("nonlinearity", "none") == "tanh"
 
@@ -271,36 +301,80 @@ def generate(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.PathLike
         weights = rng.standard_normal((n_vox, z.shape[1]))
         signal = s_all @ weights.T
         scale = 1.0 / signal.std(0)
-        signal *= scale
-        if nonlinear:
-            signal = np.tanh(signal)
+        response = (lambda v: np.tanh(v)) if nonlinear else (lambda v: v)
+        signal = response(signal * scale)
         ids = design["subjectim"][s - 1, order] - 1  # 0-based nsd id of each trial
-        all_x = []
         for session in tqdm(range(1, cfg["sessions"] + 1), desc=f"{subject_label(s)} betas", mininterval=2):
             t = slice((session - 1) * trials_per_session, session * trials_per_session)
             noise = noise_sd * rng.standard_normal((trials_per_session, int(brain_zyx.sum())))
             x = noise
             x[:, in_roi] += signal[ids[t]]
             stored = np.clip(np.round(gain * x * 300), -32767, 32767).astype(np.int16)
-            write_betas(out / nsd.betas_key(s, session, resolution, beta_version), stored, brain_zyx)
-            all_x.append(stored[:, in_roi].astype(np.float64) / 300 / gain)
-        x_roi = np.concatenate(all_x)
-        A = weights * scale[:, None]
-        decoded = oracle_decode(x_roi, A, cov, noise_sd)
-        truth = s_all[ids]
-        meta["subjects"][subject_label(s)] = {
-            "roi_voxels": n_vox,
-            "trials": int(x_roi.shape[0]),
-            "ceiling_latent_r": float(np.mean(rowwise_pearson(decoded, truth))),
-            "ceiling_two_way": float(two_way_identification(truth, decoded, ids)),
-        }
-        log.info("%s: %d ROI voxels, ceiling %s", subject_label(s), n_vox, meta["subjects"][subject_label(s)])
+            key = nsd.betas_key(s, session, resolution, beta_version)
+            write_betas(out / key, stored, brain_zyx)
+            write_betas_nifti(out / key.replace(".hdf5", ".nii.gz"), stored, brain_zyx)
+        with atomic_output(out / oracle_key(s)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, prior_s=s_prior.astype(np.float32),
+                     prior_response=response((s_prior @ weights.T) * scale).astype(np.float32),
+                     voxel_ijk=np.argwhere(roi_zyx)[:, ::-1].astype(np.int32), z_mean=z_mean, z_std=z_std,
+                     gain=gain, noise_sd=noise_sd)
+        meta["subjects"][subject_label(s)] = {"roi_voxels": n_vox, "trials": int(ids.size)}
+        log.info("%s: %d ROI voxels, %d trials", subject_label(s), n_vox, ids.size)
     with atomic_output(out / META) as tmp:
         tmp.write_text(json.dumps(meta, indent=2, default=str))
     return meta
 
 
-def oracle_decode(x: np.ndarray, A: np.ndarray, cov: np.ndarray, noise_sd: float) -> np.ndarray:
-    """Posterior mean of the standardised latent given ROI responses ``x`` = A s + noise."""
-    K = A @ cov @ A.T + noise_sd**2 * np.eye(A.shape[0])
-    return np.linalg.solve(K, x.T).T @ (A @ cov)
+def oracle_decode(x: np.ndarray, prior_s: np.ndarray, prior_response: np.ndarray, noise_var: float) -> np.ndarray:
+    """The linear MMSE estimate of ``s`` from responses ``x`` (rows), with moments from prior samples.
+
+    ``prior_s`` (n, d) are samples of ``s``, ``prior_response`` (n, v) their noise-free responses
+    and ``noise_var`` the variance of the noise in ``x``. ``Cov(x)`` = sample covariance of the
+    responses + ``noise_var`` I is inverted through the Woodbury identity, so that only an
+    (n, n) system is solved, however many voxels.
+    """
+    n = len(prior_s)
+    mu_s, mu_r = prior_s.mean(0), prior_response.mean(0)
+    S = (prior_s - mu_s) / np.sqrt(n - 1)
+    R = (prior_response - mu_r) / np.sqrt(n - 1)  # Cov(x) = RᵀR + noise_var I; Cov(s, x) = SᵀR
+    xc = (np.asarray(x, np.float64) - mu_r).T  # (v, rows)
+    # (RᵀR + σ²I)⁻¹ xc = (xc − Rᵀ (σ²I + R Rᵀ)⁻¹ R xc) / σ²
+    inner = np.linalg.solve(noise_var * np.eye(n) + R @ R.T, R @ xc)
+    solved = (xc - R.T @ inner) / noise_var
+    return (mu_s[:, None] + S.T @ (R @ solved)).T
+
+
+def oracle_predictions(oracle_path, session_files: dict, roi_files: dict, roi_labels: dict, expdesign_path,
+                       trials: pd.DataFrame, subject: int) -> np.ndarray:
+    """The oracle's latents (unstandardised, as the encoders predict them) for the test rows of ``trials``.
+
+    Responses are read from the same fetched betas files and ROI as the encoders' (voxels of the
+    ROI outside ``nsdgeneral`` carry no signal: their noise-free response is 0). A row that
+    averages ``k`` repeats is decoded from the mean of its trials with noise variance
+    ``noise_sd² / k``.
+    """
+    from .betas import read_session
+    from .nsd import ExpDesign, load_roi_mask
+
+    with np.load(oracle_path) as f:
+        o = {k: f[k] for k in f.files}
+    mask_xyz, _, _ = load_roi_mask(roi_files, roi_labels)
+    ijk = np.argwhere(mask_xyz.T)[:, ::-1]  # columns of read_session, as (i, j, k)
+    where = {tuple(v): c for c, v in enumerate(o["voxel_ijk"].tolist())}
+    cols = np.array([where.get(tuple(v), -1) for v in ijk.tolist()])
+    response = np.zeros((len(o["prior_response"]), len(ijk)))
+    response[:, cols >= 0] = o["prior_response"][:, cols[cols >= 0]]
+    sessions = sorted(session_files)
+    x = np.concatenate([read_session(session_files[k], mask_xyz.T) for k in sessions]) / float(o["gain"])
+    single = ExpDesign.load(expdesign_path).trial_images(subject, sessions, len(x) // len(sessions))
+    test = trials[trials["split"] == "test"]
+    position = pd.Series(np.arange(len(single)), index=single["global_trial"].to_numpy())
+    rows = []  # each test row's responses: one trial, or the mean of an image's trials (repeat -1)
+    for r in test.itertuples():
+        rows.append(x[position[r.global_trial]] if r.repeat >= 0 else x[single["nsd_id"].to_numpy() == r.nsd_id].mean(0))
+    rows = np.asarray(rows)
+    out = np.empty((len(test), o["prior_s"].shape[1]))
+    repeats = test["n_repeats"].to_numpy()
+    for k in np.unique(repeats):
+        out[repeats == k] = oracle_decode(rows[repeats == k], o["prior_s"], response, float(o["noise_sd"]) ** 2 / k)
+    return (out * o["z_std"] + o["z_mean"]).astype(np.float32)

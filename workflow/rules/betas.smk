@@ -8,7 +8,7 @@ rule betas_mask:
         expdesign=nsd_file(braid.nsd.EXPDESIGN),
         code=src("betas"),
     output:
-        betas=directory("results/{subject}/betas.zarr"),
+        betas=zarr_store("results/{subject}/betas.zarr"),
         trials="results/{subject}/trials.parquet",
     params:
         sessions=lambda wc: as_json(get_session_files(wc)),

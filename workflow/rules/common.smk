@@ -5,6 +5,7 @@ import os
 import sys
 from pathlib import Path
 
+from snakemake.common.configfile import load_configfile
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
@@ -18,8 +19,15 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, os.environ.get("PYTH
 import braid.config
 import braid.nsd
 import braid.synthetic
-from braid.common import BraidError, subject_label
+from braid.common import BraidError, subject_label, subject_number
 
+# Mappings of user-chosen names (roi, encoders) are replaced, not merged, by a --configfile or
+# --config that names them: a config gets exactly the ROIs and encoders it lists.
+braid.config.replace_collections(
+    config,
+    [*(load_configfile(f) for f in workflow.config_settings.configfiles), dict(workflow.config_settings.config)],
+    braid.config.collection_keys(load_configfile(str(Path(workflow.basedir) / "config" / "schema.yaml"))),
+)
 validate(config, "../../config/schema.yaml")
 try:
     braid.config.check(config)
@@ -47,6 +55,15 @@ ENCODERS = braid.config.encoder_names(config)
 def as_json(value):
     """Params are compared by repr(): a sorted JSON string reruns a job only when a value changes."""
     return json.dumps(value, sort_keys=True)
+
+
+def zarr_store(path):
+    """A Zarr store as a rule's input or output, by its root metadata file ``zarr.json``.
+
+    Not ``directory()``: Snakemake would put a ``.snakemake_timestamp`` file inside the store,
+    which zarr then reports as a stray object. Scripts pass ``braid.common.store_path()`` of it.
+    """
+    return f"{path}/zarr.json"
 
 
 def src(module):
@@ -100,8 +117,10 @@ def get_roi_files(wildcards):
     return {name: nsd_file(braid.nsd.roi_key(s, name, NSD["resolution"])) for name in sorted(config["roi"])}
 
 
-def get_ceiling():
-    return [f"{SYNTHETIC_ROOT}/{braid.synthetic.META}"] if NSD["source"] == "synthetic" else []
+def get_oracle_metrics():
+    if NSD["source"] != "synthetic":
+        return []
+    return expand("results/{subject}/oracle_metrics.csv", subject=SUBJECTS)
 
 
 def get_metric_files():

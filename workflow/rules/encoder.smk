@@ -3,9 +3,9 @@
 
 rule encoder_train:
     input:
-        betas="results/{subject}/betas.zarr",
+        betas=zarr_store("results/{subject}/betas.zarr"),
         trials="results/{subject}/trials.parquet",
-        latents="results/latents.zarr",
+        latents=zarr_store("results/latents.zarr"),
         code=src("encoder"),
     output:
         model="results/{subject}/{encoder}/encoder.safetensors",
@@ -16,7 +16,7 @@ rule encoder_train:
             category="Training",
             labels={"subject": "{subject}", "encoder": "{encoder}"},
         ),
-        predictions=directory("results/{subject}/{encoder}/predictions.zarr"),
+        predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
     params:
         hp=lambda wc: as_json(config["encoders"][wc.encoder]),
         device=config["device"],

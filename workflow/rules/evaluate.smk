@@ -4,8 +4,8 @@
 rule evaluate_metrics:
     input:
         images="results/{subject}/{encoder}/strength-{strength}/images",
-        predictions="results/{subject}/{encoder}/predictions.zarr",
-        latents="results/latents.zarr",
+        predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
+        latents=zarr_store("results/latents.zarr"),
         stimuli=stimuli_file(),
         code=src("evaluate"),
     output:
@@ -24,10 +24,34 @@ rule evaluate_metrics:
         "../../scripts/evaluate_metrics.py"
 
 
+rule evaluate_oracle:
+    """Synthetic data only: the best linear decoder, knowing the generative model, on the same test rows."""
+    input:
+        oracle=lambda wc: f"{SYNTHETIC_ROOT}/{braid.synthetic.oracle_key(subject_number(wc.subject))}",
+        sessions=lambda wc: list(get_session_files(wc).values()),
+        rois=lambda wc: list(get_roi_files(wc).values()),
+        expdesign=nsd_file(braid.nsd.EXPDESIGN),
+        trials="results/{subject}/trials.parquet",
+        latents=zarr_store("results/latents.zarr"),
+        code=[src("evaluate"), src("synthetic")],
+    output:
+        "results/{subject}/oracle_metrics.csv",
+    params:
+        sessions=lambda wc: as_json(get_session_files(wc)),
+        rois=lambda wc: as_json(get_roi_files(wc)),
+        roi_labels=as_json(config["roi"]),
+    log:
+        "logs/{subject}/oracle.log",
+    conda:
+        "../../envs/braid.yaml"
+    script:
+        "../../scripts/evaluate_oracle.py"
+
+
 rule evaluate_summary:
     input:
         metrics=get_metric_files(),
-        ceiling=get_ceiling(),
+        oracle=get_oracle_metrics(),
         code=src("evaluate"),
     output:
         table="results/summary.csv",

@@ -9,7 +9,7 @@ rule latents_encode:
         model=MODEL_DIR,
         code=src("latents"),
     output:
-        directory("results/latents.zarr"),
+        zarr_store("results/latents.zarr"),
     params:
         subjects=config["subjects"],
         model=as_json(config["model"]),

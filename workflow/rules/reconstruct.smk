@@ -3,7 +3,7 @@
 
 rule reconstruct_img2img:
     input:
-        predictions="results/{subject}/{encoder}/predictions.zarr",
+        predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
         model=MODEL_DIR,
         code=src("reconstruct"),
     output:
