@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from braid import betas, encoder, nsd
+from braid.common import BraidError
 from braid.evaluate import latent_metrics
 from braid.latents import LatentCache, cache_latents
 
@@ -80,3 +81,79 @@ def test_training_is_deterministic(stage_inputs, tmp_path):
                       o / "l.png", o / "p.zarr")
         runs.append(encoder.load_predictions(o / "p.zarr")["pred"])
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def write_stores(root, x, z, split):
+    """A betas store, trial table and latent cache written with zarr/pandas directly (not BRAID's writers)."""
+    import zarr
+
+    n = len(x)
+    betas_root = zarr.open_group(root / "betas.zarr", mode="w")
+    betas_root.create_array("betas", data=x.astype(np.float32))
+    pd.DataFrame({"session": 1, "trial": np.arange(1, n + 1), "global_trial": np.arange(n), "nsd_id": np.arange(n) + 100,
+                  "repeat": 0, "n_repeats": 1, "shared1000": False, "split": split}).to_parquet(root / "trials.parquet")
+    lat = zarr.open_group(root / "latents.zarr", mode="w")
+    lat.create_array("nsd_id", data=np.arange(n, dtype=np.int64) + 100)
+    lat.create_array("latents", data=z.reshape(n, 4, 2, 2).astype(np.float32))
+    return root / "betas.zarr", root / "trials.parquet", root / "latents.zarr"
+
+
+def linear_problem(n=240, d=12, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(3.0, 2.0, (n, d)) * rng.uniform(0.5, 4, d)  # offsets and scales the standardiser must undo
+    W = rng.standard_normal((d, 16))
+    z = 0.1 * (x @ W) + 5.0
+    split = np.array(["train"] * 160 + ["val"] * 40 + ["test"] * 40)
+    return x, z, split
+
+
+def test_linear_encoder_converges_to_least_squares_and_saves_training_statistics(tmp_path):
+    """Noise-free linear targets: the trained linear encoder predicts the test latents as least squares
+    (numpy's lstsq on the training rows) does, and stores the training rows' mean/std."""
+    x, z, split = linear_problem()
+    paths = write_stores(tmp_path, x, z, split)
+    hp = {"hidden": [], "dropout": 0.0, "lr": 0.03, "weight_decay": 0.0, "batch_size": 32, "epochs": 150, "seed": 1}
+    out = [tmp_path / n for n in ("m.safetensors", "h.csv", "l.png", "p.zarr")]
+    encoder.train(*paths, hp, *out)
+    tr, te = split == "train", split == "test"
+    A = np.c_[x[tr], np.ones(tr.sum())]
+    coef = np.linalg.lstsq(A, z[tr], rcond=None)[0]
+    expected = np.c_[x[te], np.ones(te.sum())] @ coef
+    preds = encoder.load_predictions(out[3])
+    np.testing.assert_allclose(preds["pred"].reshape(te.sum(), -1), expected, atol=0.02 * z.std())
+    assert preds["nsd_id"].tolist() == (np.flatnonzero(te) + 100).tolist()
+    np.testing.assert_allclose(preds["z_mean"].ravel(), z[tr].mean(0), rtol=1e-5)
+    np.testing.assert_allclose(preds["z_std"].ravel(), z[tr].std(0), rtol=1e-4)
+    with safe_open(str(out[0]), "pt") as f:
+        np.testing.assert_allclose(f.get_tensor("standardiser.x_mean").numpy(), x[tr].mean(0), rtol=1e-5)
+        np.testing.assert_allclose(f.get_tensor("standardiser.x_std").numpy(), x[tr].std(0), rtol=1e-4)
+        assert f.metadata()["n_voxels"] == "12" and int(f.metadata()["n_parameters"]) == 12 * 16 + 16
+    hist = pd.read_csv(out[1])
+    assert hist["epoch"].tolist() == list(range(1, 151))
+    assert hist["val_loss"].iloc[-1] < 1e-3 and hist["val_latent_r"].iloc[-1] > 0.999
+
+
+def test_weight_decay_and_learning_rate_reach_the_optimiser(tmp_path):
+    x, z, split = linear_problem(seed=2)
+    paths = write_stores(tmp_path, x, z, split)
+    base = {"hidden": [], "dropout": 0.0, "lr": 0.03, "weight_decay": 0.0, "batch_size": 32, "epochs": 20, "seed": 1}
+    norms, losses = {}, {}
+    for name, change in {"base": {}, "decay": {"weight_decay": 1.0}, "slow": {"lr": 1e-5}}.items():
+        out = [tmp_path / name / n for n in ("m.safetensors", "h.csv", "l.png", "p.zarr")]
+        encoder.train(*paths, base | change, *out)
+        with safe_open(str(out[0]), "pt") as f:
+            norms[name] = float(f.get_tensor("0.weight").norm())
+        losses[name] = pd.read_csv(out[1])["val_loss"].iloc[-1]
+    assert norms["decay"] < 0.7 * norms["base"]
+    assert losses["slow"] > 10 * losses["base"]
+
+
+def test_training_refuses_non_finite_inputs(tmp_path):
+    x, z, split = linear_problem()
+    x[5, 3] = np.nan
+    paths = write_stores(tmp_path, x, z, split)
+    hp = {"hidden": [], "dropout": 0.0, "lr": 0.03, "weight_decay": 0.0, "batch_size": 32, "epochs": 1, "seed": 1}
+    out = [tmp_path / n for n in ("m.safetensors", "h.csv", "l.png", "p.zarr")]
+    with pytest.raises(BraidError, match=r"betas \(train\) contain NaN"):
+        encoder.train(*paths, hp, *out)
+    assert not any(p.exists() for p in out)

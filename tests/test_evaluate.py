@@ -152,3 +152,116 @@ def test_image_metrics_see_every_channel():
     rec = np.moveaxis(stim, -1, 1).astype(np.float32) / 255
     rec[:, 1:] = rec[:, 1:, ::-1]  # green and blue flipped upside down
     assert (image_metrics(rec, stim)["pixcorr"] < 0.9).all()
+
+
+def test_image_metrics_need_one_reconstruction_per_stimulus():
+    with pytest.raises(BraidError, match="2 reconstructions for 3 stimuli"):
+        image_metrics(np.zeros((2, 3, 8, 8), np.float32), np.zeros((3, 425, 425, 3), np.uint8))
+
+
+# --- one run's metrics file, and the summary ----------------------------------------------------
+
+
+def write_run(tmp_path, pred, true_ids, n_parameters=123):
+    import zarr
+
+    root = zarr.open_group(tmp_path / "predictions.zarr", mode="w")
+    root.create_array("pred", data=pred.astype(np.float32))
+    root.create_array("nsd_id", data=np.asarray(true_ids, np.int64))
+    root.create_array("global_trial", data=np.arange(len(true_ids)))
+    root.create_array("z_mean", data=np.zeros(pred.shape[1:], np.float32))
+    root.create_array("z_std", data=np.ones(pred.shape[1:], np.float32))
+    root.attrs["n_parameters"] = n_parameters
+    return tmp_path / "predictions.zarr"
+
+
+def test_evaluate_run_scores_the_right_files(mirror, tiny_model, tmp_path):
+    """A perfect encoder (predictions = the cached latents) and reconstructions = the stimuli score 1;
+    a wrong pairing of reconstructions and images does not."""
+    import pandas as pd
+    from PIL import Image
+
+    from braid import nsd
+    from braid.evaluate import evaluate_run
+    from braid.latents import LatentCache, cache_latents, read_stimuli
+
+    root, _ = mirror
+    ids = np.array([3, 8, 3, 12, 8, 5])  # trials; images 3, 5, 8, 12
+    cache_latents(root / nsd.STIMULI, tiny_model, ids, tmp_path / "latents.zarr", image_size=64)
+    true = LatentCache(tmp_path / "latents.zarr").get(ids)
+    preds = write_run(tmp_path, true, ids)
+    images = tmp_path / "images"
+    images.mkdir()
+    stimuli = read_stimuli(root / nsd.STIMULI, np.unique(ids))
+    for i, img in zip(np.unique(ids), stimuli):
+        Image.fromarray(img).save(images / f"{i}.png")
+    table = evaluate_run(preds, tmp_path / "latents.zarr", root / nsd.STIMULI, images, tmp_path / "m.csv",
+                         tmp_path / "grid.png", "subj01", "lin", 0.5)
+    row = pd.read_csv(tmp_path / "m.csv").iloc[0]
+    assert row.to_dict() == pytest.approx(table.iloc[0].to_dict())
+    assert (row["subject"], row["encoder"], row["strength"], row["n_parameters"]) == ("subj01", "lin", 0.5, 123)
+    assert (row["n_test_trials"], row["n_test_images"]) == (6, 4)
+    assert row["latent_mse"] == 0 and row["latent_r"] == pytest.approx(1) and row["latent_two_way"] == 1
+    assert row["pixcorr"] == pytest.approx(1, abs=1e-6) and row["ssim"] == pytest.approx(1, abs=1e-6)
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    # reconstructions of the wrong images
+    for a, b in ((3, 5), (8, 12)):
+        pa, pb = images / f"{a}.png", images / f"{b}.png"
+        pa.rename(tmp_path / "swap.png")
+        pb.rename(pa)
+        (tmp_path / "swap.png").rename(pb)
+    evaluate_run(preds, tmp_path / "latents.zarr", root / nsd.STIMULI, images, tmp_path / "m2.csv",
+                 tmp_path / "grid2.png", "subj01", "lin", 0.5)
+    assert pd.read_csv(tmp_path / "m2.csv").iloc[0]["ssim"] < 0.9
+    (images / "12.png").unlink()
+    with pytest.raises(BraidError, match="12.png: reconstruction missing"):
+        evaluate_run(preds, tmp_path / "latents.zarr", root / nsd.STIMULI, images, tmp_path / "m3.csv",
+                     tmp_path / "grid3.png", "subj01", "lin", 0.5)
+
+
+def test_load_images_are_the_pngs_in_0_1():
+    from PIL import Image
+
+    from braid.evaluate import load_images
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        img = np.random.default_rng(8).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(img).save(Path(d) / "7.png")
+        got = load_images(d, [7])
+    assert got.shape == (1, 3, 16, 16) and got.dtype == np.float32
+    np.testing.assert_array_equal(got[0], np.moveaxis(img, -1, 0) / np.float32(255))
+
+
+def test_summary_joins_runs_and_the_oracle_by_subject(tmp_path):
+    import pandas as pd
+
+    from braid.evaluate import summarise
+
+    runs = []
+    for k, (subject, encoder, strength, r) in enumerate([("subj02", "mlp", 0.7, 0.4), ("subj01", "mlp", 0.7, 0.5),
+                                                         ("subj01", "linear", 0.3, 0.6), ("subj01", "mlp", 0.3, 0.55)]):
+        path = tmp_path / f"run{k}.csv"
+        pd.DataFrame([{"subject": subject, "encoder": encoder, "strength": strength, "latent_r": r, "latent_mse": 1 - r,
+                       "latent_two_way": 0.9, "pixcorr": 0.1, "ssim": 0.2}]).to_csv(path, index=False)
+        runs.append(str(path))
+    oracle = []
+    for subject, r in (("subj01", 0.8), ("subj02", 0.7)):
+        path = tmp_path / f"oracle-{subject}.csv"
+        pd.DataFrame([{"subject": subject, "latent_r": r, "latent_mse": 1 - r, "latent_two_way": 1.0,
+                       "n_test_trials": 9}]).to_csv(path, index=False)
+        oracle.append(str(path))
+    table = summarise(runs, tmp_path / "s.csv", tmp_path / "s.png", oracle)
+    saved = pd.read_csv(tmp_path / "s.csv")
+    pd.testing.assert_frame_equal(saved, table)
+    assert list(zip(saved["subject"], saved["encoder"], saved["strength"])) == [
+        ("subj01", "linear", 0.3), ("subj01", "mlp", 0.3), ("subj01", "mlp", 0.7), ("subj02", "mlp", 0.7)]
+    assert saved["latent_r"].tolist() == [0.6, 0.55, 0.5, 0.4]
+    assert saved["oracle_latent_r"].tolist() == [0.8, 0.8, 0.8, 0.7]
+    assert saved["oracle_latent_mse"].tolist() == pytest.approx([0.2, 0.2, 0.2, 0.3])
+    assert "n_test_trials" not in saved or saved["n_test_trials"].isna().all()
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    no_oracle = summarise(runs, tmp_path / "t.csv", tmp_path / "t.png")
+    assert not any(c.startswith("oracle_") for c in no_oracle.columns)

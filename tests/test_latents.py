@@ -55,6 +55,11 @@ def test_cache_is_scaled_posterior_mean_keyed_by_id(mirror, tiny_model, tmp_path
     np.testing.assert_allclose(cache.get([9, 5]), expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(BraidError, match=r"no latents for NSD ids \[3\]"):
         cache.get([3])
+    assert cache.attrs["scaling_factor"] == 0.13025 and cache.attrs["image_size"] == 64
+    np.testing.assert_array_equal(cache.get([9, 2, 9]), cache.get([9, 2, 9])[[0, 1, 0]])
+    np.testing.assert_array_equal(cache.get([9, 2, 9])[1], cache.get([2])[0])
+    with pytest.raises(BraidError, match="not a BRAID latent cache"):
+        LatentCache(tmp_path / "nothing.zarr")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -71,10 +76,17 @@ def test_every_vae_dtype_caches_finite_latents_close_to_float32(mirror, tiny_mod
     assert load_vae(tiny_model, dtype=dtype).dtype == (torch.float32 if dtype == "float16" else torch.bfloat16)
 
 
-def test_read_stimuli_any_order(mirror):
+def test_read_stimuli_any_order(mirror, tmp_path):
     root, _ = mirror
     a = read_stimuli(root / nsd.STIMULI, np.array([4, 1]))
     b = read_stimuli(root / nsd.STIMULI, np.array([1, 4]))
     np.testing.assert_array_equal(a[::-1], b)
     with pytest.raises(BraidError, match="imgBrick has"):
         read_stimuli(root / nsd.STIMULI, np.array([10_000]))
+    with pytest.raises(BraidError, match="imgBrick has"):
+        read_stimuli(root / nsd.STIMULI, np.array([-1]))
+    assert read_stimuli(root / nsd.STIMULI, np.array([], np.int64)).shape == (0, 425, 425, 3)
+    bad = tmp_path / "corrupt.hdf5"
+    bad.write_bytes((root / nsd.STIMULI).read_bytes()[:3000])
+    with pytest.raises(BraidError, match="corrupt.hdf5: cannot read imgBrick"):
+        read_stimuli(bad, np.array([1]))

@@ -86,17 +86,23 @@ def test_batch_size_changes_an_image_by_at_most_2_of_255(tiny_model, predictions
         assert diff.max() <= 2 and diff.mean() < 0.1
 
 
-def test_equals_the_diffusers_pipeline_called_by_hand(tiny_model, predictions, tmp_path):
-    """BRAID's PNG for image 11 is diffusers' img2img on the mean of its two predicted latents."""
+@pytest.mark.parametrize("prompt, negative, guidance", [("", "", 1.0), ("a red bus", "blurry", 5.0)])
+def test_equals_the_diffusers_pipeline_called_by_hand(tiny_model, predictions, tmp_path, prompt, negative, guidance):
+    """BRAID's PNG for image 11 is diffusers' img2img on the mean of its two predicted latents, with
+    the configured prompt, negative prompt and guidance (classifier-free guidance above 1)."""
     path, pred = predictions
-    reconstruct(path, tiny_model, tmp_path / "r", 0.5, PARAMS)
+    params = PARAMS | {"prompt": prompt, "negative_prompt": negative, "guidance_scale": guidance}
+    reconstruct(path, tiny_model, tmp_path / "r", 0.5, params)
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_model, local_files_only=True)
     z = torch.from_numpy((pred[0] + pred[2])[None] / 2)
     with torch.inference_mode():
-        ref = pipe(prompt="", image=z, strength=0.5, num_inference_steps=4, guidance_scale=1.0, output_type="np",
-                   generator=[torch.Generator().manual_seed(0 + 11)]).images[0]
+        ref = pipe(prompt=prompt, negative_prompt=negative or None, image=z, strength=0.5, num_inference_steps=4,
+                   guidance_scale=guidance, output_type="np", generator=[torch.Generator().manual_seed(0 + 11)]).images[0]
     ref = (ref * 255).round().astype(np.int16)
     assert np.abs(png(tmp_path / "r" / "11.png") - ref).max() <= 1
+    if guidance > 1:  # the prompt matters
+        reconstruct(path, tiny_model, tmp_path / "other", 0.5, params | {"prompt": "a green tree"})
+        assert np.abs(png(tmp_path / "other" / "11.png") - ref).max() > 1
 
 
 def vae_decode_by_hand(model_dir, z: np.ndarray) -> np.ndarray:
