@@ -345,8 +345,11 @@ def _fetch_s3(source, key, dest, part_size: int = PART_SIZE, **s3) -> int:
     dest = Path(dest)
     n_parts = max(1, -(-src.size // part_size))
     lengths = [min(part_size, src.size - i * part_size) for i in range(n_parts)] if src.size else [0]
-    with exclusive(dest):
-        _download_whole(src, key, dest, part_size, lengths)
+    try:
+        with exclusive(dest):
+            _download_whole(src, key, dest, part_size, lengths)
+    finally:
+        src.close()
     log.info("downloaded %s (%d bytes, %d requests)", src.label, src.size, src.requests)
     return src.size
 
@@ -387,7 +390,6 @@ def _download_whole(src, key, dest, part_size, lengths) -> None:
         finished = True
     finally:
         download.close(finished)
-        src.close()
 
 
 def _check_size(path: Path, expected: int, key: str) -> None:

@@ -23,7 +23,9 @@ the same generator, never from the stimuli of the data set (their test images in
 
     ŝ = μ_s + Cov(s, x) Cov(x)⁻¹ (x − μ_x),   Cov(x) = Cov(f(A s)) + noise_sd² / k · I
 
-for a row that averages ``k`` repeats. The generator writes its ingredients (fresh ``s`` and
+for a row that averages ``k`` repeats. (The mean and std that define ``s`` from ``z`` are part
+of the generative model, so the oracle knows them; the prior is what it must not take from the
+data.) The generator writes its ingredients (fresh ``s`` and
 noise-free responses ``f(A s)``) to ``braid_oracle/subjNN.npz``; the workflow's
 ``evaluate_oracle`` rule applies the oracle to exactly the test rows of ``trials.parquet``
 (read from the fetched betas, as the encoders' data) and scores it with the encoders' own
@@ -52,15 +54,15 @@ log = logging.getLogger(__name__)
 IMAGE_SIZE = 425
 ROIS = ("nsdgeneral", "prf-visualrois")
 META = "braid_synthetic.json"
+_PHOTOS = (
+    "astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "clock", "moon",
+    "brick", "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "retina",
+)  # fmt: skip
 
 
 def oracle_key(subject: int) -> str:
     """The oracle's ingredients for ``subject`` beside the mirror (see the module docstring)."""
     return f"braid_oracle/{subject_label(subject)}.npz"
-_PHOTOS = (
-    "astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "clock", "moon",
-    "brick", "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "retina",
-)  # fmt: skip
 
 
 def keys(cfg: dict, resolution: str = "func1pt8mm", beta_version: str = "betas_fithrf_GLMdenoise_RR") -> list[str]:
@@ -301,7 +303,7 @@ def generate(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.PathLike
         weights = rng.standard_normal((n_vox, z.shape[1]))
         signal = s_all @ weights.T
         scale = 1.0 / signal.std(0)
-        response = (lambda v: np.tanh(v)) if nonlinear else (lambda v: v)
+        response = np.tanh if nonlinear else (lambda v: v)
         signal = response(signal * scale)
         ids = design["subjectim"][s - 1, order] - 1  # 0-based nsd id of each trial
         for session in tqdm(range(1, cfg["sessions"] + 1), desc=f"{subject_label(s)} betas", mininterval=2):
