@@ -7,4 +7,4 @@ from braid.encoder import train
 with snakemake_job(snakemake):
     i, o = snakemake.input, snakemake.output
     train(store_path(i.betas), i.trials, store_path(i.latents), json.loads(snakemake.params.hp), o.model, o.history,
-          o.plot, store_path(o.predictions), device=resolve_device(snakemake.params.device))
+          o.plot, store_path(o.predictions), device=resolve_device(snakemake.config["device"]))

@@ -17,8 +17,8 @@ with snakemake_job(snakemake):
         ids[ids > 0] - 1,  # 1-based 73k ids -> 0-based nsd ids; 0 = no image
         store_path(snakemake.output[0]),
         image_size=model["image_size"],
-        device=resolve_device(snakemake.params.device),
+        device=resolve_device(snakemake.config["device"]),
         dtype=model["dtype"],
-        batch_size=model["latent_batch_size"],
+        batch_size=snakemake.config["model"]["latent_batch_size"],
         variant=model["variant"],
     )

@@ -11,5 +11,6 @@ with snakemake_job(snakemake):
         snakemake.output[0],
         strength=float(snakemake.wildcards.strength),
         params=json.loads(snakemake.params.settings),
-        device=resolve_device(snakemake.params.device),
+        device=resolve_device(snakemake.config["device"]),
+        batch_size=snakemake.config["reconstruct"]["batch_size"],
     )

@@ -17,8 +17,7 @@ from braid.common import BraidError
 from braid.models import decode_latents, load_img2img
 from braid.reconstruct import average_by_image, check_strength, reconstruct
 
-PARAMS = {"steps": 4, "guidance_scale": 1.0, "prompt": "", "negative_prompt": "", "dtype": "float32",
-          "batch_size": 1, "seed": 0}
+PARAMS = {"steps": 4, "guidance_scale": 1.0, "prompt": "", "negative_prompt": "", "dtype": "float32", "seed": 0}
 
 
 def test_strength_guard_names_the_fix():
@@ -61,15 +60,15 @@ def png(path) -> np.ndarray:
 
 def test_one_png_per_image_and_bit_identical_for_the_same_settings(tiny_model, predictions, tmp_path):
     path, _ = predictions
-    params = PARAMS | {"batch_size": 2}
-    reconstruct(path, tiny_model, tmp_path / "a", 0.5, params)
-    reconstruct(path, tiny_model, tmp_path / "b", 0.5, params)
+    params = PARAMS
+    reconstruct(path, tiny_model, tmp_path / "a", 0.5, params, batch_size=2)
+    reconstruct(path, tiny_model, tmp_path / "b", 0.5, params, batch_size=2)
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == ["11.png", "4.png"]
     for n in names:
         assert png(tmp_path / "a" / n).shape == (64, 64, 3)
         np.testing.assert_array_equal(png(tmp_path / "a" / n), png(tmp_path / "b" / n))
-    reconstruct(path, tiny_model, tmp_path / "c", 1.0, params)
+    reconstruct(path, tiny_model, tmp_path / "c", 1.0, params, batch_size=2)
     assert not np.array_equal(png(tmp_path / "a/4.png"), png(tmp_path / "c/4.png"))
     with pytest.raises(BraidError, match="denoising steps"):
         reconstruct(path, tiny_model, tmp_path / "d", 0.1, params)
@@ -79,8 +78,8 @@ def test_one_png_per_image_and_bit_identical_for_the_same_settings(tiny_model, p
 def test_batch_size_changes_an_image_by_at_most_2_of_255(tiny_model, predictions, tmp_path):
     """Reduction order differs between batch sizes: the promise is a tolerance, not bit equality."""
     path, _ = predictions
-    reconstruct(path, tiny_model, tmp_path / "one", 0.5, PARAMS | {"batch_size": 1})
-    reconstruct(path, tiny_model, tmp_path / "two", 0.5, PARAMS | {"batch_size": 2})
+    reconstruct(path, tiny_model, tmp_path / "one", 0.5, PARAMS, batch_size=1)
+    reconstruct(path, tiny_model, tmp_path / "two", 0.5, PARAMS, batch_size=2)
     for n in ("4.png", "11.png"):
         diff = np.abs(png(tmp_path / "one" / n) - png(tmp_path / "two" / n))
         assert diff.max() <= 2 and diff.mean() < 0.1
@@ -92,7 +91,7 @@ def test_equals_the_diffusers_pipeline_called_by_hand(tiny_model, predictions, t
     the configured prompt, negative prompt and guidance (classifier-free guidance above 1)."""
     path, pred = predictions
     params = PARAMS | {"prompt": prompt, "negative_prompt": negative, "guidance_scale": guidance}
-    reconstruct(path, tiny_model, tmp_path / "r", 0.5, params)
+    reconstruct(path, tiny_model, tmp_path / "r", 0.5, params, batch_size=1)
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_model, local_files_only=True)
     z = torch.from_numpy((pred[0] + pred[2])[None] / 2)
     with torch.inference_mode():

@@ -92,8 +92,11 @@ def test_config_change_reruns_only_what_it_affects(run, tmp_path):
     changed.write_text(yaml.safe_dump(config))
     assert planned_rules(snakemake(run, "-n", "--configfile", str(changed))) == {
         "encoder_train", "reconstruct_img2img", "evaluate_metrics", "evaluate_summary", "all"}
-    # reordering keys changes nothing
+    # reordering keys, batch sizes of inference and the device change nothing
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["reconstruct"]["batch_size"] = 3
+    config["model"]["latent_batch_size"] = 5
+    config["device"] = "cpu"
     config["encoders"]["mlp"] = dict(reversed(list(config["encoders"]["mlp"].items())))
     changed.write_text(yaml.safe_dump(config, sort_keys=False))
     assert planned_rules(snakemake(run, "-n", "--configfile", str(changed))) == set()

@@ -56,8 +56,13 @@ def reconstruct(
     strength: float,
     params: dict,
     device: str = "cpu",
+    batch_size: int = 8,
 ) -> None:
-    """Write ``<nsd_id>.png`` for every test image into ``out_dir``."""
+    """Write ``<nsd_id>.png`` for every test image into ``out_dir``.
+
+    ``params``: steps, guidance_scale, prompt, negative_prompt, dtype, seed (and variant), the
+    settings that decide the images; ``batch_size`` only how many go through at once.
+    """
     import torch
     from PIL import Image
     from tqdm import tqdm
@@ -78,7 +83,7 @@ def reconstruct(
         do_classifier_free_guidance=params["guidance_scale"] > 1, negative_prompt=params.get("negative_prompt") or None,
     )
     prompt_embeds, negative_embeds, pooled, negative_pooled = embeds
-    batch = int(params["batch_size"])
+    batch = int(batch_size)
     log.info("reconstructing %d images at strength %s, %d steps, %s, on %s", ids.size, strength, steps, dtype, device)
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()

@@ -57,6 +57,12 @@ def as_json(value):
     return json.dumps(value, sort_keys=True)
 
 
+def without(block, *keys):
+    """A config block without ``keys``: settings that cannot change a result (batch sizes) are not
+    params, so that changing them reruns nothing. Scripts read those, and ``device``, from the config."""
+    return {k: v for k, v in block.items() if k not in keys}
+
+
 def zarr_store(path):
     """A Zarr store as a rule's input or output, by its root metadata file ``zarr.json``.
 

@@ -19,7 +19,6 @@ rule encoder_train:
         predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
     params:
         hp=lambda wc: as_json(config["encoders"][wc.encoder]),
-        device=config["device"],
     log:
         "logs/{subject}/{encoder}/train.log",
     conda:

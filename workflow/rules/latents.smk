@@ -12,8 +12,7 @@ rule latents_encode:
         zarr_store("results/latents.zarr"),
     params:
         subjects=config["subjects"],
-        model=as_json(config["model"]),
-        device=config["device"],
+        model=as_json(without(config["model"], "latent_batch_size")),
     log:
         "logs/latents/encode.log",
     conda:

@@ -10,7 +10,7 @@ rule model_fetch:
     output:
         directory(MODEL_DIR),
     params:
-        model=as_json(config["model"]),
+        model=as_json({k: config["model"][k] for k in ("revision", "seed", "source", "variant")}),
     log:
         "logs/model/fetch.log",
     conda:

@@ -9,8 +9,7 @@ rule reconstruct_img2img:
     output:
         directory("results/{subject}/{encoder}/strength-{strength}/images"),
     params:
-        settings=as_json({k: v for k, v in config["reconstruct"].items() if k != "strengths"} | {"variant": config["model"]["variant"]}),
-        device=config["device"],
+        settings=as_json(without(config["reconstruct"], "strengths", "batch_size") | {"variant": config["model"]["variant"]}),
     log:
         "logs/{subject}/{encoder}/strength-{strength}/reconstruct.log",
     conda:
