@@ -208,7 +208,7 @@ def main() -> None:
                 rows = list(pool.map(one, indices))
         args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / f"mutation-{module}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=["module", "index", "line", "mutation", "status"])
             writer.writeheader()
             writer.writerows(rows)
         killed = sum(r["status"].startswith("killed") for r in rows)
