@@ -62,6 +62,13 @@ def test_cache_is_scaled_posterior_mean_keyed_by_id(mirror, tiny_model, tmp_path
         LatentCache(tmp_path / "nothing.zarr")
 
 
+def test_no_images_give_no_latents(tiny_model):
+    from braid.latents import encode_images
+
+    z = encode_images(np.zeros((0, 425, 425, 3), np.uint8), load_vae(tiny_model), 64)
+    assert z.shape == (0, 4, 8, 8) and z.dtype == np.float32
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_every_vae_dtype_caches_finite_latents_close_to_float32(mirror, tiny_model, tmp_path, dtype):
     """float16 keeps the SDXL-like VAE (force_upcast) in float32; bfloat16 runs in bfloat16."""
