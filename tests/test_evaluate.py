@@ -21,12 +21,21 @@ def test_two_way_identical_is_perfect_shuffled_is_chance():
 
 def test_two_way_matches_reference_formula():
     rng = np.random.default_rng(1)
-    real = rng.standard_normal((30, 20))
-    pred = real + 2 * rng.standard_normal((30, 20))
+    # rows with their own offsets and scales: a correlation must centre and normalise each row
+    real = rng.standard_normal((30, 20)) * rng.uniform(0.5, 3, (30, 1)) + rng.normal(0, 5, (30, 1))
+    pred = real + 2 * rng.standard_normal((30, 20)) + rng.normal(0, 5, (30, 1))
     n = len(real)
     r = np.corrcoef(real, pred)[:n, n:]
     ref = np.mean([(r[:, j] < r[j, j]).sum() / (n - 1) for j in range(n)])  # MindEye's loop
     assert two_way_identification(real, pred) == pytest.approx(ref)
+
+
+def test_two_way_with_two_samples():
+    real = np.array([[0.0, 1, 2, 3], [3, 1, 0, 2]])
+    assert two_way_identification(real, real) == 1.0
+    assert two_way_identification(real, real[::-1]) == 0.0
+    with pytest.raises(BraidError, match="at least two"):
+        two_way_identification(real[:1], real[:1])
 
 
 def test_two_way_skips_repeats_of_the_same_image():
