@@ -44,6 +44,7 @@ def test_values_equal_load_then_mask(mirror, tmp_path):
     expected = np.concatenate([peers_masking(root, 1, s) for s in (1, 2)])
     np.testing.assert_array_equal(store["betas"][:], expected)
     assert len(table) == store["betas"].shape[0] == 120
+    assert (table["n_repeats"] == 1).all() and (table["repeat"] >= 0).all()
     # voxel_ijk are the NIfTI coordinates of the columns
     roi = np.asarray(nib.load(root / nsd.roi_key(1, "nsdgeneral")).dataobj)
     ijk = store["voxel_ijk"][:]
@@ -80,6 +81,11 @@ def test_split_rules():
     shared = np.isin(ids, np.arange(10))
     s = betas.split_images(ids, "shared1000", {"val": 0.1}, seed=0, shared=shared)
     assert set(s[s == "test"].index) == set(range(10)) and (s == "val").sum() == 9
+    # fractions are relative: 8:1:1 is 80/10/10
+    s = betas.split_images(ids, "seed", {"train": 8, "val": 1, "test": 1}, seed=1)
+    assert s.value_counts().to_dict() == {"train": 80, "val": 10, "test": 10}
+    s = betas.split_images(ids, "seed", {"train": 0.5, "val": 0.25, "test": 0.5}, seed=1)
+    assert s.value_counts().to_dict() == {"train": 40, "val": 20, "test": 40}
     with pytest.raises(BraidError, match="split 'test' is empty"):
         betas.split_images(np.arange(5), "seed", {"train": 1, "val": 0.2, "test": 0.01}, seed=0)
 
@@ -212,8 +218,8 @@ def test_other_layouts_fall_back_to_plane_reads(mirror, tmp_path, caplog):
         np.testing.assert_array_equal(got, peers_masking(root, 1, 1))
         assert "reading Z-planes" in caplog.text
         caplog.clear()
-    assert "reading Z-planes" not in caplog.text
-    betas.read_session(root / nsd.betas_key(1, 1), roi.T)
+    with caplog.at_level("INFO", logger="braid.betas"):
+        betas.read_session(root / nsd.betas_key(1, 1), roi.T)  # NSD's own layout: voxel chunks, no planes
     assert "reading Z-planes" not in caplog.text
 
 
