@@ -131,6 +131,7 @@ def test_linear_encoder_converges_to_least_squares_and_saves_training_statistics
     hist = pd.read_csv(out[1])
     assert hist["epoch"].tolist() == list(range(1, 151))
     assert hist["val_loss"].iloc[-1] < 1e-3 and hist["val_latent_r"].iloc[-1] > 0.999
+    assert hist["train_loss"].iloc[-1] < 1e-3
 
 
 def test_weight_decay_and_learning_rate_reach_the_optimiser(tmp_path):
@@ -157,3 +158,11 @@ def test_training_refuses_non_finite_inputs(tmp_path):
     with pytest.raises(BraidError, match=r"betas \(train\) contain NaN"):
         encoder.train(*paths, hp, *out)
     assert not any(p.exists() for p in out)
+
+
+def test_a_split_without_trials_is_named(tmp_path):
+    x, z, split = linear_problem()
+    split[split == "val"] = "train"
+    paths = write_stores(tmp_path, x, z, split)
+    with pytest.raises(BraidError, match="no 'val' trials"):
+        encoder.load_split(*paths, "val")

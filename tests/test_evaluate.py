@@ -80,6 +80,16 @@ def test_exact_ties_are_not_wins():
     assert two_way_identification(real, np.ones_like(real)) == 0.0
 
 
+def test_standardiser_is_the_population_mean_and_std_with_constant_columns_left_unscaled():
+    from braid.evaluate import standardiser
+
+    x = np.array([[1.0, 5, 2], [3, 5, 4], [8, 5, 9]])
+    mean, std = standardiser(x)
+    np.testing.assert_allclose(mean, [4, 5, 5])
+    np.testing.assert_allclose(std, [np.std([1, 3, 8]), 1.0, np.std([2, 4, 9])], rtol=1e-6)
+    assert mean.dtype == std.dtype == np.float32
+
+
 def test_latent_r_standardises_with_the_training_statistics():
     """Predicting the training mean scores r 0; r is computed on (x - mean) / std, per element."""
     rng = np.random.default_rng(5)
