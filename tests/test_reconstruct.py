@@ -26,6 +26,9 @@ def test_strength_guard_names_the_fix():
         check_strength(0.4, 2)
     with pytest.raises(BraidError, match="outside"):
         check_strength(1.5, 10)
+    check_strength(1.0, 10)  # the whole schedule: allowed
+    with pytest.raises(BraidError, match="outside"):
+        check_strength(0.0, 10)
 
 
 def test_average_by_image():
