@@ -127,22 +127,27 @@ def test_bad_inputs_name_the_file_and_leave_nothing(mirror, tmp_path):
         run_build(small, tmp_path / "o", sessions=(1,), roi={"nsdgeneral": [1]})
 
 
-def test_nan_and_empty_voxels_are_dropped(mirror, tmp_path):
+@pytest.mark.parametrize("normalisation", ["session", "train", "none"])
+def test_dead_and_constant_voxels_are_dropped(mirror, tmp_path, normalisation):
+    """An all-zero voxel and a constant one carry nothing; every normalisation drops both, by (i, j, k)."""
     root, _ = mirror
     copy = tmp_path / "m"
     for key in (nsd.EXPDESIGN, nsd.roi_key(1, "nsdgeneral"), nsd.betas_key(1, 1)):
         (copy / key).parent.mkdir(parents=True, exist_ok=True)
         (copy / key).write_bytes((root / key).read_bytes())
     roi = np.asarray(nib.load(root / nsd.roi_key(1, "nsdgeneral")).dataobj)
+    coords = np.argwhere(roi.T == 1)
     with h5py.File(copy / nsd.betas_key(1, 1), "r+") as f:
         vol = f["betas"][:]
-        z, y, x = np.argwhere(roi.T == 1)[0]
-        vol[:, z, y, x] = 0  # a dead voxel
+        vol[(slice(None), *coords[0])] = 0  # a dead voxel
+        vol[(slice(None), *coords[5])] = 600  # a constant one (2 % signal change on every trial)
         f["betas"][:] = vol
-    run_build(copy, tmp_path / "o", sessions=(1,))
+    run_build(copy, tmp_path / "o", sessions=(1,), normalisation=normalisation)
     store = zarr.open_group(tmp_path / "o" / "betas.zarr", mode="r")
-    assert store["betas"].shape[1] == (roi == 1).sum() - 1 == store["voxel_ijk"].shape[0]
-    assert store.attrs["dropped_voxels"] == 1 and np.isfinite(store["betas"][:]).all()
+    assert store["betas"].shape[1] == (roi == 1).sum() - 2 == store["voxel_ijk"].shape[0]
+    assert store.attrs["dropped_voxels"] == 2 and np.isfinite(store["betas"][:]).all()
+    assert sorted(map(tuple, store["dropped_voxel_ijk"][:].tolist())) == sorted([tuple(coords[0][::-1]),
+                                                                                 tuple(coords[5][::-1])])
 
 
 def test_train_statistics_normalisation(mirror, tmp_path):
@@ -192,6 +197,18 @@ def test_repeats_averaged_per_image(mirror, tmp_path):
     np.testing.assert_array_equal(z[kept.index], x[single.index[single["split"] != "test"]])
     for row in test.itertuples():
         np.testing.assert_allclose(z[row.Index], x[single.index[single["nsd_id"] == row.nsd_id]].mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_averaging_uses_the_train_normalised_trials(mirror, tmp_path):
+    single = run_build(root := mirror[0], tmp_path / "single", normalisation="train")
+    x = zarr.open_group(tmp_path / "single" / "betas.zarr", mode="r")["betas"][:]
+    avg = run_build(root, tmp_path / "avg", normalisation="train", trials="average")
+    y = zarr.open_group(tmp_path / "avg" / "betas.zarr", mode="r")["betas"][:]
+    assert list(avg.columns) == list(single.columns) == betas.TABLE_COLUMNS
+    assert list(pd.read_parquet(tmp_path / "avg" / "trials.parquet").columns) == betas.TABLE_COLUMNS
+    for row in avg.itertuples():
+        np.testing.assert_allclose(y[row.Index], x[(single["nsd_id"] == row.nsd_id).to_numpy()].mean(0),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_hemisphere_files_unite_to_the_whole(mirror, tmp_path):

@@ -186,9 +186,10 @@ def build(
             rows = slice(k * per_session, (k + 1) * per_session)
             bad |= ~np.isfinite(x).all(0) | (np.nanmax(np.abs(x), 0) == 0)
             x = np.nan_to_num(x)
+            sd = x.std(0)
+            bad |= sd == 0  # constant within a session: no information, whatever the normalisation
             if normalisation == "session":
-                s_mean[k], sd = x.mean(0), x.std(0)
-                bad |= sd == 0
+                s_mean[k] = x.mean(0)
                 s_std[k] = np.where(sd > 0, sd, 1.0)
                 x = (x - s_mean[k]) / s_std[k]
             elif normalisation == "train":
