@@ -21,6 +21,12 @@ def test_preprocess_range_and_size():
     assert torch.allclose(x[0], torch.tensor(-1.0)) and torch.allclose(x[1], torch.tensor(1.0))
 
 
+def test_preprocess_refuses_what_is_not_uint8_rgb():
+    for bad in (np.zeros((1, 8, 8, 3), np.float32), np.zeros((8, 8, 3), np.uint8), np.zeros((1, 8, 8, 4), np.uint8)):
+        with pytest.raises(BraidError, match=r"stimuli must be uint8 \(n, H, W, 3\)"):
+            preprocess(bad, 8)
+
+
 def test_preprocess_is_brain_diffusers_pil_bicubic_without_crop():
     """Brain-Diffuser: PIL resize(BICUBIC) -> to_tensor -> 2x - 1, on noise (where filters differ most)
     and on an image whose right and bottom edges are marked (a crop or a flip would move them)."""
@@ -58,6 +64,8 @@ def test_cache_is_scaled_posterior_mean_keyed_by_id(mirror, tiny_model, tmp_path
     assert cache.attrs["scaling_factor"] == 0.13025 and cache.attrs["image_size"] == 64
     np.testing.assert_array_equal(cache.get([9, 2, 9]), cache.get([9, 2, 9])[[0, 1, 0]])
     np.testing.assert_array_equal(cache.get([9, 2, 9])[1], cache.get([2])[0])
+    with pytest.raises(BraidError, match=r"no latents for NSD ids \[1000000\]"):
+        cache.get([10**6])  # beyond the largest id
     with pytest.raises(BraidError, match="not a BRAID latent cache"):
         LatentCache(tmp_path / "nothing.zarr")
 
@@ -92,6 +100,13 @@ def test_read_stimuli_any_order(mirror, tmp_path):
         read_stimuli(root / nsd.STIMULI, np.array([10_000]))
     with pytest.raises(BraidError, match="imgBrick has"):
         read_stimuli(root / nsd.STIMULI, np.array([-1]))
+    import h5py
+
+    with h5py.File(root / nsd.STIMULI, "r") as f:
+        n, first, last = f["imgBrick"].shape[0], f["imgBrick"][0], f["imgBrick"][-1]
+    np.testing.assert_array_equal(read_stimuli(root / nsd.STIMULI, np.array([n - 1, 0])), np.stack([last, first]))
+    with pytest.raises(BraidError, match="imgBrick has"):
+        read_stimuli(root / nsd.STIMULI, np.array([n]))
     assert read_stimuli(root / nsd.STIMULI, np.array([], np.int64)).shape == (0, 425, 425, 3)
     bad = tmp_path / "corrupt.hdf5"
     bad.write_bytes((root / nsd.STIMULI).read_bytes()[:3000])

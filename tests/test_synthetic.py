@@ -159,6 +159,12 @@ def test_oracle_beats_ridge_on_the_same_test_rows_and_gains_from_averaging(stage
     W = np.linalg.solve(X[tr].T @ X[tr] + 100 * np.eye(X.shape[1]), X[tr].T @ Z[tr])
     ridge = latent_metrics((X[te] @ W) * std + mean, z[te], mean, std, trials["nsd_id"].to_numpy()[te])
     assert scores["single"]["n_test_trials"] == te.sum()
+    # the reported r is the oracle's predictions scored with numpy, standardised by the training rows
+    pred = synthetic.oracle_predictions(root / synthetic.oracle_key(1), sessions, rois, {"nsdgeneral": [1]},
+                                        root / nsd.EXPDESIGN, trials, 1)
+    ps, ts = (pred - z[tr].mean(0)) / z[tr].std(0), (z[te] - z[tr].mean(0)) / z[tr].std(0)
+    r = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(ps, ts)])
+    assert scores["single"]["latent_r"] == pytest.approx(r, abs=1e-5)
     assert 0.1 < ridge["latent_r"] < scores["single"]["latent_r"] < scores["average_test"]["latent_r"] <= 1.0
     assert scores["single"]["latent_mse"] < ridge["latent_mse"]
 
