@@ -163,7 +163,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("."), help="folder for mutation-<module>.csv")
     ap.add_argument("--timeout-factor", type=float, default=3.0)
     ap.add_argument("--deselect", action="append", default=[], help="a test id to leave out (pytest --deselect)")
-    ap.add_argument("--only", type=Path, help="a mutation-<module>.csv: run again only the mutants it says survived")
+    ap.add_argument("--only", type=Path, metavar="DIR",
+                    help="run again only the mutants that DIR/mutation-<module>.csv says survived (same source)")
     args = ap.parse_args()
 
     for module in args.modules:
@@ -178,7 +179,7 @@ def main() -> None:
         tests = TESTS[module]
         indices = list(range(n))
         if args.only:
-            with open(args.only) as f:
+            with open(args.only / f"mutation-{module}.csv") as f:
                 indices = [int(r["index"]) for r in csv.DictReader(f) if r["status"] == "survived"]
         with tempfile.TemporaryDirectory(prefix=f"mut-{module}-") as tmp:
             workers = [Path(tmp) / f"w{k}" for k in range(args.jobs)]
