@@ -129,7 +129,9 @@ def test_linear_encoder_converges_to_least_squares_and_saves_training_statistics
         np.testing.assert_allclose(f.get_tensor("standardiser.x_std").numpy(), x[tr].std(0), rtol=1e-4)
         assert f.metadata()["n_voxels"] == "12" and int(f.metadata()["n_parameters"]) == 12 * 16 + 16
     hist = pd.read_csv(out[1])
+    assert list(hist.columns) == ["epoch", "train_loss", "val_loss", "val_latent_r"]
     assert hist["epoch"].tolist() == list(range(1, 151))
+    assert 0.2 < hist["train_loss"].iloc[0] < 5  # a mean over z-scored targets: order 1 before training
     assert hist["val_loss"].iloc[-1] < 1e-3 and hist["val_latent_r"].iloc[-1] > 0.999
     assert hist["train_loss"].iloc[-1] < 1e-3
 
