@@ -30,6 +30,17 @@ def test_two_way_matches_reference_formula():
     assert two_way_identification(real, pred) == pytest.approx(ref)
 
 
+def test_two_way_with_uneven_repeats_matches_a_reference_loop():
+    """Each prediction is compared with the targets of other images only; images have 1 to 3 rows."""
+    rng = np.random.default_rng(9)
+    groups = np.array([0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 5, 6])
+    real = rng.standard_normal((7, 15))[groups] + 0.5 * rng.standard_normal((12, 15))
+    pred = real + 1.5 * rng.standard_normal((12, 15))
+    r = np.corrcoef(real, pred)[:12, 12:]
+    ref = np.mean([np.mean([r[i, j] < r[j, j] for i in range(12) if groups[i] != groups[j]]) for j in range(12)])
+    assert two_way_identification(real, pred, groups) == pytest.approx(ref)
+
+
 def test_two_way_with_two_samples():
     real = np.array([[0.0, 1, 2, 3], [3, 1, 0, 2]])
     assert two_way_identification(real, real) == 1.0
@@ -282,5 +293,9 @@ def test_summary_joins_runs_and_the_oracle_by_subject(tmp_path):
     assert saved["oracle_latent_mse"].tolist() == pytest.approx([0.2, 0.2, 0.2, 0.3])
     assert "n_test_trials" not in saved or saved["n_test_trials"].isna().all()
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert list(saved.columns) == ["subject", "encoder", "strength", "latent_r", "latent_mse", "latent_two_way",
+                                   "pixcorr", "ssim", "oracle_latent_r", "oracle_latent_two_way", "oracle_latent_mse"]
+    partial = summarise(runs, tmp_path / "p.csv", tmp_path / "p.png", oracle[:1])  # no oracle for subj02
+    assert len(partial) == 4 and partial["oracle_latent_r"].isna().tolist() == [False, False, False, True]
     no_oracle = summarise(runs, tmp_path / "t.csv", tmp_path / "t.png")
     assert not any(c.startswith("oracle_") for c in no_oracle.columns)

@@ -88,6 +88,7 @@ def test_every_vae_dtype_caches_finite_latents_close_to_float32(mirror, tiny_mod
     assert np.isfinite(got).all()
     tol = 0 if dtype == "float16" else 0.05 * np.abs(ref).max()  # float16 -> the float32 VAE: identical
     np.testing.assert_allclose(got, ref, atol=tol)
+    assert dtype == "float16" or not np.array_equal(got, ref)  # bfloat16 really ran in bfloat16
     assert load_vae(tiny_model, dtype=dtype).dtype == (torch.float32 if dtype == "float16" else torch.bfloat16)
 
 

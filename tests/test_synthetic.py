@@ -159,6 +159,8 @@ def test_oracle_beats_ridge_on_the_same_test_rows_and_gains_from_averaging(stage
     W = np.linalg.solve(X[tr].T @ X[tr] + 100 * np.eye(X.shape[1]), X[tr].T @ Z[tr])
     ridge = latent_metrics((X[te] @ W) * std + mean, z[te], mean, std, trials["nsd_id"].to_numpy()[te])
     assert scores["single"]["n_test_trials"] == te.sum()
+    assert list(pd.read_csv(out / "single.csv").columns) == ["subject", "latent_mse", "latent_r", "latent_two_way",
+                                                             "n_test_trials"]
     # the reported r is the oracle's predictions scored with numpy, standardised by the training rows
     pred = synthetic.oracle_predictions(root / synthetic.oracle_key(1), sessions, rois, {"nsdgeneral": [1]},
                                         root / nsd.EXPDESIGN, trials, 1)
