@@ -114,7 +114,7 @@ def test_linear_encoder_converges_to_least_squares_and_saves_training_statistics
     paths = write_stores(tmp_path, x, z, split)
     hp = {"hidden": [], "dropout": 0.0, "lr": 0.03, "weight_decay": 0.0, "batch_size": 32, "epochs": 150, "seed": 1}
     out = [tmp_path / n for n in ("m.safetensors", "h.csv", "l.png", "p.zarr")]
-    encoder.train(*paths, hp, *out)
+    info = encoder.train(*paths, hp, *out)
     tr, te = split == "train", split == "test"
     A = np.c_[x[tr], np.ones(tr.sum())]
     coef = np.linalg.lstsq(A, z[tr], rcond=None)[0]
@@ -134,6 +134,7 @@ def test_linear_encoder_converges_to_least_squares_and_saves_training_statistics
     assert 0.2 < hist["train_loss"].iloc[0] < 5  # a mean over z-scored targets: order 1 before training
     assert hist["val_loss"].iloc[-1] < 1e-3 and hist["val_latent_r"].iloc[-1] > 0.999
     assert hist["train_loss"].iloc[-1] < 1e-3
+    assert info == {"n_parameters": 12 * 16 + 16, "final_val_loss": pytest.approx(hist["val_loss"].iloc[-1])}
 
 
 def test_weight_decay_and_learning_rate_reach_the_optimiser(tmp_path):
