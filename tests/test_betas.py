@@ -150,13 +150,27 @@ def test_dead_and_constant_voxels_are_dropped(mirror, tmp_path, normalisation):
                                                                                  tuple(coords[5][::-1])])
 
 
-def test_train_statistics_normalisation(mirror, tmp_path):
-    root, _ = mirror
+def quieter_copy(root, dest, factor):
+    """A copy of the mirror whose stored betas are divided by ``factor`` (voxel sds below 1 included)."""
+    import shutil
+
+    shutil.copytree(root, dest)
+    for s in (1, 2):
+        with h5py.File(dest / nsd.betas_key(1, s), "r+") as f:
+            f["betas"][...] = np.round(f["betas"][:] / factor).astype(np.int16)
+    return dest
+
+
+@pytest.mark.parametrize("factor", [1, 8])
+def test_train_statistics_normalisation(mirror, tmp_path, factor):
+    root = mirror[0] if factor == 1 else quieter_copy(mirror[0], tmp_path / "quiet", factor)
     table = run_build(root, tmp_path, normalisation="train")
     store = zarr.open_group(tmp_path / "betas.zarr", mode="r")
     raw = np.concatenate([peers_masking(root, 1, s) for s in (1, 2)])
     train = raw[table["split"].to_numpy() == "train"]
     mean, std = train.mean(0), train.std(0)
+    if factor > 1:
+        assert (std < 1).mean() > 0.5  # the quiet copy exercises standard deviations below 1
     np.testing.assert_allclose(store["train_mean"][:], mean, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(store["train_std"][:], std, rtol=1e-5)
     np.testing.assert_allclose(store["betas"][:], (raw - mean) / std, rtol=1e-4, atol=1e-4)
