@@ -7,6 +7,7 @@ affects, and that DAG drawing and config errors behave.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -92,10 +93,11 @@ def test_config_change_reruns_only_what_it_affects(run, tmp_path):
     changed.write_text(yaml.safe_dump(config))
     assert planned_rules(snakemake(run, "-n", "--configfile", str(changed))) == {
         "encoder_train", "reconstruct_img2img", "evaluate_metrics", "evaluate_summary", "all"}
-    # reordering keys, batch sizes of inference and the device change nothing
+    # reordering keys, batch sizes of inference, compilation and the device change nothing
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["reconstruct"]["batch_size"] = 3
     config["model"]["latent_batch_size"] = 5
+    config["model"]["compile"] = True
     config["device"] = "cpu"
     config["encoders"]["mlp"] = dict(reversed(list(config["encoders"]["mlp"].items())))
     changed.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -148,3 +150,46 @@ def test_bad_config_stops_before_any_job(tmp_path):
     bad.write_text(yaml.safe_dump(config))
     proc = snakemake(tmp_path / "w", "-n", "--configfile", str(bad), check=False)
     assert proc.returncode != 0 and "strengths" in proc.stdout + proc.stderr and "1.5" in proc.stdout + proc.stderr
+
+
+def planned_outputs(proc: subprocess.CompletedProcess) -> list[str]:
+    """The output lines of every job in a dry run."""
+    return [line.split("output:", 1)[1] for line in proc.stdout.splitlines() if line.strip().startswith("output:")]
+
+
+def test_adding_a_subject_plans_only_its_jobs_and_encodes_only_its_new_images(tmp_path):
+    """A finished run of subject 1, then subjects [1, 2]: only subject 2's jobs (and the summary)
+    are planned, one latents_encode among them, and it encodes only the images subject 1 did not see."""
+    from scipy.io import loadmat
+
+    small = {
+        "synthetic": {"subjects": [1, 2], "sessions": 2, "trials_per_session": 60, "images_per_subject": 40,
+                      "shared_images": 10, "extra_images": 2, "volume": [12, 14, 10], "prior_images": 50},
+        "sessions": [1, 2],
+        "encoders": {"linear": {"hidden": [], "dropout": 0.0, "epochs": 3, "batch_size": 32}},
+        "reconstruct": {"strengths": [0.5], "steps": 2},
+    }
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    one.write_text(yaml.safe_dump(small))
+    two.write_text(yaml.safe_dump({**small, "subjects": [1, 2]}))
+    work = tmp_path / "w"
+    snakemake(work, "--cores", "2", "--configfile", str(one))
+    manifest1 = work / "results" / "subj01" / "latents.json"
+    stamp = manifest1.stat().st_mtime_ns
+
+    plan = snakemake(work, "-n", "--configfile", str(two))
+    outputs = planned_outputs(plan)
+    assert outputs and not [o for o in outputs if "subj01" in o], outputs
+    assert "subject=subj01" not in plan.stdout
+    assert plan.stdout.count("rule latents_encode:") == 1
+    assert {"nsd_fetch_stimuli_rows", "betas_mask", "latents_encode", "encoder_train", "evaluate_summary"} <= planned_rules(plan)
+
+    snakemake(work, "--cores", "2", "--configfile", str(two))
+    assert manifest1.stat().st_mtime_ns == stamp
+    design = loadmat(work / "resources/synthetic_nsd/nsddata/experiments/nsd/nsd_expdesign.mat")
+    seen = [set(design["subjectim"][s][design["subjectim"][s] > 0] - 1) for s in (0, 1)]
+    second = json.loads((work / "results" / "subj02" / "latents.json").read_text())
+    assert second["encoded"] == len(seen[1] - seen[0]) and second["reused"] == len(seen[1] & seen[0]) > 0
+    assert second["n_cached"] == len(seen[0] | seen[1]) and set(second["nsd_ids"]) == seen[1]
+    assert second["store"] == json.loads(manifest1.read_text())["store"]  # one cache for both subjects
+    assert len(pd.read_csv(work / "results" / "summary.csv")) == 2

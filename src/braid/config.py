@@ -86,6 +86,21 @@ def model_name(model: dict) -> str:
     return model["source"].replace("/", "--")
 
 
+def latent_identity(model: dict) -> dict:
+    """What defines the weights that encode latents; :func:`braid.latents.update_cache` adds the
+    image size, dtype, preprocessing and scaling factor, and stores the whole identity."""
+    identity = {"model": model["source"], "revision": model.get("revision"), "variant": model.get("variant")}
+    if model["source"] == "tiny":
+        identity["seed"] = model.get("seed", 0)
+    return identity
+
+
+def latent_store_name(model: dict) -> str:
+    """``<model>@<revision>/<size>px-<dtype>[-<variant>]``: one cache per identity, so settings never mix."""
+    name = f"{model_name(model)}@{model.get('revision') or 'main'}/{model['image_size']}px-{model['dtype']}"
+    return name + (f"-{model['variant']}" if model.get("variant") else "")
+
+
 def encoder_names(config: dict) -> list[str]:
     return sorted(config.get("train_encoders") or config["encoders"])
 

@@ -1,15 +1,25 @@
-"""Cache the VAE latents ``z0`` of the stimuli, keyed by NSD image id.
+"""Cache the VAE latents ``z0`` of the stimuli, keyed by NSD image id, shared by all subjects.
 
 Preprocessing is Brain-Diffuser's ``regularize_image``: the 425x425 NSD image is resized with
 PIL's bicubic filter, no crop, to the model's size (uint8, as PIL returns it), mapped to
 [-1, 1], encoded, and the posterior **mean** is multiplied by the VAE's ``scaling_factor``
 (0.13025 for the SDXL VAE) — the deterministic regression target, already in the scale that
-img2img expects as its ``image`` argument. The VAE runs in ``model.dtype``, except that the
-SDXL VAE is kept in float32 where float16 would overflow (``braid.models.vae_dtype``).
+img2img expects as its ``image`` argument.
+
+The VAE runs in ``model.dtype``: float32 or bfloat16. float16 is refused for a VAE whose config
+sets ``force_upcast`` (the SDXL VAE overflows in float16); a VAE made for float16 (e.g.
+madebyollin/sdxl-vae-fp16-fix, ``force_upcast: false``) runs in it.
+
+The cache (:func:`update_cache`) is append-only and incremental: a subject's job encodes only
+the ids not yet cached, commits every :data:`CHUNK` images, and resumes after a kill. Its
+identity (model, revision, VAE, image size, dtype, preprocessing) is stored and checked, and
+the workflow puts each identity in its own store, so latents of two settings never mix.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -36,21 +46,39 @@ def preprocess(images: np.ndarray, size: int):
 
 
 def encode_images(images: np.ndarray, vae, size: int, batch_size: int = 16) -> np.ndarray:
-    """Encode uint8 images to scaled latent means, float32 (n, 4, size/8, size/8)."""
+    """Encode uint8 images to scaled latent means, float32 (n, 4, size/8, size/8), in memory."""
+    out = [z for _, z in encode_batches(iter([images]), vae, size, batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, vae.config.latent_channels, size // 8, size // 8), np.float32)
+
+
+def encode_batches(chunks, vae, size: int, batch_size: int = 16, progress=None):
+    """Encode an iterable of uint8 image arrays batch by batch; yield ``(first_index, latents)``.
+
+    Each batch is resized and mapped to [-1, 1] (:func:`preprocess`), moved to the VAE's
+    device and dtype in ``channels_last`` layout, encoded, and checked: a batch with NaN/inf
+    latents raises a :class:`BraidError` naming the fix, before anything is written.
+    ``progress`` (a tqdm bar) is advanced by the number of images encoded.
+    """
     import torch
 
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = preprocess(images[start : start + batch_size], size).to(device=device, dtype=dtype)
-        with torch.inference_mode():
-            z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
-        out.append(z.float().cpu().numpy())
-    z = np.concatenate(out) if out else np.zeros((0, 4, size // 8, size // 8), np.float32)
-    if not np.isfinite(z).all():
-        raise BraidError("the VAE produced NaN/inf latents; run it in float32 or bfloat16 (config model.dtype)")
-    return z
+    done = 0
+    for images in chunks:
+        for start in range(0, len(images), batch_size):
+            x = preprocess(images[start : start + batch_size], size)
+            x = x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                z = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).float().cpu().numpy()
+            if not np.isfinite(z).all():
+                raise BraidError(
+                    f"the VAE produced NaN/inf latents in {dtype} (images {done}..{done + len(x) - 1} of this "
+                    "job); run it in float32 or bfloat16 (config model.dtype)"
+                )
+            yield done, z
+            done += len(z)
+            if progress is not None:
+                progress.update(len(z))
 
 
 def read_stimuli(path: str | os.PathLike, nsd_ids: np.ndarray) -> np.ndarray:
@@ -72,61 +100,182 @@ def read_stimuli(path: str | os.PathLike, nsd_ids: np.ndarray) -> np.ndarray:
     return out
 
 
-def cache_latents(
+PREPROCESSING = "pil-bicubic-uint8-nocrop"  # Brain-Diffuser's regularize_image; part of a cache's identity
+FORMAT = "braid-latent-cache-1"
+CHUNK = 64  # images per chunk of the latents array, and per commit
+
+
+def _prefetch(read, groups):
+    """Yield ``read(g)`` for each group, reading the next group in a background thread meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="braid-stimuli") as pool:
+        pending = None
+        for g in groups:
+            nxt = pool.submit(read, g)
+            if pending is not None:
+                yield pending.result()
+            pending = nxt
+        if pending is not None:
+            yield pending.result()
+
+
+@contextlib.contextmanager
+def _locked(store: Path):
+    """An exclusive ``flock`` on ``<store>.lock``: jobs of several subjects append to one cache in turn."""
+    import fcntl
+
+    store.parent.mkdir(parents=True, exist_ok=True)
+    lockfile = store.with_name(store.name + ".lock")
+    fd = os.open(lockfile, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another job is adding latents; waiting for it (lock %s)", store, lockfile)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _open_for_append(store: Path, identity: dict, latent_shape: tuple):
+    """Open (or create) the append-only cache ``store`` after checking that it holds ``identity``'s latents."""
+    import zarr
+
+    if (store / "zarr.json").is_file():
+        root = zarr.open_group(store, mode="r+")
+        have = root.attrs.get("identity")
+        if root.attrs.get("format") != FORMAT or have != identity:
+            raise BraidError(
+                f"{store}: holds latents of {have}, not {identity}; latents of another model or preprocessing are "
+                "never mixed. Use another store path (the workflow names stores by these settings) or delete it."
+            )
+        if tuple(root["latents"].shape[1:]) != tuple(latent_shape):
+            raise BraidError(f"{store}: latents of shape {root['latents'].shape[1:]}, this model gives {latent_shape}")
+        return root
+    with atomic_output(store) as tmp:  # an empty cache appears whole or not at all
+        root = zarr.open_group(tmp, mode="w")
+        root.create_array("latents", shape=(0, *latent_shape), chunks=(CHUNK, *latent_shape), dtype="float32")
+        root.create_array("nsd_id", shape=(0,), chunks=(4096,), dtype="int64", fill_value=-1)
+        root.attrs.update({
+            "format": FORMAT,
+            "identity": identity,
+            "n_committed": 0,
+            "description": "VAE posterior mean x scaling_factor; row k holds NSD id nsd_id[k] (0-based) for "
+                           "k < n_committed; rows past it are an interrupted append and are ignored",
+        })
+    return zarr.open_group(store, mode="r+")
+
+
+def update_cache(
     stimuli_path: str | os.PathLike,
     model_dir: str | os.PathLike,
-    nsd_ids: np.ndarray,
-    out_path: str | os.PathLike,
+    nsd_ids,
+    store: str | os.PathLike,
+    identity: dict | None = None,
     image_size: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
     batch_size: int = 16,
     variant: str | None = None,
-) -> None:
-    """Encode the stimuli ``nsd_ids`` and write ``latents.zarr`` (arrays ``latents`` and ``nsd_id``)."""
-    import zarr
+    compile: bool = False,
+) -> dict:
+    """Add the latents of the ``nsd_ids`` not yet in ``store``; return what was done.
+
+    The cache is shared by every subject and encoder and keyed by NSD id: only ids it does not
+    hold are encoded. It grows by appends of :data:`CHUNK` images, each committed (the
+    ``n_committed`` attribute) only after its latents are written, so a killed job loses at
+    most the batch in flight and a rerun resumes. ``identity`` (model, revision, VAE, image
+    size, dtype, preprocessing) is stored and checked: a store never mixes latents of two
+    settings. Jobs of several subjects take turns through a lock on ``<store>.lock``.
+    """
+    import torch
     from tqdm import tqdm
 
     from .models import load_vae, vae_image_size
 
+    store = Path(store)
     vae = load_vae(model_dir, device=device, dtype=dtype, variant=variant)
-    size = vae_image_size(vae, image_size)
-    ids = np.unique(np.asarray(nsd_ids, dtype=np.int64))
-    log.info("encoding %d stimuli at %dpx with %s", ids.size, size, model_dir)
-    shape = (ids.size, vae.config.latent_channels, size // 8, size // 8)
-    with atomic_output(out_path) as tmp:
-        root = zarr.open_group(tmp, mode="w")
-        root.create_array("nsd_id", data=ids)
-        lat = root.create_array("latents", shape=shape, chunks=(min(64, max(ids.size, 1)), *shape[1:]), dtype="float32")
-        step = 64
-        for start in tqdm(range(0, ids.size, step), desc="latents", unit="chunk", mininterval=2):
-            chunk = ids[start : start + step]
-            lat[start : start + chunk.size] = encode_images(read_stimuli(stimuli_path, chunk), vae, size, batch_size)
-        root.attrs.update(
-            {
-                "model": str(model_dir),
-                "image_size": size,
-                "scaling_factor": float(vae.config.scaling_factor),
-                "description": "VAE posterior mean x scaling_factor, keyed by 0-based NSD id",
-            }
+    if dtype == "float16" and vae.config.get("force_upcast", False):
+        raise BraidError(
+            f"model.dtype float16: the VAE in {model_dir} overflows in float16 (its config sets force_upcast), "
+            "so its latents would be NaN or silently computed in float32. Use model.dtype bfloat16 or float32, or "
+            "a VAE made for float16 (force_upcast false, e.g. madebyollin/sdxl-vae-fp16-fix)."
         )
+    size = vae_image_size(vae, image_size)
+    identity = {**(identity or {}), "image_size": size, "dtype": dtype, "preprocessing": PREPROCESSING,
+                "scaling_factor": float(vae.config.scaling_factor)}
+    identity = dict(sorted(identity.items()))
+    latent_shape = (vae.config.latent_channels, size // 8, size // 8)
+    vae = vae.to(memory_format=torch.channels_last)
+    if compile and str(device).startswith("cuda"):
+        vae.encoder = torch.compile(vae.encoder)
+    ids = np.unique(np.asarray(nsd_ids, dtype=np.int64))
+    with _locked(store):
+        root = _open_for_append(store, identity, latent_shape)
+        n = int(root.attrs["n_committed"])
+        cached = root["nsd_id"][:n] if n else np.zeros(0, np.int64)
+        todo = ids[~np.isin(ids, cached)]
+        log.info("%s: %d of %d requested ids cached; encoding %d at %dpx, %s on %s", store, ids.size - todo.size,
+                 ids.size, todo.size, size, dtype, device)
+        lat, idx = root["latents"], root["nsd_id"]
+        if lat.shape[0] < n + todo.size:
+            lat.resize((n + todo.size, *latent_shape))
+            idx.resize((n + todo.size,))
+        groups = [todo[i : i + CHUNK] for i in range(0, todo.size, CHUNK)]
+        with tqdm(total=int(todo.size), desc="latents", unit="img", mininterval=2) as bar:
+            for group, images in zip(groups, _prefetch(lambda g: read_stimuli(stimuli_path, g), groups)):
+                z = np.concatenate([b for _, b in encode_batches([images], vae, size, batch_size, progress=bar)])
+                lat[n : n + group.size] = z
+                idx[n : n + group.size] = group
+                n += group.size
+                root.attrs["n_committed"] = n  # the commit: written last, atomically
+    return {"store": str(store), "identity": identity, "requested": int(ids.size), "encoded": int(todo.size),
+            "reused": int(ids.size - todo.size), "n_cached": n}
+
+
+def cache_latents(stimuli_path, model_dir, nsd_ids, out_path, **kwargs) -> dict:
+    """Encode the stimuli ``nsd_ids`` into the cache ``out_path`` (see :func:`update_cache`)."""
+    return update_cache(stimuli_path, model_dir, nsd_ids, out_path, **kwargs)
+
+
+def write_manifest(path: str | os.PathLike, result: dict, nsd_ids) -> None:
+    """A subject's view of the shared cache: the store, its identity, and the ids the subject needs."""
+    ids = np.unique(np.asarray(nsd_ids, dtype=np.int64))
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps({**result, "nsd_ids": ids.tolist()}, indent=1))
 
 
 class LatentCache:
-    """Read access to ``latents.zarr`` by NSD id."""
+    """Read access to a latent cache by NSD id: the store, or a subject's manifest (``.json``) of it."""
 
     def __init__(self, path: str | os.PathLike):
         import zarr
 
-        self.path = Path(path)
+        path = Path(path)
+        self.wanted = None
+        if path.suffix == ".json":
+            try:
+                manifest = json.loads(path.read_text())
+                store, self.wanted = Path(manifest["store"]), np.asarray(manifest["nsd_ids"], np.int64)
+            except (OSError, ValueError, KeyError) as err:
+                raise BraidError(f"{path}: not a BRAID latent manifest ({err}); rerun the latents_encode rule") from err
+        else:
+            store = path
+        self.path = store
         try:
-            root = zarr.open_group(self.path, mode="r")
-            self.ids = np.asarray(root["nsd_id"][:])
+            root = zarr.open_group(store, mode="r")
+            n = int(root.attrs.get("n_committed", root["nsd_id"].shape[0]))
+            ids = np.asarray(root["nsd_id"][:n])
             self._latents = root["latents"]
         except Exception as err:
-            raise BraidError(f"{path}: not a BRAID latent cache ({err}); rerun the latents rule") from err
+            raise BraidError(f"{store}: not a BRAID latent cache ({err}); rerun the latents_encode rule") from err
         self.attrs = dict(root.attrs)
         self.shape = tuple(self._latents.shape[1:])
+        self._order = np.argsort(ids, kind="stable")
+        self.ids = ids[self._order]  # sorted; self._order maps back to rows
 
     def get(self, nsd_ids) -> np.ndarray:
         nsd_ids = np.asarray(nsd_ids, dtype=np.int64)
@@ -134,6 +283,62 @@ class LatentCache:
         pos = np.clip(pos, 0, max(self.ids.size - 1, 0))
         missing = nsd_ids[self.ids[pos] != nsd_ids] if self.ids.size else nsd_ids
         if missing.size:
-            raise BraidError(f"{self.path}: no latents for NSD ids {missing[:5].tolist()}...; rerun the latents rule")
-        uniq, inverse = np.unique(pos, return_inverse=True)
+            raise BraidError(f"{self.path}: no latents for NSD ids {missing[:5].tolist()}...; rerun the latents_encode rule")
+        rows = self._order[pos]
+        uniq, inverse = np.unique(rows, return_inverse=True)
         return np.asarray(self._latents.get_orthogonal_selection((uniq,)))[inverse]
+
+
+def latent_statistics(latents_path, trials_path, out_zarr, out_png=None) -> dict:
+    """Mean and standard deviation of the training images' latents, for target normalisation.
+
+    Over the distinct images of the ``train`` split (each image once, however often it was
+    shown), per latent element (C, h, w) and per channel (C,); population statistics (ddof 0).
+    Validation and test images never enter. Written to ``out_zarr`` (arrays ``mean``, ``std``,
+    ``channel_mean``, ``channel_std``; attrs ``n_images`` and the cache's identity) and, when
+    ``out_png`` is given, drawn as per-channel maps.
+    """
+    import pandas as pd
+    import zarr
+
+    trials = pd.read_parquet(trials_path)
+    ids = np.unique(trials.loc[trials["split"] == "train", "nsd_id"].to_numpy())
+    if ids.size == 0:
+        raise BraidError(f"{trials_path}: no training trials, so no latent statistics; check the split config")
+    cache = LatentCache(latents_path)
+    z = cache.get(ids).astype(np.float64)
+    stats = {"mean": z.mean(0), "std": z.std(0), "channel_mean": z.mean((0, 2, 3)), "channel_std": z.std((0, 2, 3))}
+    with atomic_output(out_zarr) as tmp:
+        root = zarr.open_group(tmp, mode="w")
+        for name, value in stats.items():
+            root.create_array(name, data=value.astype(np.float32))
+        root.attrs.update({"n_images": int(ids.size), "split": "train", "identity": cache.attrs.get("identity"),
+                           "description": "over distinct training images; population std (ddof 0)"})
+    if out_png:
+        _plot_statistics(stats, ids.size, out_png)
+    log.info("latent statistics over %d training images: channel means %s, stds %s", ids.size,
+             np.round(stats["channel_mean"], 3).tolist(), np.round(stats["channel_std"], 3).tolist())
+    return stats
+
+
+def _plot_statistics(stats: dict, n: int, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = stats["mean"].shape[0]
+    fig, axes = plt.subplots(2, c, figsize=(2.3 * c, 4.6), squeeze=False)
+    for k in range(c):
+        for row, name in enumerate(("mean", "std")):
+            ax = axes[row, k]
+            im = ax.imshow(stats[name][k], cmap="RdBu_r" if name == "mean" else "viridis")
+            ax.set_title(f"channel {k} {name}\n(all: {stats['channel_' + name][k]:.3f})", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+    fig.suptitle(f"latent z0 over {n} training images", fontsize=9)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

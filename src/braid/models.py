@@ -24,6 +24,24 @@ log = logging.getLogger(__name__)
 
 SDXL_VAE_SCALING = 0.13025
 
+# The SDXL VAE (stable-diffusion-xl-base-1.0/vae/config.json, which SSD-1B ships): 83,653,863
+# parameters, 8x downsampling (512 px -> 4x64x64). Used to build the real architecture with
+# random weights where no weights can be downloaded (benchmarks, rehearsals).
+SDXL_VAE_CONFIG = dict(
+    act_fn="silu",
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=SDXL_VAE_SCALING,
+    force_upcast=True,
+)
+
 
 def _byte_vocab() -> dict[str, int]:
     """A CLIP BPE vocab with no merges: start/end tokens and the 256 byte symbols, plain and word-final."""

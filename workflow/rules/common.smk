@@ -47,6 +47,10 @@ FETCH_SOURCE = SYNTHETIC_ROOT if NSD["source"] == "synthetic" else NSD["source"]
 # how fetch jobs reach S3 (keywords of braid.nsd.s3_client); a dict param, compared by sorted repr
 S3_SETTINGS = {k: NSD[k] for k in ("anonymous", "endpoint_url", "profile", "region")}
 MODEL_DIR = f"resources/models/{braid.config.model_name(config['model'])}"
+# One latent cache per model identity (model, revision, VAE, image size, dtype, preprocessing),
+# shared by every subject and encoder; each subject's latents_encode adds the ids it lacks.
+LATENT_IDENTITY = braid.config.latent_identity(config["model"])
+LATENT_STORE = f"results/latents/{braid.config.latent_store_name(config['model'])}.zarr"
 SUBJECTS = [subject_label(s) for s in config["subjects"]]
 STRENGTHS = [braid.config.strength_label(s) for s in config["reconstruct"]["strengths"]]
 ENCODERS = braid.config.encoder_names(config)
@@ -94,8 +98,10 @@ def fetched_file(key):
     return f"resources/nsd_roi/{key}" if ROI_ONLY else nsd_file(key)
 
 
-def stimuli_file():
-    return fetched_file(braid.nsd.STIMULI)
+def stimuli_file(subject):
+    """The stimuli a subject's jobs read: the whole imgBrick, or (ROI-only fetching) a sparse copy
+    of the subject's own rows, so that adding a subject never changes an input of another's jobs."""
+    return f"resources/nsd_roi/{subject}/{braid.nsd.STIMULI}" if ROI_ONLY else nsd_file(braid.nsd.STIMULI)
 
 
 def get_session_files(wildcards):
@@ -115,7 +121,7 @@ def get_betas_roi_inputs(wildcards):
 def get_manifests(wildcards):
     if not ROI_ONLY:
         return []
-    return [f"{path}.manifest.json" for path in [*get_session_files(wildcards).values(), stimuli_file()]]
+    return [f"{path}.manifest.json" for path in [*get_session_files(wildcards).values(), stimuli_file(wildcards.subject)]]
 
 
 def get_roi_files(wildcards):
@@ -145,6 +151,7 @@ def get_final_outputs():
         "results/summary.csv",
         "results/summary.png",
         *expand("results/{subject}/{encoder}/loss.png", subject=SUBJECTS, encoder=ENCODERS),
+        *expand("results/{subject}/latent_stats.png", subject=SUBJECTS),
         *expand(
             "results/{subject}/{encoder}/strength-{strength}/grid.png",
             subject=SUBJECTS,

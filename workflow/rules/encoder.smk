@@ -5,7 +5,7 @@ rule encoder_train:
     input:
         betas=zarr_store("results/{subject}/betas.zarr"),
         trials="results/{subject}/trials.parquet",
-        latents=zarr_store("results/latents.zarr"),
+        latents="results/{subject}/latents.json",
         code=src("encoder"),
     output:
         model="results/{subject}/{encoder}/encoder.safetensors",

@@ -5,8 +5,8 @@ rule evaluate_metrics:
     input:
         images="results/{subject}/{encoder}/strength-{strength}/images",
         predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
-        latents=zarr_store("results/latents.zarr"),
-        stimuli=stimuli_file(),
+        latents="results/{subject}/latents.json",
+        stimuli=lambda wc: stimuli_file(wc.subject),
         code=src("evaluate"),
     output:
         metrics="results/{subject}/{encoder}/strength-{strength}/metrics.csv",
@@ -32,7 +32,7 @@ rule evaluate_oracle:
         rois=lambda wc: list(get_roi_files(wc).values()),
         expdesign=nsd_file(braid.nsd.EXPDESIGN),
         trials="results/{subject}/trials.parquet",
-        latents=zarr_store("results/latents.zarr"),
+        latents="results/{subject}/latents.json",
         code=[src("evaluate"), src("synthetic")],
     output:
         "results/{subject}/oracle_metrics.csv",

@@ -1,21 +1,47 @@
-# Stage 3: the VAE latents z0 of every stimulus the configured subjects were scheduled to see,
-# cached once (keyed by NSD id) and shared by all subjects, encoders and strengths.
+# Stage 3: the VAE latents z0 of the stimuli, in one cache per model identity (LATENT_STORE),
+# keyed by NSD id and shared by all subjects, encoders and strengths. Each subject's job adds
+# only the ids the cache lacks and writes the subject's manifest, which later stages read.
 
 
 rule latents_encode:
     input:
-        stimuli=stimuli_file(),
+        stimuli=lambda wc: stimuli_file(wc.subject),
         expdesign=nsd_file(braid.nsd.EXPDESIGN),
         model=MODEL_DIR,
         code=src("latents"),
     output:
-        zarr_store("results/latents.zarr"),
+        "results/{subject}/latents.json",
     params:
-        subjects=config["subjects"],
-        model=as_json(without(config["model"], "latent_batch_size")),
+        store=LATENT_STORE,
+        identity=as_json(LATENT_IDENTITY),
+        dtype=config["model"]["dtype"],
+        image_size=config["model"]["image_size"],
+        variant=config["model"]["variant"],
     log:
-        "logs/latents/encode.log",
+        "logs/{subject}/latents_encode.log",
     conda:
         "../../envs/braid.yaml"
     script:
         "../../scripts/latents_encode.py"
+
+
+rule latents_statistics:
+    """Per-element and per-channel mean/std of the subject's training images' latents."""
+    input:
+        latents="results/{subject}/latents.json",
+        trials="results/{subject}/trials.parquet",
+        code=src("latents"),
+    output:
+        stats=zarr_store("results/{subject}/latent_stats.zarr"),
+        plot=report(
+            "results/{subject}/latent_stats.png",
+            caption="../report/latent_stats.rst",
+            category="Latents",
+            labels={"subject": "{subject}"},
+        ),
+    log:
+        "logs/{subject}/latents_statistics.log",
+    conda:
+        "../../envs/braid.yaml"
+    script:
+        "../../scripts/latents_statistics.py"

@@ -77,20 +77,19 @@ rule nsd_fetch_betas_roi:
 
 
 rule nsd_fetch_stimuli_rows:
-    """Fetch only the imgBrick rows of the images the configured subjects were scheduled to see."""
+    """Fetch only the imgBrick rows of the images one subject was scheduled to see."""
     input:
         expdesign=nsd_file(braid.nsd.EXPDESIGN),
         mirror=mirror_file(braid.nsd.STIMULI),
         code=src("nsd"),
     output:
-        stimuli=f"resources/nsd_roi/{braid.nsd.STIMULI}",
-        manifest=f"resources/nsd_roi/{braid.nsd.STIMULI}.manifest.json",
+        stimuli=f"resources/nsd_roi/{{subject}}/{braid.nsd.STIMULI}",
+        manifest=f"resources/nsd_roi/{{subject}}/{braid.nsd.STIMULI}.manifest.json",
     params:
         source=FETCH_SOURCE,
         s3=S3_SETTINGS,
-        subjects=config["subjects"],
     log:
-        "logs/nsd/fetch_stimuli_rows.log",
+        "logs/nsd/{subject}/fetch_stimuli_rows.log",
     conda:
         "../../envs/braid.yaml"
     script:

@@ -1,0 +1,153 @@
+"""Benchmark: caching VAE latents, BRAID's encoder vs the per-image fp32 loop a typical script writes.
+
+    .venv/bin/python benchmarks/latents_encode.py [--images 8] [--device auto] [--dtypes float32 bfloat16]
+                                                  [--batch-size 8] [--compile] [--workdir DIR]
+
+Both run on the real SDXL VAE architecture (SSD-1B's VAE: 83.7 M parameters, random weights
+built from ``braid.models.SDXL_VAE_CONFIG``, saved in the Hugging Face layout), at 512 px, on
+NSD-sized 425x425 uint8 images stored as an ``imgBrick`` HDF5:
+
+  naive    for each image: read its row, PIL bicubic resize, to tensor, vae.encode in float32,
+           posterior mean x scaling factor, to numpy                                  <- baseline
+  braid    braid.latents.update_cache: batches, the next batch read and resized in a background
+           thread, channels_last, the given dtype (and torch.compile on a GPU with --compile),
+           appended to a Zarr cache with commits
+
+Each method runs once untimed (warm-up: allocation, cuDNN autotuning, compilation) on a few
+images, then timed over ``--images``. Prints images/s and the ratio to the baseline, and the
+largest difference of BRAID's latents from the baseline's (bf16 differs by its precision).
+Timings depend on the machine; the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIZE = 512
+
+
+def build_vae_folder(folder: Path) -> Path:
+    """The SDXL VAE architecture with random weights, as ``<folder>/vae`` (what load_vae reads)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from braid.models import SDXL_VAE_CONFIG
+
+    if not (folder / "vae" / "config.json").is_file():
+        torch.manual_seed(0)
+        AutoencoderKL(**SDXL_VAE_CONFIG).save_pretrained(folder / "vae")
+    return folder
+
+
+def make_stimuli(path: Path, n: int) -> None:
+    import h5py
+
+    rng = np.random.default_rng(0)
+    # smooth random images (noise upsampled), closer to photographs than white noise
+    small = rng.integers(0, 256, size=(n, 27, 27, 3), dtype=np.uint8)
+    images = np.repeat(np.repeat(small, 16, axis=1), 16, axis=2)[:, :425, :425]
+    with h5py.File(path, "w") as f:
+        f.create_dataset("imgBrick", data=images, chunks=(1, 425, 425, 3))
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def naive(stimuli: Path, folder: Path, ids: np.ndarray, device: str) -> np.ndarray:
+    """What a typical script does: one image at a time, float32."""
+    import h5py
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True).to(device).eval()
+    out = []
+    with h5py.File(stimuli, "r") as f:
+        for i in ids:
+            img = Image.fromarray(f["imgBrick"][int(i)]).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+            x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float().div(255).mul(2).sub(1).to(device)
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            out.append(z.cpu().numpy()[0])
+    return np.stack(out)
+
+
+def braid_encode(stimuli: Path, folder: Path, ids: np.ndarray, device: str, dtype: str, batch_size: int,
+                 compile: bool, store: Path) -> np.ndarray:
+    from braid.latents import LatentCache, update_cache
+
+    update_cache(stimuli, folder, ids, store, image_size=SIZE, device=device, dtype=dtype, batch_size=batch_size,
+                 compile=compile)
+    return LatentCache(store).get(ids)
+
+
+def timed(fn, device: str):
+    sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--compile", action="store_true", help="also time BRAID with torch.compile (GPU only)")
+    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--json", type=Path, help="write the figures here too")
+    args = ap.parse_args()
+
+    import torch
+
+    from braid.common import resolve_device
+
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        folder = build_vae_folder(tmp / "sdxl-vae")
+        stimuli = tmp / "nsd_stimuli.hdf5"
+        make_stimuli(stimuli, args.warmup + args.images)
+        warm, ids = np.arange(args.warmup), np.arange(args.warmup, args.warmup + args.images)
+        name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+        print(f"SDXL VAE (random weights) at {SIZE}px, {args.images} images, {device} ({name}), torch {torch.__version__}")
+
+        naive(stimuli, folder, warm, device)
+        ref, t_naive = timed(lambda: naive(stimuli, folder, ids, device), device)
+        rows = [("naive per-image float32 loop (baseline)", t_naive, 0.0)]
+        variants = [(d, False) for d in args.dtypes]
+        if args.compile and device.startswith("cuda"):
+            variants += [(d, True) for d in args.dtypes]
+        for k, (dtype, comp) in enumerate(variants):
+            store = tmp / f"cache-{k}.zarr"
+            braid_encode(stimuli, folder, warm, device, dtype, args.batch_size, comp, store)  # warm-up, cached ids
+            z, t = timed(lambda: braid_encode(stimuli, folder, ids, device, dtype, args.batch_size, comp, store), device)
+            label = f"braid {dtype}, batch {args.batch_size}, channels_last" + (", compiled" if comp else "")
+            rows.append((label, t, float(np.abs(z - ref).max() / np.abs(ref).max())))
+
+    print(f"{'method':58s} {'wall s':>8s} {'img/s':>8s} {'vs naive':>9s} {'max |dz|/max|z|':>16s}")
+    for label, t, err in rows:
+        print(f"{label:58s} {t:8.2f} {args.images / t:8.2f} {t_naive / t:8.2f}x {err:16.2e}")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "images": args.images, "rows": [
+            {"method": label, "wall_s": t, "images_per_s": args.images / t, "speedup": t_naive / t, "rel_err": err}
+            for label, t, err in rows]}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
