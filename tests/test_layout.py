@@ -84,7 +84,22 @@ def test_checks_name_the_keys():
     config["sessions"] = [29, 31, 33]
     with pytest.raises(BraidError, match=r"sessions \[31, 33\] are outside subj04's NSD sessions 1..30"):
         braid.config.check(config)
-    assert braid.config.model_name({"source": "segmind/SSD-1B"}) == "segmind--SSD-1B"
+
+
+def test_model_folders_are_named_by_repository_revision_and_vae(tmp_path):
+    name, folder = braid.config.model_name, braid.config.model_dir
+    assert name({"source": "segmind/SSD-1B"}) == "segmind--SSD-1B@main"
+    assert folder({"source": "segmind/SSD-1B", "revision": "abc123"}) == "resources/models/segmind--SSD-1B@abc123"
+    assert name({"source": "segmind/SSD-1B", "revision": "abc", "vae": "madebyollin/sdxl-vae-fp16-fix"}) == (
+        "segmind--SSD-1B@abc+vae-madebyollin--sdxl-vae-fp16-fix@main")
+    assert name({"source": "tiny", "seed": 3}) == "tiny-ssd1b-seed3"
+    local = tmp_path / "my-ssd1b"
+    local.mkdir()
+    assert braid.config.model_is_local({"source": str(local)}) and folder({"source": str(local)}) == str(local)
+    assert not braid.config.model_is_local({"source": "segmind/SSD-1B"})
+    stores = {braid.config.latent_store_name({"source": "segmind/SSD-1B", "image_size": 512, "dtype": d, "vae": v})
+              for d in ("float32", "bfloat16") for v in (None, "madebyollin/sdxl-vae-fp16-fix")}
+    assert len(stores) == 4  # every identity its own latent cache
 
 
 def test_conda_env_lists_the_package_dependencies():

@@ -193,3 +193,14 @@ def test_adding_a_subject_plans_only_its_jobs_and_encodes_only_its_new_images(tm
     assert second["n_cached"] == len(seen[0] | seen[1]) and set(second["nsd_ids"]) == seen[1]
     assert second["store"] == json.loads(manifest1.read_text())["store"]  # one cache for both subjects
     assert len(pd.read_csv(work / "results" / "summary.csv")) == 2
+
+
+def test_a_local_model_folder_is_used_as_is(run, tmp_path):
+    """model.source may be a folder on this machine: no rule writes it, and jobs load from it."""
+    folder = run / "resources" / "models" / "tiny-ssd1b-seed0"
+    override = tmp_path / "local.yaml"
+    override.write_text(yaml.safe_dump({"model": {"source": str(folder)}}))
+    plan = snakemake(run, "-n", "--configfile", str(override))
+    rules = planned_rules(plan)
+    assert "model_fetch" not in rules and "latents_encode" in rules  # another identity: another latent cache
+    assert str(folder) in plan.stdout  # the folder is an input of the jobs that load the model

@@ -95,13 +95,18 @@ def setup_logging(logfile: str | os.PathLike | None = None, level: int = logging
 
 
 @contextlib.contextmanager
-def snakemake_job(smk) -> Iterator[None]:
+def snakemake_job(smk, offline: bool = True) -> Iterator[None]:
     """Run a rule's script body with logging to its ``log:`` file; errors are logged, then re-raised.
 
     tqdm progress bars write to stderr, which Snakemake shows locally and SLURM keeps in its
-    job log; the ``log:`` file gets the messages.
+    job log; the ``log:`` file gets the messages. With ``offline`` (every rule but the model
+    download) the Hugging Face hub is switched off for the job (``HF_HUB_OFFLINE=1``), so that
+    a compute node without internet loads from the fetched folder and never tries the network.
     """
     import socket
+
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
     logfile = smk.log[0] if len(smk.log) else None
     setup_logging(logfile)

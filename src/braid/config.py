@@ -8,6 +8,7 @@ config stops the workflow before any job, with one message per problem.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 from .common import BraidError
 from .nsd import check_sessions
@@ -79,25 +80,44 @@ def check(config: dict) -> None:
         raise BraidError("config: " + "; ".join(problems))
 
 
+def model_is_local(model: dict) -> bool:
+    """``model.source`` names a folder on this machine (used as is, never fetched)."""
+    source = model["source"]
+    return source != "tiny" and (source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().is_dir())
+
+
 def model_name(model: dict) -> str:
-    """Folder name under resources/models for the configured model."""
+    """Folder name under resources/models for the configured model: ``<repo>@<revision>[+vae-<repo>@<rev>]``."""
     if model["source"] == "tiny":
         return f"tiny-ssd1b-seed{model.get('seed', 0)}"
-    return model["source"].replace("/", "--")
+    if model_is_local(model):
+        return Path(model["source"]).expanduser().resolve().name
+    name = f"{model['source'].replace('/', '--')}@{model.get('revision') or 'main'}"
+    if model.get("vae"):
+        name += f"+vae-{model['vae'].replace('/', '--')}@{model.get('vae_revision') or 'main'}"
+    return name
+
+
+def model_dir(model: dict) -> str:
+    """Where compute jobs load the model from: the local folder, or resources/models/<name>."""
+    if model_is_local(model):
+        return str(Path(model["source"]).expanduser().resolve())
+    return f"resources/models/{model_name(model)}"
 
 
 def latent_identity(model: dict) -> dict:
     """What defines the weights that encode latents; :func:`braid.latents.update_cache` adds the
     image size, dtype, preprocessing and scaling factor, and stores the whole identity."""
-    identity = {"model": model["source"], "revision": model.get("revision"), "variant": model.get("variant")}
+    identity = {"model": model["source"], "revision": model.get("revision"), "variant": model.get("variant"),
+                "vae": model.get("vae"), "vae_revision": model.get("vae_revision")}
     if model["source"] == "tiny":
         identity["seed"] = model.get("seed", 0)
     return identity
 
 
 def latent_store_name(model: dict) -> str:
-    """``<model>@<revision>/<size>px-<dtype>[-<variant>]``: one cache per identity, so settings never mix."""
-    name = f"{model_name(model)}@{model.get('revision') or 'main'}/{model['image_size']}px-{model['dtype']}"
+    """``<model name>/<size>px-<dtype>[-<variant>]``: one cache per identity, so settings never mix."""
+    name = f"{model_name(model)}/{model['image_size']}px-{model['dtype']}"
     return name + (f"-{model['variant']}" if model.get("variant") else "")
 
 

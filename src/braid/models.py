@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from .common import BraidError, atomic_output
@@ -136,21 +137,106 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     )
     with atomic_output(out_dir) as tmp:
         pipe.save_pretrained(tmp)
+        write_model_manifest(tmp, source="tiny", seed=seed, weights="random (not a result)")
     log.info("wrote tiny SSD-1B-shaped pipeline to %s", out_dir)
     return Path(out_dir)
 
 
-def download(repo_id: str, out_dir: str | os.PathLike, revision: str | None = None, variant: str | None = None) -> Path:
-    """Download a diffusers pipeline from the hub into ``out_dir`` (run where the network is)."""
-    from huggingface_hub import snapshot_download
+MANIFEST = "braid_model.json"  # written last into a fetched or built model folder: its files and their sizes
+FETCH_RULE = "model_fetch"
 
-    patterns = None
-    if variant:
-        # the variant's weights plus configs and tokenizers; not the fp32 duplicates
-        patterns = [f"*.{variant}.safetensors", "*.json", "*.txt", "tokenizer*/*", "scheduler/*"]
+
+def allow_patterns(variant: str | None) -> list[str]:
+    """What BRAID loads from a diffusers repository: configs, tokenizers, scheduler, and the
+    safetensors weights of ``variant`` only (not the fp32 duplicates, ``.bin`` files, single-file
+    checkpoints or images). Sharded weights and their index files included."""
+    tag = f".{variant}" if variant else ""
+    weights = [
+        f"*/diffusion_pytorch_model{tag}.safetensors", f"*/model{tag}.safetensors",
+        f"*/diffusion_pytorch_model{tag}-*-of-*.safetensors", f"*/model{tag}-*-of-*.safetensors",
+        f"*/diffusion_pytorch_model.safetensors.index{tag}.json", f"*/model.safetensors.index{tag}.json",
+    ]
+    return ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer*/*", *weights]
+
+
+def _folder_files(folder: Path) -> dict[str, int]:
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name != MANIFEST and ".cache" not in f.relative_to(folder).parts}
+
+
+def write_model_manifest(folder: str | os.PathLike, **info) -> dict:
+    """Record the folder's files and sizes (and ``info``) in ``<folder>/braid_model.json``."""
+    folder = Path(folder)
+    manifest = {**info, "files": _folder_files(folder)}
+    manifest["bytes"] = sum(manifest["files"].values())
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def check_model(folder: str | os.PathLike, required: str = "model_index.json") -> None:
+    """A model folder is complete: its manifest's files are all there, the weights at their sizes.
+
+    Folders without a manifest (a model the user points ``model.source`` at) need at least
+    ``required``; loading then reports anything else that is missing.
+    """
+    folder = Path(folder)
+    fix = (f"run the rule {FETCH_RULE} where the network is (e.g. `snakemake --until {FETCH_RULE}` on the login "
+           "node), or point model.source at a complete local folder")
+    if not (folder / MANIFEST).is_file():
+        if not (folder / required).is_file():
+            raise BraidError(f"{folder}: no model here ({required} is missing); {fix}")
+        return
+    manifest = json.loads((folder / MANIFEST).read_text())
+    have = _folder_files(folder)
+    # every file must be there; weights at their recorded size (configs may be edited by hand)
+    bad = [f"{name} ({'missing' if name not in have else f'{have[name]} of {size} bytes'})"
+           for name, size in manifest["files"].items()
+           if name not in have or (name.endswith((".safetensors", ".bin")) and have[name] != size)]
+    if bad:
+        raise BraidError(f"{folder}: the model is incomplete: {', '.join(bad[:5])}; {fix}")
+
+
+def download(repo_id: str, out_dir: str | os.PathLike, revision: str | None = None, variant: str | None = None,
+             vae: str | None = None, vae_revision: str | None = None) -> dict:
+    """Download what BRAID loads of a diffusers pipeline into ``out_dir`` (run where the network is).
+
+    Only :func:`allow_patterns` of ``repo_id`` at ``revision``; with ``vae`` (e.g.
+    ``madebyollin/sdxl-vae-fp16-fix``) the pipeline's own VAE is skipped and that repository's
+    config and weights go to ``vae/`` (named for ``variant``, so that every loader finds them).
+    Writes ``braid_model.json``: the resolved commits, the files, and the bytes fetched against
+    the repositories' totals. The folder appears whole (atomic rename) or not at all.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import filter_repo_objects
+
+    api = HfApi()
+    patterns = allow_patterns(variant)
+    ignore = ["vae/*"] if vae else None
+    info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    chosen = list(filter_repo_objects(info.siblings, allow_patterns=patterns, ignore_patterns=ignore,
+                                      key=lambda f: f.rfilename))
+    report = {"source": repo_id, "revision": revision, "commit": info.sha, "variant": variant,
+              "bytes_fetched": sum(f.size or 0 for f in chosen),
+              "bytes_repository": sum(f.size or 0 for f in info.siblings)}
     with atomic_output(out_dir) as tmp:
-        snapshot_download(repo_id, revision=revision, local_dir=tmp, allow_patterns=patterns)
-    return Path(out_dir)
+        snapshot_download(repo_id, revision=info.sha, local_dir=tmp, allow_patterns=patterns, ignore_patterns=ignore)
+        if vae:
+            vinfo = api.model_info(vae, revision=vae_revision, files_metadata=True)
+            vpatterns = ["config.json", "diffusion_pytorch_model.safetensors"]
+            snapshot_download(vae, revision=vinfo.sha, local_dir=Path(tmp) / "vae", allow_patterns=vpatterns)
+            weights = Path(tmp) / "vae" / "diffusion_pytorch_model.safetensors"
+            if variant:
+                weights.rename(weights.with_name(f"diffusion_pytorch_model.{variant}.safetensors"))
+            vchosen = list(filter_repo_objects(vinfo.siblings, allow_patterns=vpatterns, key=lambda f: f.rfilename))
+            report["vae"] = {"source": vae, "revision": vae_revision, "commit": vinfo.sha}
+            report["bytes_fetched"] += sum(f.size or 0 for f in vchosen)
+            report["bytes_repository"] += sum(f.size or 0 for f in vinfo.siblings)
+        for cache in Path(tmp).rglob(".cache"):  # snapshot_download's bookkeeping in local_dir
+            shutil.rmtree(cache, ignore_errors=True)
+        report = write_model_manifest(tmp, **report)
+    log.info("fetched %s@%s: %.2f GB of the repositories' %.2f GB", repo_id, info.sha,
+             report["bytes_fetched"] / 1e9, report["bytes_repository"] / 1e9)
+    return report
 
 
 def vae_dtype(vae_config, dtype: str) -> str:
@@ -166,11 +252,6 @@ def vae_dtype(vae_config, dtype: str) -> str:
     return dtype
 
 
-def _require(path: Path, what: str) -> None:
-    if not path.is_file():
-        raise BraidError(f"{path}: missing, so {what} cannot be loaded; fetch the model first (rule model_fetch)")
-
-
 def load_img2img(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32", variant: str | None = None):
     """Load an SDXL img2img pipeline from a local folder, offline, as compute nodes must.
 
@@ -183,7 +264,7 @@ def load_img2img(path: str | os.PathLike, device: str = "cpu", dtype: str = "flo
     from .common import torch_dtype
 
     path = Path(path)
-    _require(path / "model_index.json", "the img2img pipeline")
+    check_model(path)
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
         path,
         torch_dtype=torch_dtype(dtype),
@@ -227,7 +308,7 @@ def load_vae(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32
     from .common import torch_dtype
 
     path = Path(path)
-    _require(path / "vae" / "config.json", "the VAE")
+    check_model(path, required="vae/config.json")
     run_vae = vae_dtype(json.loads((path / "vae" / "config.json").read_text()), dtype)
     if run_vae != dtype:
         log.info("VAE runs in %s (force_upcast: the SDXL VAE overflows in %s)", run_vae, dtype)

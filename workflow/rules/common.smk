@@ -46,7 +46,8 @@ SYNTHETIC_ROOT = "resources/synthetic_nsd"
 FETCH_SOURCE = SYNTHETIC_ROOT if NSD["source"] == "synthetic" else NSD["source"]
 # how fetch jobs reach S3 (keywords of braid.nsd.s3_client); a dict param, compared by sorted repr
 S3_SETTINGS = {k: NSD[k] for k in ("anonymous", "endpoint_url", "profile", "region")}
-MODEL_DIR = f"resources/models/{braid.config.model_name(config['model'])}"
+MODEL_DIR = braid.config.model_dir(config["model"])
+MODEL_IS_LOCAL = braid.config.model_is_local(config["model"])
 # One latent cache per model identity (model, revision, VAE, image size, dtype, preprocessing),
 # shared by every subject and encoder; each subject's latents_encode adds the ids it lacks.
 LATENT_IDENTITY = braid.config.latent_identity(config["model"])
