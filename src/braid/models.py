@@ -82,18 +82,9 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         reverse_transformer_layers_per_block=[[2, 1, 1], 1],
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[16, 32, 32, 32],  # 4 blocks: 8x downsampling, as the SDXL VAE
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=SDXL_VAE_SCALING,
-        force_upcast=True,
+    vae = AutoencoderKL(  # the SDXL VAE's structure (4 blocks: 8x downsampling), narrow
+        **{**SDXL_VAE_CONFIG, "block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+           "sample_size": 64}
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
