@@ -332,7 +332,11 @@ def _plot_statistics(stats: dict, n: int, path) -> None:
     for k in range(c):
         for row, name in enumerate(("mean", "std")):
             ax = axes[row, k]
-            im = ax.imshow(stats[name][k], cmap="RdBu_r" if name == "mean" else "viridis")
+            if name == "mean":  # diverging, centred on 0
+                lim = float(np.abs(stats["mean"][k]).max()) or 1.0
+                im = ax.imshow(stats[name][k], cmap="RdBu_r", vmin=-lim, vmax=lim)
+            else:
+                im = ax.imshow(stats[name][k], cmap="viridis")
             ax.set_title(f"channel {k} {name}\n(all: {stats['channel_' + name][k]:.3f})", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
