@@ -231,6 +231,7 @@ def test_evaluate_run_scores_the_right_files(mirror, tiny_model, tmp_path):
     assert row.to_dict() == pytest.approx(table.iloc[0].to_dict())
     assert (row["subject"], row["encoder"], row["strength"], row["n_parameters"]) == ("subj01", "lin", 0.5, 123)
     assert (row["n_test_trials"], row["n_test_images"]) == (6, 4)
+    assert row["weights"] == "random (not a result)"  # the tiny model's latents: stamped
     assert row["latent_mse"] == 0 and row["latent_r"] == pytest.approx(1) and row["latent_two_way"] == 1
     assert row["pixcorr"] == pytest.approx(1, abs=1e-6) and row["ssim"] == pytest.approx(1, abs=1e-6)
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"

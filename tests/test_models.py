@@ -112,3 +112,49 @@ def test_snakemake_jobs_switch_the_hub_off_except_the_download(tmp_path, monkeyp
     job.rule = "latents_encode"
     with snakemake_job(job):
         assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_ssd1b_architecture_has_the_published_parameter_counts():
+    """SSD-1B's exact architecture (built on the meta device: shapes, no memory)."""
+    import torch
+
+    from braid.models import CLIP_BIGG_CONFIG, CLIP_L_CONFIG, SDXL_VAE_CONFIG, SSD1B_UNET_CONFIG, sdxl_components
+
+    with torch.device("meta"):
+        parts = sdxl_components(SSD1B_UNET_CONFIG, SDXL_VAE_CONFIG, CLIP_L_CONFIG, CLIP_BIGG_CONFIG)
+    count = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
+    # SSD-1B's 5.33 GB fp32 UNet file, SDXL's VAE (335 MB), CLIP ViT-L and OpenCLIP bigG
+    assert count == {"unet": 1_331_334_404, "vae": 83_653_863, "text_encoder": 123_060_480,
+                     "text_encoder_2": 694_659_840}
+    unet = parts["unet"]
+    depth = [[len(a.transformer_blocks) for a in getattr(b, "attentions", [])] for b in unet.down_blocks]
+    assert depth == [[], [2, 2], [4, 4]]  # SSD-1B's down depths (SDXL: [[], [2, 2], [10, 10]])
+    assert [[len(a.transformer_blocks) for a in getattr(b, "attentions", [])] for b in unet.up_blocks] == [
+        [4, 4, 10], [2, 1, 1], []]
+
+
+def test_fp16_variant_files_are_written_and_load(tmp_path):
+    """The builder's fp32 + fp16-variant save (as for ssd1b-architecture), at the tiny model's size:
+    a folder whose loaders must pass variant="fp16"."""
+    import torch
+
+    from braid.models import TINY_TE_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, _build_sdxl, sdxl_components
+
+    torch.manual_seed(0)
+    parts = sdxl_components(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TE_CONFIG, TINY_TE_CONFIG)
+    folder = _build_sdxl(tmp_path / "m", parts, {"source": "ssd1b-architecture", "seed": 0}, variants=(None, "fp16"))
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    check_model(folder)
+    pipe = load_img2img(folder, dtype="float16", variant="fp16")
+    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float32  # force_upcast
+    fp16 = (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").stat().st_size
+    fp32 = (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert 0.45 < fp16 / fp32 < 0.55
+
+
+def test_results_of_random_weights_are_stamped():
+    from braid.latents import RANDOM, weights_of
+
+    assert weights_of("tiny") == weights_of("ssd1b-architecture") == RANDOM == "random (not a result)"
+    assert weights_of("segmind/SSD-1B") == "pretrained"

@@ -55,6 +55,7 @@ def test_outputs_and_planted_signal_recovered(run):
     summary = pd.read_csv(run / "results" / "summary.csv")
     n = len(config["encoders"]) * len(config["reconstruct"]["strengths"]) * len(config["subjects"])
     assert len(summary) == n
+    assert (summary["weights"] == "random (not a result)").all()  # the tiny model: never a result
     oracle = pd.read_csv(run / "results" / "subj01" / "oracle_metrics.csv").iloc[0]
     assert oracle["n_test_trials"] == summary["n_test_trials"].iloc[0]  # scored on the same test rows
     assert 0.6 < oracle["latent_r"] < 0.95  # not inflated by a prior that contains the test images

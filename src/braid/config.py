@@ -83,13 +83,15 @@ def check(config: dict) -> None:
 def model_is_local(model: dict) -> bool:
     """``model.source`` names a folder on this machine (used as is, never fetched)."""
     source = model["source"]
-    return source != "tiny" and (source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().is_dir())
+    return source not in ("tiny", "ssd1b-architecture") and (source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().is_dir())
 
 
 def model_name(model: dict) -> str:
     """Folder name under resources/models for the configured model: ``<repo>@<revision>[+vae-<repo>@<rev>]``."""
     if model["source"] == "tiny":
         return f"tiny-ssd1b-seed{model.get('seed', 0)}"
+    if model["source"] == "ssd1b-architecture":
+        return f"ssd1b-architecture-seed{model.get('seed', 0)}"
     if model_is_local(model):
         return Path(model["source"]).expanduser().resolve().name
     name = f"{model['source'].replace('/', '--')}@{model.get('revision') or 'main'}"
@@ -110,7 +112,7 @@ def latent_identity(model: dict) -> dict:
     image size, dtype, preprocessing and scaling factor, and stores the whole identity."""
     identity = {"model": model["source"], "revision": model.get("revision"), "variant": model.get("variant"),
                 "vae": model.get("vae"), "vae_revision": model.get("vae_revision")}
-    if model["source"] == "tiny":
+    if model["source"] in ("tiny", "ssd1b-architecture"):
         identity["seed"] = model.get("seed", 0)
     return identity
 

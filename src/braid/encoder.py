@@ -122,14 +122,18 @@ def train(
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, arr in (("x_mean", x_mean), ("x_std", x_std), ("z_mean", z_mean), ("z_std", z_std)):
         state[f"standardiser.{name}"] = torch.from_numpy(arr)
-    meta = {"params": json.dumps(params, sort_keys=True), "n_parameters": str(n_params),
+    from .latents import LatentCache
+
+    weights = LatentCache(latents_path).weights
+    meta = {"params": json.dumps(params, sort_keys=True), "n_parameters": str(n_params), "model_weights": weights,
             "latent_shape": json.dumps(list(latent_shape)), "n_voxels": str(xt.shape[1])}
     with atomic_output(out_model) as tmp:
         save_file(state, str(tmp), metadata=meta)
     hist = pd.DataFrame(history)
     with atomic_output(out_history) as tmp:
         hist.to_csv(tmp, index=False)
-    plot_history(hist, out_plot, f"{params['hidden']} ({n_params:,} parameters)")
+    stamp = "" if weights == "pretrained" else f"NOT A RESULT: latents of a model with {weights.split()[0]} weights\n"
+    plot_history(hist, out_plot, f"{stamp}{params['hidden']} ({n_params:,} parameters)")
     predict_test(model, x_mean, x_std, z_mean, z_std, latent_shape, betas_path, trials_path, latents_path,
                  out_predictions, n_params, device)
     return {"n_parameters": n_params, "final_val_loss": history[-1]["val_loss"]}

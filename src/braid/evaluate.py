@@ -225,6 +225,9 @@ def _plot_summary(table: pd.DataFrame, out_png) -> None:
             ax.axhline(0.5, ls=":", color="grey")
         ax.set_title(col)
         ax.set_xticks(range(len(table)), labels, fontsize=6)
+    if "weights" in table and (table["weights"] != "pretrained").any():
+        fig.suptitle("NOT A RESULT: runs with random model weights (a check of the workflow, not of reconstruction)",
+                     fontsize=9, color="tab:red")
     fig.tight_layout()
     with atomic_output(out_png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -251,8 +254,10 @@ def evaluate_run(predictions, latents, stimuli_path, images, out_metrics, out_gr
     from .latents import LatentCache, read_stimuli
 
     preds = load_predictions(predictions)
-    true = LatentCache(latents).get(preds["nsd_id"])
-    row = {"subject": subject, "encoder": encoder, "strength": strength, "n_parameters": preds["n_parameters"]}
+    cache = LatentCache(latents)
+    true = cache.get(preds["nsd_id"])
+    row = {"subject": subject, "encoder": encoder, "strength": strength, "n_parameters": preds["n_parameters"],
+           "weights": cache.weights}
     row |= latent_metrics(preds["pred"], true, preds["z_mean"], preds["z_std"], preds["nsd_id"])
     ids = np.unique(preds["nsd_id"])
     stimuli = read_stimuli(stimuli_path, ids)
@@ -262,6 +267,9 @@ def evaluate_run(predictions, latents, stimuli_path, images, out_metrics, out_gr
     table = pd.DataFrame([row])
     with atomic_output(out_metrics) as tmp:
         table.to_csv(tmp, index=False)
-    save_grid(stimuli, recons, ids, out_grid, f"{subject} · {encoder} · strength {strength:g} · latent r {row['latent_r']:.2f}")
+    title = f"{subject} · {encoder} · strength {strength:g} · latent r {row['latent_r']:.2f}"
+    if cache.weights != "pretrained":
+        title = f"NOT A RESULT: model weights {cache.weights.split()[0]}\n{title}"
+    save_grid(stimuli, recons, ids, out_grid, title)
     log.info("%s", row)
     return table

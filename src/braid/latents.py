@@ -100,6 +100,28 @@ def read_stimuli(path: str | os.PathLike, nsd_ids: np.ndarray) -> np.ndarray:
     return out
 
 
+RANDOM = "random (not a result)"
+
+
+def weights_of(model_source) -> str:
+    """How results from a model are to be read: ``RANDOM`` for the models built here with random
+    weights (``tiny``, ``ssd1b-architecture``), else ``pretrained``. Stamped on every output that
+    uses the latents (metrics, summary, figures, encoder files)."""
+    from .models import RANDOM_SOURCES
+
+    return RANDOM if model_source in RANDOM_SOURCES else "pretrained"
+
+
+def model_weights(model_dir) -> str:
+    """``RANDOM`` when the model folder's manifest says its weights are random, else ``pretrained``."""
+    from .models import MANIFEST
+
+    manifest = Path(model_dir) / MANIFEST
+    if manifest.is_file() and str(json.loads(manifest.read_text()).get("weights", "")).startswith("random"):
+        return RANDOM
+    return "pretrained"
+
+
 PREPROCESSING = "pil-bicubic-uint8-nocrop"  # Brain-Diffuser's regularize_image; part of a cache's identity
 FORMAT = "braid-latent-cache-1"
 CHUNK = 64  # images per chunk of the latents array, and per commit
@@ -206,7 +228,7 @@ def update_cache(
         )
     size = vae_image_size(vae, image_size)
     identity = {**(identity or {}), "image_size": size, "dtype": dtype, "preprocessing": PREPROCESSING,
-                "scaling_factor": float(vae.config.scaling_factor)}
+                "scaling_factor": float(vae.config.scaling_factor), "weights": model_weights(model_dir)}
     identity = dict(sorted(identity.items()))
     latent_shape = (vae.config.latent_channels, size // 8, size // 8)
     vae = vae.to(memory_format=torch.channels_last)
@@ -274,6 +296,8 @@ class LatentCache:
             raise BraidError(f"{store}: not a BRAID latent cache ({err}); rerun the latents_encode rule") from err
         self.attrs = dict(root.attrs)
         self.shape = tuple(self._latents.shape[1:])
+        identity = self.attrs.get("identity") or {}
+        self.weights = identity.get("weights") or weights_of(identity.get("model"))
         self._order = np.argsort(ids, kind="stable")
         self.ids = ids[self._order]  # sorted; self._order maps back to rows
 
