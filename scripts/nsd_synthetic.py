@@ -2,8 +2,9 @@
 import json
 
 from braid.common import snakemake_job
-from braid.synthetic import generate
+from braid.synthetic import META, generate
 
 with snakemake_job(snakemake):
     p = snakemake.params
-    generate(json.loads(p.cfg), snakemake.input.model, p.root, p.image_size, p.resolution, p.beta_version)
+    root = str(snakemake.output.meta)[: -len(META)]  # the mirror's root: where the meta file sits
+    generate(json.loads(p.cfg), snakemake.input.model, root, p.image_size, p.resolution, p.beta_version)

@@ -1,7 +1,6 @@
 # Helpers shared by the rules files, and the config checks that run before any job.
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -11,10 +10,10 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
-# The library lives in src/braid; make it importable here and in every script job.
-SRC = str(Path(workflow.basedir) / "src")
-sys.path.insert(0, SRC)
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
+# The library lives in src/braid; make it importable here. Script jobs find it through
+# scripts/braid, a link to src/braid (Snakemake puts a script's folder on its sys.path), so that
+# a job needs no environment variable, whether it runs in .venv, a conda env or on a node.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 import braid.config
 import braid.nsd
@@ -89,6 +88,11 @@ def nsd_file(key):
 def mirror_file(key):
     """The source file a fetch reads, when the source is on this machine (synthetic or a mirror)."""
     return [] if FETCH_SOURCE.startswith("s3://") else str(Path(FETCH_SOURCE) / key)
+
+
+def fetch_source(mirror, key):
+    """The source a fetch job reads: the bucket URL, or the local mirror's root derived from its input file."""
+    return FETCH_SOURCE if FETCH_SOURCE.startswith("s3://") else str(mirror)[: -len(key) - 1]
 
 
 ROI_ONLY = NSD["fetch"] == "roi"

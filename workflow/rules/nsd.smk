@@ -22,7 +22,6 @@ rule nsd_synthetic:
         oracle=[f"{SYNTHETIC_ROOT}/{braid.synthetic.oracle_key(s)}" for s in config["synthetic"]["subjects"]],
     params:
         cfg=as_json(config["synthetic"]),
-        root=SYNTHETIC_ROOT,
         image_size=config["model"]["image_size"],
         resolution=NSD["resolution"],
         beta_version=NSD["beta_version"],
@@ -86,7 +85,7 @@ rule nsd_fetch_stimuli_rows:
         stimuli=f"resources/nsd_roi/{{subject}}/{braid.nsd.STIMULI}",
         manifest=f"resources/nsd_roi/{{subject}}/{braid.nsd.STIMULI}.manifest.json",
     params:
-        source=FETCH_SOURCE,
+        source=lambda wc, input: fetch_source(input.mirror, braid.nsd.STIMULI),
         s3=S3_SETTINGS,
     log:
         "logs/nsd/{subject}/fetch_stimuli_rows.log",
