@@ -153,8 +153,11 @@ def test_fp16_variant_files_are_written_and_load(tmp_path):
     assert 0.45 < fp16 / fp32 < 0.55
 
 
-def test_results_of_random_weights_are_stamped():
-    from braid.latents import RANDOM, weights_of
+def test_results_of_random_weights_are_stamped(tiny_model, tmp_path):
+    """The stamp comes from the model folder's manifest: built here with random weights, or not."""
+    from braid.latents import RANDOM, model_weights
 
-    assert weights_of("tiny") == weights_of("ssd1b-architecture") == RANDOM == "random (not a result)"
-    assert weights_of("segmind/SSD-1B") == "pretrained"
+    assert model_weights(tiny_model) == RANDOM == "random (not a result)"
+    local = tmp_path / "local"  # a user's folder (no BRAID manifest) holds pretrained weights
+    shutil.copytree(tiny_model, local, ignore=shutil.ignore_patterns(MANIFEST))
+    assert model_weights(local) == "pretrained"

@@ -328,11 +328,13 @@ def test_a_second_fetch_of_the_same_file_is_refused_while_the_first_runs(s3_serv
         time.sleep(0.05)
     with pytest.raises(BraidError, match=r"another process is fetching it now \(lock .*betas.hdf5.part.lock is held\)"):
         nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=s3_server, part_size=8192)
+    assert (tmp_path / "betas.hdf5.part.lock").exists()  # the refused process leaves the holder's lock alone
     proc.send_signal(signal.SIGKILL)  # the lock dies with its holder
     proc.wait()
     fault_proxy.delay = 0.0
     nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=s3_server, part_size=8192)
     assert dest.read_bytes() == (root / key).read_bytes()
+    assert not (tmp_path / "betas.hdf5.part.lock").exists()  # removed by the fetch that held it
 
 
 def test_fetch_rule_fails_once_on_a_missing_key_and_keeps_each_runs_log(s3_server, tmp_path):

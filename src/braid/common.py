@@ -67,6 +67,37 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def file_lock(lockfile: str | os.PathLike, wait: bool, busy: str = "", remove: bool = False) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lockfile`` for the block.
+
+    ``wait``: block until the holder is done (logging that it waits); otherwise raise a
+    :class:`BraidError` with ``busy``. The operating system releases the lock when its holder
+    dies, so a crash never leaves it held. ``remove`` deletes the file on release: safe only
+    where nobody waits on it (``wait=False`` everywhere), since a waiter would hold a lock on a
+    file that a newcomer no longer sees.
+    """
+    import fcntl
+
+    lockfile = Path(lockfile)
+    lockfile.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lockfile, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not wait:
+            os.close(fd)  # the holder's file stays
+            raise BraidError(busy or f"{lockfile} is held by another process") from None
+        log.info("waiting for %s (held by another job)", lockfile)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        if remove:
+            lockfile.unlink(missing_ok=True)
+        os.close(fd)  # closing releases the lock
+
+
 def history_log(logfile: str | os.PathLike) -> Path:
     """Where every attempt of a job is logged: ``x.log`` -> ``x.history.log`` beside it."""
     logfile = Path(logfile)

@@ -18,7 +18,6 @@ the workflow puts each identity in its own store, so latents of two settings nev
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import BraidError, atomic_output
+from .common import BraidError, atomic_output, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +102,6 @@ def read_stimuli(path: str | os.PathLike, nsd_ids: np.ndarray) -> np.ndarray:
 RANDOM = "random (not a result)"
 
 
-def weights_of(model_source) -> str:
-    """How results from a model are to be read: ``RANDOM`` for the models built here with random
-    weights (``tiny``, ``ssd1b-architecture``), else ``pretrained``. Stamped on every output that
-    uses the latents (metrics, summary, figures, encoder files)."""
-    from .models import RANDOM_SOURCES
-
-    return RANDOM if model_source in RANDOM_SOURCES else "pretrained"
-
-
 def model_weights(model_dir) -> str:
     """``RANDOM`` when the model folder's manifest says its weights are random, else ``pretrained``."""
     from .models import MANIFEST
@@ -140,26 +130,6 @@ def _prefetch(read, groups):
             pending = nxt
         if pending is not None:
             yield pending.result()
-
-
-@contextlib.contextmanager
-def _locked(store: Path):
-    """An exclusive ``flock`` on ``<store>.lock``: jobs of several subjects append to one cache in turn."""
-    import fcntl
-
-    store.parent.mkdir(parents=True, exist_ok=True)
-    lockfile = store.with_name(store.name + ".lock")
-    fd = os.open(lockfile, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("%s: another job is adding latents; waiting for it (lock %s)", store, lockfile)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _open_for_append(store: Path, identity: dict, latent_shape: tuple):
@@ -235,7 +205,7 @@ def update_cache(
     if compile and str(device).startswith("cuda"):
         vae.encoder = torch.compile(vae.encoder)
     ids = np.unique(np.asarray(nsd_ids, dtype=np.int64))
-    with _locked(store):
+    with file_lock(store.with_name(store.name + ".lock"), wait=True):  # subjects append in turn
         root = _open_for_append(store, identity, latent_shape)
         n = int(root.attrs["n_committed"])
         cached = root["nsd_id"][:n] if n else np.zeros(0, np.int64)
@@ -258,9 +228,7 @@ def update_cache(
             "reused": int(ids.size - todo.size), "n_cached": n}
 
 
-def cache_latents(stimuli_path, model_dir, nsd_ids, out_path, **kwargs) -> dict:
-    """Encode the stimuli ``nsd_ids`` into the cache ``out_path`` (see :func:`update_cache`)."""
-    return update_cache(stimuli_path, model_dir, nsd_ids, out_path, **kwargs)
+cache_latents = update_cache  # the older name, kept for callers
 
 
 def write_manifest(path: str | os.PathLike, result: dict, nsd_ids) -> None:
@@ -297,7 +265,7 @@ class LatentCache:
         self.attrs = dict(root.attrs)
         self.shape = tuple(self._latents.shape[1:])
         identity = self.attrs.get("identity") or {}
-        self.weights = identity.get("weights") or weights_of(identity.get("model"))
+        self.weights = identity.get("weights", "pretrained")
         self._order = np.argsort(ids, kind="stable")
         self.ids = ids[self._order]  # sorted; self._order maps back to rows
 

@@ -86,7 +86,6 @@ TINY_VAE_CONFIG = {**SDXL_VAE_CONFIG, "block_out_channels": [16, 32, 32, 32], "l
                    "norm_num_groups": 8, "sample_size": 64}
 TINY_TE_CONFIG = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
                       vocab_size=1000, hidden_act="gelu", projection_dim=32, **_TOKENS)
-RANDOM_SOURCES = ("tiny", "ssd1b-architecture")  # models built here with random weights: never a result
 
 
 def sdxl_components(unet_cfg: dict, vae_cfg: dict, te1_cfg: dict, te2_cfg: dict) -> dict:

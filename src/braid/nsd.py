@@ -9,7 +9,6 @@ and the row of ``imgBrick``), 1-based ``session`` and 1-based ``trial`` within t
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .common import BraidError, atomic_output, subject_label
+from .common import BraidError, atomic_output, file_lock, subject_label
 
 log = logging.getLogger(__name__)
 
@@ -305,34 +304,14 @@ class PartialDownload:
             self.discard()
 
 
-@contextlib.contextmanager
 def exclusive(dest):
-    """Hold ``<dest>.part.lock`` (an exclusive ``flock``) while ``dest`` is being fetched.
-
-    A second process that would write the same ``.part`` files (an orphaned job of a killed
-    Snakemake, and the rerun) is refused with a message; the operating system releases the
-    lock when its holder dies, so a crash never leaves it held.
-    """
-    import fcntl
-
+    """Hold ``<dest>.part.lock`` while ``dest`` is being fetched: a second process that would write
+    the same ``.part`` files (an orphaned job of a killed Snakemake, and the rerun) is refused."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     lockfile = dest.with_name(dest.name + ".part.lock")
-    fd = os.open(lockfile, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise BraidError(
-            f"{dest}: another process is fetching it now (lock {lockfile} is held). Wait for it, or stop it "
-            f"(e.g. a job left running by a Snakemake that was killed) and run again."
-        ) from None
-    try:
-        yield
-    finally:
-        lockfile.unlink(missing_ok=True)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    return file_lock(lockfile, wait=False, remove=True, busy=(
+        f"{dest}: another process is fetching it now (lock {lockfile} is held). Wait for it, or stop it "
+        f"(e.g. a job left running by a Snakemake that was killed) and run again."))
 
 
 def _fetch_s3(source, key, dest, part_size: int = PART_SIZE, **s3) -> int:
