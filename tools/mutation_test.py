@@ -140,7 +140,7 @@ def copy_repo(dest: Path) -> None:
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / f, dest / f)
+        shutil.copy2(REPO / f, dest / f, follow_symlinks=False)  # scripts/braid stays a link
 
 
 def run_tests(workdir: Path, tests: list[str], timeout: float, extra: tuple[str, ...] = ()) -> tuple[str, float]:
