@@ -12,6 +12,7 @@ import yaml
 from snakemake.utils import validate
 
 import braid.config
+import braid.encoder
 from braid.common import BraidError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,8 +23,10 @@ def merge(base: dict, over: dict, top: bool = True) -> dict:
     """BRAID's layering of a --configfile over config/config.yaml: Snakemake's deep merge, except that
     the collections of user-named entries (roi, encoders) are replaced as a whole."""
     out = copy.deepcopy(base)
+    if top and "encoders" in over and "sweep" not in over:
+        out["sweep"] = {}  # the default's sweep is over the default's encoders
     for k, v in over.items():
-        replace = top and k in ("roi", "encoders")
+        replace = top and k in ("roi", "encoders", "sweep")
         out[k] = merge(out[k], v, False) if isinstance(v, dict) and isinstance(out.get(k), dict) and not replace else v
     return out
 
@@ -38,7 +41,7 @@ def load(name):
 
 def test_collections_are_the_schemas_named_mappings_and_are_replaced():
     schema = yaml.safe_load(Path(SCHEMA).read_text())
-    assert braid.config.collection_keys(schema) == ["encoders", "roi"]
+    assert braid.config.collection_keys(schema) == ["encoders", "roi", "sweep"]
     config = {"roi": {"nsdgeneral": [1]}, "encoders": {"mlp": {"lr": 1}, "linear": {}}, "betas": {"trials": "single"}}
     layers = [{"roi": {"prf-visualrois": [1, 2]}, "betas": {"dtype": "float16"}}, {"encoders": {"ridge": {}}}]
     assert braid.config.replace_collections(config, layers, ["encoders", "roi"]) == ["encoders", "roi"]
@@ -52,19 +55,22 @@ def test_collections_are_the_schemas_named_mappings_and_are_replaced():
 def test_shipped_configs_validate_and_pass_checks(name):
     config = load(name)
     braid.config.check(config)
-    assert config["encoders"]  # defaults filled in for every encoder
-    for enc in config["encoders"].values():
-        assert {"hidden", "dropout", "lr", "batch_size", "epochs", "seed", "weight_decay"} <= set(enc)
+    assert config["sweep"]  # both configs draw a frontier
+    kinds = {braid.encoder.spec(cfg)["kind"] for cfg in braid.config.all_encoders(config).values()}
+    assert kinds == {"mlp", "ridge", "lowrank", "student"}
+    assert config["frontier"]["reference"] in braid.config.frontier_encoders(config)
 
 
 def test_real_config_is_the_seed_design():
     config = load("nsd_ssd1b.yaml")
-    mlp = config["encoders"]["mlp"]
-    assert (mlp["hidden"], mlp["dropout"], mlp["lr"], mlp["batch_size"], mlp["epochs"]) == ([2048, 4096], 0.5, 1e-4, 512, 200)
+    mlp = braid.encoder.spec(config["encoders"]["mlp"])
+    assert (mlp["kind"], mlp["hidden"], mlp["dropout"], mlp["lr"], mlp["weight_decay"], mlp["batch_size"], mlp["epochs"]) == (
+        "mlp", [2048, 4096], 0.5, 1e-4, 0.0, 512, 200)
+    assert mlp["k"] == 4657  # the seed's input dimension (85,069,824 parameters with 16,384 latents)
     assert config["model"]["source"] == "segmind/SSD-1B" and config["nsd"]["source"] == "s3://natural-scenes-dataset"
     assert (config["split"]["train"], config["split"]["val"], config["split"]["test"]) == (0.9, 0.05, 0.05)
     assert len(config["sessions"]) * 750 == 7500
-    assert braid.config.encoder_names(config) == ["mlp"]
+    assert braid.config.encoder_names(config) == ["lowrank", "mlp", "ridge", "student"]
 
 
 def test_schema_rejects_unknown_keys_and_values():
@@ -126,3 +132,37 @@ def test_snakemake_lint_is_clean():
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--lint"],
                           capture_output=True, text=True, cwd=REPO)
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+
+
+def test_a_sweep_expands_to_one_encoder_per_combination():
+    config = {"encoders": {"lr": {"kind": "lowrank", "rank": 4}, "net": {"kind": "mlp", "hidden": [8]},
+                           "rr": {"kind": "ridge"}},
+              "sweep": {"lr": {"rank": [2, 16]}, "net": {"hidden": [[4, 8], []], "dropout": [0.0, 0.25]},
+                        "rr": {"voxels": "reliability", "k": [10]}}}
+    sweep = braid.config.sweep_encoders(config)
+    assert sorted(sweep) == ["lr-rank16", "lr-rank2", "net-dropout0-hidden4x8", "net-dropout0-hiddennone",
+                             "net-dropout0.25-hidden4x8", "net-dropout0.25-hiddennone", "rr-k10"]
+    assert sweep["lr-rank2"] == {"kind": "lowrank", "rank": 2}
+    assert sweep["net-dropout0.25-hidden4x8"] == {"kind": "mlp", "hidden": [4, 8], "dropout": 0.25}
+    assert sweep["rr-k10"] == {"kind": "ridge", "voxels": "reliability", "k": 10}  # a scalar is a fixed override
+    assert config["encoders"]["lr"] == {"kind": "lowrank", "rank": 4}  # the base is not modified
+    config["sweep"]["student"] = {"rank": [2]}
+    with pytest.raises(BraidError, match=r"sweep.student: no encoder 'student'"):
+        braid.config.sweep_encoders(config)
+
+
+def test_encoder_settings_are_checked_per_kind():
+    config = load("config.yaml")
+    config["encoders"] = {"r": {"kind": "ridge", "lr": 0.1}, "s": {"kind": "student", "rank": 2},
+                          "t": {"kind": "student", "teacher": "nobody"}, "l": {"kind": "lowrank"},
+                          "m": {"voxels": "reliability"}, "mlp": {}}
+    config["sweep"] = {}
+    with pytest.raises(BraidError) as err:
+        braid.config.check(config)
+    for expected in ("encoders.r: lr not used by kind 'ridge'", "encoders.s: a student encoder needs `teacher`",
+                     "encoders.t: teacher 'nobody' is not an encoder", "encoders.l: a lowrank encoder needs `rank`",
+                     "encoders.m: voxels: reliability needs k"):
+        assert expected in str(err.value)
+    # a kind's spec holds its own settings only: changing another kind's setting reruns nothing
+    assert set(braid.encoder.spec({"kind": "ridge"})) == {"kind", "voxels", "k", "restandardise", "alphas"}
+    assert braid.encoder.spec({})["hidden"] == [2048, 4096] and braid.encoder.spec({})["lr"] == 1e-4

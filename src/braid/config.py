@@ -66,6 +66,7 @@ def check(config: dict) -> None:
     unknown = sorted(set(config.get("train_encoders") or []) - set(config["encoders"]))
     if unknown:
         problems.append(f"train_encoders {unknown} are not defined under encoders ({sorted(config['encoders'])})")
+    problems += _encoder_problems(config)
     steps = config["reconstruct"]["steps"]
     for s in config["reconstruct"]["strengths"]:
         if int(steps * s) == 0:
@@ -78,6 +79,32 @@ def check(config: dict) -> None:
         problems.append("split.train, split.val and split.test must all be > 0 with split.rule 'seed'")
     if problems:
         raise BraidError("config: " + "; ".join(problems))
+
+
+def _encoder_problems(config: dict) -> list[str]:
+    from .encoder import spec
+
+    try:
+        encoders = all_encoders(config)
+    except BraidError as err:
+        return [str(err)]
+    problems = []
+    for name in sorted(encoders):
+        cfg = encoders[name]
+        try:
+            sp = spec(cfg)
+        except BraidError as err:
+            problems.append(f"encoders.{name}: {err}")
+            continue
+        teacher = sp.get("teacher")
+        if teacher and teacher not in encoders:
+            problems.append(f"encoders.{name}: teacher {teacher!r} is not an encoder ({sorted(encoders)})")
+        elif teacher == name:
+            problems.append(f"encoders.{name}: an encoder cannot be its own teacher")
+        ignored = sorted(set(cfg) - set(sp))
+        if ignored:
+            problems.append(f"encoders.{name}: {', '.join(ignored)} not used by kind {sp['kind']!r}; remove them")
+    return problems
 
 
 def model_is_local(model: dict) -> bool:
@@ -124,7 +151,66 @@ def latent_store_name(model: dict) -> str:
 
 
 def encoder_names(config: dict) -> list[str]:
+    """The named encoders that are trained, reconstructed and evaluated (``train_encoders`` or all)."""
     return sorted(config.get("train_encoders") or config["encoders"])
+
+
+LIST_VALUED = ("hidden", "alphas")  # encoder settings whose value is itself a list
+
+
+def _label(value) -> str:
+    if isinstance(value, list):
+        return "x".join(_label(v) for v in value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def sweep_encoders(config: dict) -> dict[str, dict]:
+    """Encoders of ``sweep``: for each base encoder, one per combination of the listed values.
+
+    ``sweep: {lowrank: {rank: [8, 32]}, mlp: {hidden: [[64, 128]]}, ridge: {voxels: reliability,
+    k: [100, 500]}}`` gives ``lowrank-rank8``, ``lowrank-rank32``, ``mlp-hidden64x128``,
+    ``ridge-k100`` and ``ridge-k500``. A list is an axis (a list of lists for ``hidden`` and
+    ``alphas``); any other value is a fixed override. Names carry the axes only.
+    """
+    import itertools
+
+    out: dict[str, dict] = {}
+    for base in sorted(config.get("sweep") or {}):
+        if base not in config["encoders"]:
+            raise BraidError(f"sweep.{base}: no encoder {base!r} under encoders ({sorted(config['encoders'])})")
+        grid = config["sweep"][base]
+        axes, fixed = {}, {}
+        for key in sorted(grid):
+            value = grid[key]
+            is_axis = isinstance(value, list) and (key not in LIST_VALUED or all(isinstance(v, list) for v in value))
+            (axes if is_axis else fixed)[key] = value
+        if not axes:
+            raise BraidError(f"sweep.{base}: give at least one setting a list of values to sweep")
+        for combo in itertools.product(*axes.values()):
+            values = dict(zip(axes, combo))
+            name = "-".join([base, *(f"{k}{_label(v)}" for k, v in values.items())])
+            if name in config["encoders"] or name in out:
+                raise BraidError(f"sweep.{base}: encoder name {name!r} is already taken; rename the encoder")
+            out[name] = copy.deepcopy(config["encoders"][base]) | copy.deepcopy(fixed) | copy.deepcopy(values)
+    return out
+
+
+def all_encoders(config: dict) -> dict[str, dict]:
+    """Every encoder the config can train: the named ones and the sweep's."""
+    return {**config["encoders"], **sweep_encoders(config)}
+
+
+def frontier_encoders(config: dict) -> list[str]:
+    """Encoders on a subject's frontier: the trained named ones, the sweep, and their teachers."""
+    encoders = all_encoders(config)
+    names = set(encoder_names(config)) | set(sweep_encoders(config))
+    todo = list(names)
+    while todo:
+        teacher = encoders[todo.pop()].get("teacher")
+        if teacher and teacher not in names:
+            names.add(teacher)
+            todo.append(teacher)
+    return sorted(names)
 
 
 def strength_label(strength: float) -> str:

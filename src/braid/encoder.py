@@ -1,9 +1,24 @@
-"""The fMRI encoder f_θ: voxels -> the VAE latent z0, trained with MSE on z-scored data.
+"""The fMRI encoders f_θ: voxels -> the VAE latent z0, and how each is fitted.
 
-The seed design is an MLP 4,657 -> 2,048 -> 4,096 -> 16,384 with LayerNorm, ReLU and Dropout
-0.5 after each hidden linear layer, Adam 1e-4, batch 512, 200 epochs, inputs z-scored per voxel
-and targets z-scored per latent dimension with training-split statistics. ``hidden: []`` gives a
-linear encoder — the smallest point of the parameter-count question.
+Every kind works in z-scored space: inputs z-scored per voxel and targets per latent element with
+the training split's statistics (stored with the weights), so that predictions go back to the
+VAE's scale by the inverse map. Kinds (``encoders.<name>.kind`` in the config):
+
+- ``mlp``: the seed design, Linear -> LayerNorm -> ReLU -> Dropout per hidden layer and a linear
+  output, MSE, Adam; at 4,657 inputs and hidden [2048, 4096] it has 85,069,824 parameters.
+- ``ridge``: closed-form ridge regression (Takagi's and Brain-Diffuser's baseline). One
+  eigendecomposition gives the validation predictions of every alpha in the grid at once; the
+  alpha with the lowest validation MSE is kept.
+- ``lowrank``: reduced-rank ridge: voxels -> rank r -> latents, the rank-r truncation of ridge's
+  fitted values (closed form; alpha chosen on validation for that rank). Sweeping r sweeps the
+  parameter count.
+- ``student``: a small network (``rank`` -> low-rank, else an MLP of ``hidden``) trained by
+  gradient descent to match a trained teacher encoder's predictions on the training trials
+  (``distill_weight`` 1 = teacher only, 0 = ground truth only).
+
+Which voxels an encoder reads is part of it (``voxels``: all, or the top ``k`` by split-half
+reliability on training trials only). Parameter counts are those of the network (weights and
+biases), not of the standardiser, as in the seed's count.
 """
 
 from __future__ import annotations
@@ -11,14 +26,55 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .common import BraidError, atomic_output
-from .evaluate import rowwise_pearson, standardiser
+from .evaluate import standardiser
 
 log = logging.getLogger(__name__)
+
+KINDS = ("mlp", "ridge", "lowrank", "student")
+_SELECTION = ("kind", "voxels", "k", "restandardise")
+_GRADIENT = ("lr", "weight_decay", "batch_size", "epochs", "seed", "keep", "patience", "autocast")
+KIND_KEYS = {
+    "mlp": (*_SELECTION, *_GRADIENT, "hidden", "dropout"),
+    "ridge": (*_SELECTION, "alphas"),
+    "lowrank": (*_SELECTION, "alphas", "rank"),
+    "student": (*_SELECTION, *_GRADIENT, "teacher", "hidden", "dropout", "rank", "distill_weight"),
+}
+DEFAULTS = {
+    "kind": "mlp", "voxels": "all", "k": None, "restandardise": False,
+    "hidden": [2048, 4096], "dropout": 0.5, "lr": 1.0e-4, "weight_decay": 0.0, "batch_size": 512, "epochs": 200,
+    "seed": 0, "keep": "best", "patience": None, "autocast": True,
+    "alphas": [float(f"{10 ** (e / 2):.4g}") for e in range(-4, 15)],  # 0.01 ... 1e7, half decades
+    "rank": None, "teacher": None, "distill_weight": 1.0,
+}
+
+
+def spec(cfg: dict) -> dict:
+    """The settings that define an encoder of ``cfg['kind']``, defaults filled in, nothing else:
+    a setting another kind uses (an MLP's lr for ridge) is not part of it, so it reruns nothing."""
+    kind = cfg.get("kind", "mlp")
+    if kind not in KINDS:
+        raise BraidError(f"encoder kind {kind!r} is not one of {', '.join(KINDS)}")
+    out = {key: cfg.get(key, DEFAULTS[key]) for key in KIND_KEYS[kind]}
+    if kind == "student" and not out["teacher"]:
+        raise BraidError("a student encoder needs `teacher`: the name of the encoder it learns from")
+    if kind == "lowrank" and not out["rank"]:
+        raise BraidError("a lowrank encoder needs `rank` (>= 1)")
+    if out["voxels"] == "all" and out["k"] is not None:
+        raise BraidError(f"encoder setting k={out['k']} needs voxels: reliability (voxels: all uses every ROI voxel)")
+    if out["voxels"] != "all" and not out["k"]:
+        raise BraidError(f"voxels: {out['voxels']} needs k, the number of voxels to keep")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
 
 
 def build_mlp(n_in: int, n_out: int, hidden: list[int], dropout: float):
@@ -33,14 +89,39 @@ def build_mlp(n_in: int, n_out: int, hidden: list[int], dropout: float):
     return nn.Sequential(*layers)
 
 
+def build_lowrank(n_in: int, n_out: int, rank: int):
+    """voxels -> rank (no bias) -> latents: n_in*rank + rank*n_out + n_out parameters."""
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Linear(n_in, rank, bias=False), nn.Linear(rank, n_out))
+
+
+def architecture(sp: dict) -> dict:
+    """The network an encoder spec fits: what :func:`build` needs besides the sizes."""
+    if sp["kind"] == "ridge":
+        return {"type": "mlp", "hidden": [], "dropout": 0.0}
+    if sp["kind"] == "lowrank" or (sp["kind"] == "student" and sp["rank"]):
+        return {"type": "lowrank", "rank": int(sp["rank"])}
+    return {"type": "mlp", "hidden": [int(h) for h in sp["hidden"]], "dropout": float(sp["dropout"])}
+
+
+def build(arch: dict, n_in: int, n_out: int):
+    if arch["type"] == "lowrank":
+        return build_lowrank(n_in, n_out, arch["rank"])
+    return build_mlp(n_in, n_out, arch["hidden"], arch["dropout"])
+
+
 def n_parameters(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def load_split(betas_path, trials_path, latents_path, split: str):
-    """Betas rows, target latents (flattened) and trial rows of one split."""
+# ---------------------------------------------------------------------------------------------
+# Data and voxel selection
+
+
+def load_rows(betas_path, trials_path, split: str):
+    """Betas rows (every ROI voxel) and table rows of one split; only that split's rows are read."""
     from .betas import open_betas
-    from .latents import LatentCache
 
     table = pd.read_parquet(trials_path)
     rows = np.flatnonzero(table["split"].to_numpy() == split)
@@ -50,115 +131,418 @@ def load_split(betas_path, trials_path, latents_path, split: str):
     if len(table) != store.shape[0]:
         raise BraidError(f"{trials_path} and {betas_path} disagree on the number of trials; rerun the betas rule")
     betas = np.asarray(store.get_orthogonal_selection((rows, slice(None))), np.float32)
+    return betas, table.iloc[rows].reset_index(drop=True)
+
+
+def load_split(betas_path, trials_path, latents_path, split: str):
+    """Betas rows, target latents (flattened), trial rows and latent shape of one split."""
+    from .latents import LatentCache
+
+    betas, sub = load_rows(betas_path, trials_path, split)
     cache = LatentCache(latents_path)
-    sub = table.iloc[rows].reset_index(drop=True)
-    latents = cache.get(sub["nsd_id"].to_numpy()).reshape(len(rows), -1)
+    latents = cache.get(sub["nsd_id"].to_numpy()).reshape(len(sub), -1)
     return betas, latents, sub, cache.shape
 
 
-def train(
-    betas_path,
-    trials_path,
-    latents_path,
-    params: dict,
-    out_model,
-    out_history,
-    out_plot,
-    out_predictions,
-    device: str = "cpu",
-) -> dict:
-    """Train one encoder; write weights, history, loss curve and the test split's predicted latents."""
+def reliability(betas: np.ndarray, table: pd.DataFrame) -> np.ndarray:
+    """Split-half reliability per voxel from the rows given (the caller passes training rows only).
+
+    Each image seen at least twice contributes the mean of its even-numbered presentations
+    (1st, 3rd) and the mean of its odd-numbered ones (2nd); the score is the Pearson r across
+    images of those two halves. NaN scores (constant voxels) become -1, so they are chosen last.
+    """
+    order = table.reset_index(drop=True).sort_values(["nsd_id", "global_trial"]).index.to_numpy()
+    ids = table["nsd_id"].to_numpy()[order]
+    presentation = pd.Series(ids).groupby(ids).cumcount().to_numpy()
+    counts = pd.Series(ids).map(pd.Series(ids).value_counts()).to_numpy()
+    keep = counts >= 2
+    if np.unique(ids[keep]).size < 3:
+        raise BraidError(
+            f"voxels: reliability needs training images seen at least twice (found {np.unique(ids[keep]).size}); "
+            "use betas.trials: single or average_test, more sessions, or voxels: all"
+        )
+    ids, presentation, x = ids[keep], presentation[keep], betas[order][keep].astype(np.float64)
+    images, inverse = np.unique(ids, return_inverse=True)
+    halves = []
+    for parity in (0, 1):
+        sel = presentation % 2 == parity
+        total = np.zeros((images.size, x.shape[1]))
+        np.add.at(total, inverse[sel], x[sel])
+        halves.append(total / np.bincount(inverse[sel], minlength=images.size)[:, None])
+    a, b = (h - h.mean(0) for h in halves)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    return np.where(np.isfinite(r), r, -1.0)
+
+
+def select_voxels(sp: dict, x_train: np.ndarray, train_rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
+    """Column indices (sorted) an encoder reads, and the scores they were chosen by (None for all).
+
+    Only training rows reach this function, so no validation or test trial informs selection.
+    """
+    n = x_train.shape[1]
+    if sp["voxels"] == "all":
+        return np.arange(n), None
+    if sp["k"] > n:
+        raise BraidError(f"encoder k={sp['k']} exceeds the {n} voxels of the ROI; lower k")
+    scores = reliability(x_train, train_rows)
+    top = np.sort(np.argsort(-scores, kind="stable")[: sp["k"]])
+    return top, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed-form fits
+
+
+class RidgePath:
+    """Ridge regression of z-scored Z on z-scored X for many alphas from one eigendecomposition.
+
+    With X = L diag(sqrt(λ)) Vᵀ (L orthonormal, n x k; k = min(n, p)), the ridge weights are
+    B_α = W0 diag(1/(λ+α)) C with W0 = Xᵀ L and C = Lᵀ Z, and the training fit is
+    L diag(λ/(λ+α)) C. L and λ come from ``eigh`` of the smaller Gram matrix (X Xᵀ when n ≤ p,
+    else XᵀX), computed in float64 on the device. X and Z are centred (z-scored with their own
+    statistics), so there is no intercept.
+    """
+
+    def __init__(self, x, z):
+        import torch
+
+        x = x.double()
+        n, p = x.shape
+        if n <= p:
+            lam, L = torch.linalg.eigh(x @ x.T)
+        else:
+            lam, V = torch.linalg.eigh(x.T @ x)
+        keep = lam > lam.max() * 1e-10
+        lam = lam[keep]
+        if n <= p:
+            L = L[:, keep]
+        else:
+            L = (x @ V[:, keep]) / lam.sqrt()
+        self.lam, self.W0, self.C = lam, x.T @ L, L.T @ z.double()
+        self._G = None
+
+    def weights(self, alpha: float):
+        """p x q ridge weights."""
+        return self.W0 @ (self.C / (self.lam + alpha)[:, None])
+
+    def predict(self, xv, alpha: float):
+        return (xv.double() @ self.W0) @ (self.C / (self.lam + alpha)[:, None])
+
+    def lowrank(self, alpha: float, rank: int):
+        """(p x r, r x q) factors of reduced-rank ridge: B_α projected on the top-r right singular
+        vectors of the training fit F = L D C (D = λ/(λ+α)), so that X W1 W2 is the best rank-r
+        approximation of F."""
+        import torch
+
+        if self._G is None:
+            self._G = self.C @ self.C.T
+        d = self.lam / (self.lam + alpha)
+        s2, E = torch.linalg.eigh(d[:, None] * self._G * d[None, :])
+        top = torch.argsort(s2, descending=True)[:rank]
+        E, s = E[:, top], s2[top].clamp_min(1e-30).sqrt()
+        w2 = (E.T * d[None, :]) @ self.C / s[:, None]  # r x q: Vrᵀ, orthonormal rows
+        w1 = self.weights(alpha) @ w2.T  # p x r
+        return w1, w2
+
+
+def fit_closed_form(sp: dict, xt, zt, xv, zv, model):
+    """Fit a ridge or lowrank ``model`` in place; returns the per-alpha validation table."""
     import torch
-    from safetensors.torch import save_file
+
+    path = RidgePath(xt, zt)
+    rows = []
+    for alpha in sp["alphas"]:
+        if sp["kind"] == "ridge":
+            pred = path.predict(xv, alpha)
+        else:
+            w1, w2 = path.lowrank(alpha, sp["rank"])
+            pred = (xv.double() @ w1) @ w2
+        rows.append({"alpha": float(alpha), "val_loss": float(torch.mean((pred - zv.double()) ** 2))})
+    table = pd.DataFrame(rows)
+    best = int(np.argmin(table["val_loss"].to_numpy()))
+    alpha = float(table["alpha"].iloc[best])
+    if best in (0, len(table) - 1) and len(table) > 1:
+        log.warning("alpha %g is at the edge of the grid %s; widen encoders.<name>.alphas", alpha, sp["alphas"])
+    with torch.no_grad():
+        if sp["kind"] == "ridge":
+            model[0].weight.copy_(path.weights(alpha).T.float())
+            model[0].bias.zero_()
+        else:
+            w1, w2 = path.lowrank(alpha, sp["rank"])
+            model[0].weight.copy_(w1.T.float())
+            model[1].weight.copy_(w2.T.float())
+            model[1].bias.zero_()
+    table["chosen"] = np.arange(len(table)) == best
+    log.info("%s: alpha %g chosen on validation (MSE %.4f)", sp["kind"], alpha, table["val_loss"].iloc[best])
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient training: data on the device, index batches, checkpoints that resume exactly
+
+
+def _rowwise_r(a, b):
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    return ((a * b).sum(1) / ((a * a).sum(1) * (b * b).sum(1)).sqrt().clamp_min(1e-12)).mean()
+
+
+def _write_checkpoint(path: Path, state: dict) -> None:
+    import torch
+
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _read_checkpoint(path: Path, fingerprint: str, device: str):
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a checkpoint that cannot be read is not trusted; training restarts
+        log.warning("%s: unreadable checkpoint (%s); training starts from epoch 0", path, err)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.warning("%s: checkpoint of other settings or data; training starts from epoch 0", path)
+        return None
+    return state
+
+
+def fit_gradient(sp: dict, model, xt, tt, xv, zv, device: str, checkpoint: Path, fingerprint: str,
+                 checkpoint_minutes: float = 10.0) -> pd.DataFrame:
+    """Adam on MSE to targets ``tt`` (z-scored), validated against ``zv`` every epoch.
+
+    Keeps the best validation epoch (``keep: best``) or the last; stops early after ``patience``
+    epochs without improvement. Every ``checkpoint_minutes`` (0 = every epoch) the model, the
+    optimiser, the best state and every random state go to ``checkpoint``; a rerun with the same
+    fingerprint continues from there and ends with the weights an uninterrupted run ends with.
+    bf16 autocast is used on CUDA when ``autocast`` is set.
+    """
+    import torch
     from tqdm import tqdm
 
-    torch.manual_seed(params["seed"])
-    x_tr, z_tr, _, latent_shape = load_split(betas_path, trials_path, latents_path, "train")
-    x_va, z_va, _, _ = load_split(betas_path, trials_path, latents_path, "val")
-    x_mean, x_std = standardiser(x_tr)
-    z_mean, z_std = standardiser(z_tr)
-    for name, arr in (("betas (train)", x_tr), ("latents (train)", z_tr)):
-        if not np.isfinite(arr).all():
-            raise BraidError(f"{name} contain NaN or inf values; rerun the betas/latents rules")
-
-    def prep(x, z):
-        return (
-            torch.from_numpy((x - x_mean) / x_std).to(device),
-            torch.from_numpy((z - z_mean) / z_std).to(device),
-        )
-
-    xt, zt = prep(x_tr, z_tr)
-    xv, zv = prep(x_va, z_va)
-    model = build_mlp(xt.shape[1], zt.shape[1], params["hidden"], params["dropout"]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
-    loss_fn = torch.nn.MSELoss()
-    n_params = n_parameters(model)
-    log.info("encoder %s: %d parameters, %d train / %d val trials", params["hidden"], n_params, len(xt), len(xv))
-
-    gen = torch.Generator().manual_seed(params["seed"])
-    history = []
-    bar = tqdm(range(1, params["epochs"] + 1), desc="epochs", mininterval=2)
+    opt = torch.optim.Adam(model.parameters(), lr=sp["lr"], weight_decay=sp["weight_decay"])
+    gen = torch.Generator().manual_seed(sp["seed"])
+    cuda = device.startswith("cuda")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and sp["autocast"])
+    history: list[dict] = []
+    best = {"epoch": 0, "val_loss": float("inf"), "state": None}
+    start = 0
+    saved = _read_checkpoint(checkpoint, fingerprint, device)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"].cpu())
+        torch.set_rng_state(saved["cpu_rng"].cpu())
+        if cuda and "cuda_rng" in saved:
+            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+        history, start = list(saved["history"]), int(saved["epoch"])
+        best = {"epoch": int(saved["best_epoch"]), "val_loss": float(saved["best_val_loss"]),
+                "state": saved["best_state"]}
+        log.info("resumed from %s at epoch %d", checkpoint, start)
+    n, bs = len(xt), sp["batch_size"]
+    last_save = time.monotonic()
+    bar = tqdm(range(start + 1, sp["epochs"] + 1), desc="epochs", mininterval=2, initial=start, total=sp["epochs"])
     for epoch in bar:
+        if sp["patience"] and epoch - best["epoch"] > sp["patience"] and best["epoch"] > 0:
+            log.info("early stop at epoch %d: no improvement since epoch %d", epoch - 1, best["epoch"])
+            break
         model.train()
-        perm = torch.randperm(len(xt), generator=gen).to(device)
-        total = 0.0
-        for start in range(0, len(xt), params["batch_size"]):
-            idx = perm[start : start + params["batch_size"]]
+        perm = torch.randperm(n, generator=gen).to(device)
+        total = torch.zeros((), device=device)
+        for s in range(0, n, bs):
+            idx = perm[s : s + bs]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xt[idx]), zt[idx])
+            with amp:
+                loss = torch.nn.functional.mse_loss(model(xt[idx]).float(), tt[idx])
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
+            total += loss.detach() * len(idx)
         model.eval()
-        with torch.no_grad():
-            pv = model(xv)
-            val_loss = loss_fn(pv, zv).item()
-        val_r = float(np.mean(rowwise_pearson(pv.cpu().numpy(), zv.cpu().numpy())))
-        history.append({"epoch": epoch, "train_loss": total / len(xt), "val_loss": val_loss, "val_latent_r": val_r})
-        if not np.isfinite(total):
-            raise BraidError(f"training diverged at epoch {epoch} (loss {total}); lower encoders.<name>.lr")
-        bar.set_postfix(train=f"{total / len(xt):.3f}", val=f"{val_loss:.3f}", r=f"{val_r:.3f}")
+        with torch.no_grad(), amp:
+            pv = torch.cat([model(xv[s : s + 4096]).float() for s in range(0, len(xv), 4096)])
+        val_loss = float(torch.mean((pv - zv) ** 2))
+        train_loss = float(total) / n
+        if not np.isfinite(train_loss):
+            raise BraidError(f"training diverged at epoch {epoch} (loss {train_loss}); lower encoders.<name>.lr")
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                        "val_latent_r": float(_rowwise_r(pv, zv))})
+        if val_loss < best["val_loss"]:
+            best = {"epoch": epoch, "val_loss": val_loss,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=best["epoch"])
+        if epoch < sp["epochs"] and time.monotonic() - last_save >= 60 * checkpoint_minutes:
+            state = {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+                     "optimizer": opt.state_dict(), "generator": gen.get_state(), "cpu_rng": torch.get_rng_state(),
+                     "history": history, "best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
+                     "best_state": best["state"]}
+            if cuda:
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
+            _write_checkpoint(checkpoint, state)
+            last_save = time.monotonic()
+    if sp["keep"] == "best" and best["state"] is not None:
+        model.load_state_dict(best["state"])
+    hist = pd.DataFrame(history)
+    hist["kept"] = hist["epoch"] == (best["epoch"] if sp["keep"] == "best" else hist["epoch"].iloc[-1])
+    return hist
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    for name, arr in (("x_mean", x_mean), ("x_std", x_std), ("z_mean", z_mean), ("z_std", z_std)):
-        state[f"standardiser.{name}"] = torch.from_numpy(arr)
+
+# ---------------------------------------------------------------------------------------------
+# Saved encoders
+
+
+class Encoder:
+    """A trained encoder read back from its safetensors file: network, voxels, standardiser."""
+
+    def __init__(self, path, device: str = "cpu"):
+        import torch
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata()
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            self.spec, self.arch = json.loads(meta["spec"]), json.loads(meta["architecture"])
+            self.latent_shape = tuple(json.loads(meta["latent_shape"]))
+        except Exception as err:
+            raise BraidError(f"{path}: not a BRAID encoder file ({err}); rerun the encoder_train rule") from err
+        self.voxels = tensors.pop("selection.voxels").numpy()
+        scores = tensors.pop("selection.scores", None)
+        self.scores = None if scores is None else scores.numpy()
+        self.std = {k: tensors.pop(f"standardiser.{k}").numpy() for k in ("x_mean", "x_std", "z_mean", "z_std")}
+        self.model = build(self.arch, self.voxels.size, int(np.prod(self.latent_shape)))
+        self.model.load_state_dict(tensors)
+        self.model.to(device).eval()
+        self.device, self.meta = device, meta
+
+    def predict_z(self, betas: np.ndarray):
+        """Predictions in z-scored latent space for rows of betas (every ROI voxel)."""
+        import torch
+
+        x = (betas[:, self.voxels] - self.std["x_mean"]) / self.std["x_std"]
+        with torch.no_grad():
+            return self.model(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device)).float()
+
+
+def fingerprint_of(sp: dict, *arrays) -> str:
+    """Settings and a checksum of the data: a checkpoint resumes only the run it came from."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(sp, sort_keys=True).encode())
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def train(betas_path, trials_path, latents_path, params: dict, out_model, out_history, out_plot, out_predictions,
+          device: str = "cpu", teacher=None, checkpoint_minutes: float = 10.0) -> dict:
+    """Fit one encoder; write weights, history, loss curve and validation + test predictions.
+
+    ``teacher`` is the safetensors file of the teacher (students only). The checkpoint lives
+    next to ``out_model`` (``<name>.checkpoint``) and is removed once the outputs are written.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    sp = spec(params)
+    if sp["kind"] == "student" and teacher is None:
+        raise BraidError(f"student encoder: the teacher {sp['teacher']!r}'s encoder file is required")
     from .latents import LatentCache
 
-    weights = LatentCache(latents_path).weights
-    meta = {"params": json.dumps(params, sort_keys=True), "n_parameters": str(n_params), "model_weights": weights,
-            "latent_shape": json.dumps(list(latent_shape)), "n_voxels": str(xt.shape[1])}
+    cache = LatentCache(latents_path)
+    x_all, z_tr, rows_tr, latent_shape = load_split(betas_path, trials_path, latents_path, "train")
+    xv_all, z_va, _, _ = load_split(betas_path, trials_path, latents_path, "val")
+    for name, arr in (("betas (train)", x_all), ("latents (train)", z_tr), ("betas (val)", xv_all)):
+        if not np.isfinite(arr).all():
+            raise BraidError(f"{name} contain NaN or inf values; rerun the betas/latents rules")
+    voxels, scores = select_voxels(sp, x_all, rows_tr)
+    x_tr, x_va = x_all[:, voxels], xv_all[:, voxels]
+    x_mean, x_std = standardiser(x_tr)
+    z_mean, z_std = standardiser(z_tr)
+
+    def dev(a):
+        return torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(device)
+
+    xt, zt = dev((x_tr - x_mean) / x_std), dev((z_tr - z_mean) / z_std)
+    xv, zv = dev((x_va - x_mean) / x_std), dev((z_va - z_mean) / z_std)
+    arch = architecture(sp)
+    torch.manual_seed(sp.get("seed", 0))
+    model = build(arch, xt.shape[1], zt.shape[1]).to(device)
+    n_params = n_parameters(model)
+    log.info("encoder %s %s: %d parameters, %d of %d voxels, %d train / %d val trials", sp["kind"], arch, n_params,
+             voxels.size, x_all.shape[1], len(xt), len(xv))
+    checkpoint = Path(out_model).with_suffix(".checkpoint")
+    if sp["kind"] in ("ridge", "lowrank"):
+        hist = fit_closed_form(sp, xt, zt, xv, zv, model)
+    else:
+        targets = zt
+        if sp["kind"] == "student":
+            t = Encoder(teacher, device)
+            raw = t.predict_z(x_all) * torch.from_numpy(t.std["z_std"]).to(device) + torch.from_numpy(t.std["z_mean"]).to(device)
+            teacher_z = (raw - torch.from_numpy(z_mean).to(device)) / torch.from_numpy(z_std).to(device)
+            w = sp["distill_weight"]
+            targets = w * teacher_z + (1 - w) * zt  # the MSE to this mix = w·MSE(teacher) + (1-w)·MSE(truth) + const
+            log.info("student of %s (%s parameters)", sp["teacher"], t.meta.get("n_parameters"))
+        hist = fit_gradient(sp, model, xt, targets, xv, zv, device, checkpoint,
+                            fingerprint_of(sp, x_tr, z_tr, x_va, voxels),
+                            checkpoint_minutes)
+    model.eval()
+
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, arr in (("x_mean", x_mean), ("x_std", x_std), ("z_mean", z_mean), ("z_std", z_std)):
+        state[f"standardiser.{name}"] = torch.from_numpy(arr)
+    state["selection.voxels"] = torch.from_numpy(voxels.astype(np.int64))
+    if scores is not None:
+        state["selection.scores"] = torch.from_numpy(scores.astype(np.float32))
+    meta = {"spec": json.dumps(sp, sort_keys=True), "architecture": json.dumps(arch, sort_keys=True),
+            "n_parameters": str(n_params), "model_weights": cache.weights,
+            "latent_shape": json.dumps(list(latent_shape)), "n_voxels": str(voxels.size)}
     with atomic_output(out_model) as tmp:
         save_file(state, str(tmp), metadata=meta)
-    hist = pd.DataFrame(history)
+    with atomic_output(Path(out_model).with_suffix(".json")) as tmp:
+        Path(tmp).write_text(json.dumps({"spec": sp, "architecture": arch, "n_parameters": n_params,
+                                         "n_voxels": int(voxels.size), "latent_shape": list(latent_shape),
+                                         "model_weights": cache.weights}, indent=2, sort_keys=True) + "\n")
     with atomic_output(out_history) as tmp:
         hist.to_csv(tmp, index=False)
-    stamp = "" if weights == "pretrained" else f"NOT A RESULT: latents of a model with {weights.split()[0]} weights\n"
-    plot_history(hist, out_plot, f"{stamp}{params['hidden']} ({n_params:,} parameters)")
-    predict_test(model, x_mean, x_std, z_mean, z_std, latent_shape, betas_path, trials_path, latents_path,
-                 out_predictions, n_params, device)
-    return {"n_parameters": n_params, "final_val_loss": history[-1]["val_loss"]}
+    stamp = "" if cache.weights == "pretrained" else f"NOT A RESULT: latents of a model with {cache.weights.split()[0]} weights\n"
+    plot_history(hist, out_plot, f"{stamp}{sp['kind']} {arch} ({n_params:,} parameters, {voxels.size} voxels)")
+    enc = Encoder(out_model, device)
+    write_predictions(enc, sp, betas_path, trials_path, out_predictions, n_params)
+    checkpoint.unlink(missing_ok=True)
+    kept = hist["kept"] if "kept" in hist else hist["chosen"]
+    return {"n_parameters": n_params, "n_voxels": int(voxels.size), "val_loss": float(hist.loc[kept, "val_loss"].iloc[0])}
 
 
-def predict_test(model, x_mean, x_std, z_mean, z_std, latent_shape, betas_path, trials_path, latents_path,
-                 out_path, n_params: int, device: str) -> None:
-    """Predicted latents (latent scale, as img2img consumes them) for every test trial."""
-    import torch
+def write_predictions(enc: Encoder, sp: dict, betas_path, trials_path, out_path, n_params: int) -> None:
+    """Predicted latents in the VAE's scale (as img2img consumes them) for the validation and test
+    trials: the test split at the root (``pred``, ``nsd_id``, ``global_trial``), validation under ``val/``.
+
+    With ``restandardise`` each latent element's predictions are re-standardised across the split
+    and rescaled to the training latents' mean/std (Brain-Diffuser's post-processing)."""
     import zarr
 
-    x_te, _, rows, _ = load_split(betas_path, trials_path, latents_path, "test")
-    model.eval()
-    with torch.no_grad():
-        pred = model(torch.from_numpy((x_te - x_mean) / x_std).to(device)).cpu().numpy()
-    pred = pred * z_std + z_mean
-    shape = (len(pred), *latent_shape)
     with atomic_output(out_path) as tmp:
         root = zarr.open_group(tmp, mode="w")
-        root.create_array("pred", data=pred.reshape(shape).astype(np.float32))
-        root.create_array("nsd_id", data=rows["nsd_id"].to_numpy().astype(np.int64))
-        root.create_array("global_trial", data=rows["global_trial"].to_numpy().astype(np.int64))
-        root.create_array("z_mean", data=z_mean.reshape(latent_shape))
-        root.create_array("z_std", data=z_std.reshape(latent_shape))
-        root.attrs["n_parameters"] = n_params
+        for split, group in (("test", root), ("val", root.create_group("val"))):
+            x, rows = load_rows(betas_path, trials_path, split)
+            z = enc.predict_z(x).cpu().numpy().astype(np.float64)
+            if sp["restandardise"]:
+                sd = z.std(0)
+                z = (z - z.mean(0)) / np.where(sd > 0, sd, 1.0)
+            pred = z * enc.std["z_std"] + enc.std["z_mean"]
+            group.create_array("pred", data=pred.reshape(len(pred), *enc.latent_shape).astype(np.float32))
+            group.create_array("nsd_id", data=rows["nsd_id"].to_numpy().astype(np.int64))
+            group.create_array("global_trial", data=rows["global_trial"].to_numpy().astype(np.int64))
+        root.create_array("z_mean", data=enc.std["z_mean"].reshape(enc.latent_shape))
+        root.create_array("z_std", data=enc.std["z_std"].reshape(enc.latent_shape))
+        root.attrs.update({"n_parameters": n_params, "n_voxels": int(enc.voxels.size), "spec": sp,
+                           "model_weights": enc.meta.get("model_weights", "")})
 
 
 def plot_history(hist: pd.DataFrame, path, title: str) -> None:
@@ -168,14 +552,23 @@ def plot_history(hist: pd.DataFrame, path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
-    a.plot(hist["epoch"], hist["train_loss"], label="train")
-    a.plot(hist["epoch"], hist["val_loss"], label="val")
-    a.set_xlabel("epoch")
+    if "epoch" in hist:
+        a.plot(hist["epoch"], hist["train_loss"], label="train")
+        a.plot(hist["epoch"], hist["val_loss"], label="val")
+        kept = hist[hist["kept"]]
+        a.scatter(kept["epoch"], kept["val_loss"], color="k", zorder=3, s=18, label="kept")
+        a.set_xlabel("epoch")
+        b.plot(hist["epoch"], hist["val_latent_r"], color="tab:green")
+        b.set_xlabel("epoch")
+        b.set_ylabel("val latent r")
+    else:  # closed form: validation MSE against alpha
+        a.semilogx(hist["alpha"], hist["val_loss"], marker="o", label="val")
+        chosen = hist[hist["chosen"]]
+        a.scatter(chosen["alpha"], chosen["val_loss"], color="k", zorder=3, s=30, label="chosen")
+        a.set_xlabel("ridge alpha")
+        b.axis("off")
     a.set_ylabel("MSE (z-scored latents)")
     a.legend()
-    b.plot(hist["epoch"], hist["val_latent_r"], color="tab:green")
-    b.set_xlabel("epoch")
-    b.set_ylabel("val latent r")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_output(path) as tmp:
@@ -183,13 +576,16 @@ def plot_history(hist: pd.DataFrame, path, title: str) -> None:
     plt.close(fig)
 
 
-def load_predictions(path):
+def load_predictions(path, split: str = "test"):
     import zarr
 
     try:
         root = zarr.open_group(path, mode="r")
-        return {k: np.asarray(root[k][:]) for k in ("pred", "nsd_id", "global_trial", "z_mean", "z_std")} | {
-            "n_parameters": int(root.attrs["n_parameters"])
-        }
+        group = root if split == "test" else root[split]
+        out = {k: np.asarray(group[k][:]) for k in ("pred", "nsd_id", "global_trial")}
+        out |= {k: np.asarray(root[k][:]) for k in ("z_mean", "z_std")}
+        attrs = dict(root.attrs)
+        return out | {"n_parameters": int(attrs["n_parameters"]), "n_voxels": int(attrs.get("n_voxels", 0)),
+                      "spec": attrs.get("spec", {})}
     except KeyError as err:
-        raise BraidError(f"{path}: incomplete predictions store ({err}); rerun the encoder rule") from err
+        raise BraidError(f"{path}: incomplete predictions store ({err}); rerun the encoder_train rule") from err

@@ -16,17 +16,22 @@ min_version("9.0")
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 import braid.config
+import braid.encoder
 import braid.nsd
 import braid.synthetic
 from braid.common import BraidError, subject_label, subject_number
 
 # Mappings of user-chosen names (roi, encoders) are replaced, not merged, by a --configfile or
 # --config that names them: a config gets exactly the ROIs and encoders it lists.
-braid.config.replace_collections(
+_replaced = braid.config.replace_collections(
     config,
     [*(load_configfile(f) for f in workflow.config_settings.configfiles), dict(workflow.config_settings.config)],
     braid.config.collection_keys(load_configfile(str(Path(workflow.basedir) / "config" / "schema.yaml"))),
 )
+# The default config's sweep is over its own encoders: a config that names its encoders and no
+# sweep gets no sweep (rather than an error about encoders it never defined).
+if "encoders" in _replaced and "sweep" not in _replaced:
+    config["sweep"] = {}
 validate(config, "../../config/schema.yaml")
 try:
     braid.config.check(config)
@@ -53,7 +58,9 @@ LATENT_IDENTITY = braid.config.latent_identity(config["model"])
 LATENT_STORE = f"results/latents/{braid.config.latent_store_name(config['model'])}.zarr"
 SUBJECTS = [subject_label(s) for s in config["subjects"]]
 STRENGTHS = [braid.config.strength_label(s) for s in config["reconstruct"]["strengths"]]
-ENCODERS = braid.config.encoder_names(config)
+ENCODERS = braid.config.encoder_names(config)  # named encoders: trained, reconstructed, evaluated
+ALL_ENCODERS = braid.config.all_encoders(config)  # and the sweep's, for the frontier
+FRONTIER_ENCODERS = braid.config.frontier_encoders(config)
 
 
 def as_json(value):
@@ -65,6 +72,16 @@ def without(block, *keys):
     """A config block without ``keys``: settings that cannot change a result (batch sizes) are not
     params, so that changing them reruns nothing. Scripts read those, and ``device``, from the config."""
     return {k: v for k, v in block.items() if k not in keys}
+
+
+def encoder_spec(name):
+    """The settings that define encoder ``name`` (its kind's keys, defaults filled in)."""
+    return braid.encoder.spec(ALL_ENCODERS[name])
+
+
+def get_teacher(wildcards):
+    teacher = ALL_ENCODERS[wildcards.encoder].get("teacher")
+    return f"results/{wildcards.subject}/{teacher}/encoder.safetensors" if teacher else []
 
 
 def zarr_store(path):
@@ -157,6 +174,7 @@ def get_final_outputs():
         "results/summary.png",
         *expand("results/{subject}/{encoder}/loss.png", subject=SUBJECTS, encoder=ENCODERS),
         *expand("results/{subject}/latent_stats.png", subject=SUBJECTS),
+        *expand("results/{subject}/frontier.png", subject=SUBJECTS),
         *expand(
             "results/{subject}/{encoder}/strength-{strength}/grid.png",
             subject=SUBJECTS,

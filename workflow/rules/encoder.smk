@@ -1,4 +1,5 @@
-# Stage 4: train each configured encoder per subject; predict the test split's latents.
+# Stage 4: fit each encoder per subject (named ones and the sweep's), predict its validation and
+# test latents; per subject, the quality-vs-parameters frontier of all of them.
 
 
 rule encoder_train:
@@ -6,9 +7,11 @@ rule encoder_train:
         betas=zarr_store("results/{subject}/betas.zarr"),
         trials="results/{subject}/trials.parquet",
         latents="results/{subject}/latents.json",
-        code=src("encoder"),
+        teacher=get_teacher,
+        code=[src("encoder"), src("evaluate")],
     output:
         model="results/{subject}/{encoder}/encoder.safetensors",
+        config="results/{subject}/{encoder}/encoder.json",
         history="results/{subject}/{encoder}/history.csv",
         plot=report(
             "results/{subject}/{encoder}/loss.png",
@@ -18,10 +21,34 @@ rule encoder_train:
         ),
         predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
     params:
-        hp=lambda wc: as_json(config["encoders"][wc.encoder]),
+        spec=lambda wc: as_json(encoder_spec(wc.encoder)),
     log:
         "logs/{subject}/{encoder}/train.log",
     conda:
         "../../envs/braid.yaml"
     script:
         "../../scripts/encoder_train.py"
+
+
+rule encoder_frontier:
+    input:
+        predictions=expand(zarr_store("results/{{subject}}/{encoder}/predictions.zarr"), encoder=FRONTIER_ENCODERS),
+        latents="results/{subject}/latents.json",
+        code=[src("frontier"), src("evaluate")],
+    output:
+        table="results/{subject}/frontier.csv",
+        plot=report(
+            "results/{subject}/frontier.png",
+            caption="../report/frontier.rst",
+            category="Summary",
+            labels={"subject": "{subject}", "figure": "frontier"},
+        ),
+    params:
+        encoders=FRONTIER_ENCODERS,
+        reference=config["frontier"]["reference"],
+    log:
+        "logs/{subject}/frontier.log",
+    conda:
+        "../../envs/braid.yaml"
+    script:
+        "../../scripts/encoder_frontier.py"

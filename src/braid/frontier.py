@@ -1,0 +1,132 @@
+"""The quality-vs-parameters frontier of one subject's encoders: the seed's question, answered.
+
+For every trained encoder (the named ones and the sweep's) the latent scores of its validation
+and test predictions, its parameter count and voxel count; the mean predictor (the training
+latents' mean for every trial, 0 parameters) as the baseline; and the Pareto front: the encoders
+that no encoder with as few or fewer parameters beats.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pandas as pd
+
+from .common import atomic_output
+from .evaluate import latent_metrics
+
+log = logging.getLogger(__name__)
+
+QUALITY = "test_latent_r"
+
+
+def pareto_front(n_parameters, quality) -> np.ndarray:
+    """True where no other point has ≤ parameters and ≥ quality with one of them strict."""
+    n = np.asarray(n_parameters, np.float64)
+    q = np.asarray(quality, np.float64)
+    dominated = ((n[None, :] <= n[:, None]) & (q[None, :] >= q[:, None])
+                 & ((n[None, :] < n[:, None]) | (q[None, :] > q[:, None]))).any(1)
+    return ~dominated & np.isfinite(q)
+
+
+def _scores(pred, true, z_mean, z_std, ids, prefix: str) -> dict:
+    m = latent_metrics(pred, true, z_mean, z_std, ids)
+    mse_z = float(np.mean(((pred - true) / z_std) ** 2))
+    return {f"{prefix}_latent_r": m["latent_r"], f"{prefix}_latent_two_way": m["latent_two_way"],
+            f"{prefix}_mse_z": mse_z, f"{prefix}_latent_mse": m["latent_mse"]}
+
+
+def table(subject: str, predictions: dict[str, str | os.PathLike], latents, reference: str | None) -> pd.DataFrame:
+    """One row per encoder plus the mean predictor; sorted by parameter count."""
+    from .encoder import load_predictions
+    from .latents import LatentCache
+
+    cache = LatentCache(latents)
+    rows = []
+    for name in sorted(predictions):
+        row = {"subject": subject, "encoder": name}
+        for split in ("val", "test"):
+            p = load_predictions(predictions[name], split)
+            row |= _scores(p["pred"], cache.get(p["nsd_id"]), p["z_mean"], p["z_std"], p["nsd_id"], split)
+        row |= {"kind": p["spec"].get("kind", ""), "n_parameters": p["n_parameters"], "n_voxels": p["n_voxels"]}
+        rows.append(row)
+    # the mean predictor: the training latents' mean for every trial (every encoder has the same
+    # training rows, so any store's z_mean is it); a constant correlates with nothing: r 0, 2-way at chance
+    row = {"subject": subject, "encoder": "mean latent (baseline)", "kind": "baseline", "n_parameters": 0, "n_voxels": 0}
+    for split in ("val", "test"):
+        p = load_predictions(predictions[min(predictions)], split)
+        true = cache.get(p["nsd_id"])
+        error = np.broadcast_to(p["z_mean"], true.shape) - true
+        row |= {f"{split}_latent_r": 0.0, f"{split}_latent_two_way": 0.5,
+                f"{split}_mse_z": float(np.mean((error / p["z_std"]) ** 2)), f"{split}_latent_mse": float(np.mean(error**2))}
+    rows.append(row)
+    out = pd.DataFrame(rows)
+    out["weights"] = cache.weights
+    ref = out.loc[out["encoder"] == reference, "n_parameters"]
+    out["fraction_of_reference"] = out["n_parameters"] / ref.iloc[0] if len(ref) else np.nan
+    out["is_reference"] = out["encoder"] == reference
+    out["pareto"] = pareto_front(out["n_parameters"], out[QUALITY])
+    out["pareto_two_way"] = pareto_front(out["n_parameters"], out["test_latent_two_way"])
+    first = ["subject", "encoder", "kind", "n_parameters", "n_voxels", "fraction_of_reference", "is_reference",
+             "pareto", "pareto_two_way"]
+    out = out[first + [c for c in out.columns if c not in first]]
+    return out.sort_values(["n_parameters", "encoder"]).reset_index(drop=True)
+
+
+def write(subject: str, predictions: dict, latents, reference: str | None, out_csv, out_png) -> pd.DataFrame:
+    t = table(subject, predictions, latents, reference)
+    with atomic_output(out_csv) as tmp:
+        t.to_csv(tmp, index=False)
+    plot(t, out_png, subject, reference)
+    front = t[t["pareto"] & (t["kind"] != "baseline")]
+    for r in front.itertuples():
+        log.info("front: %s %s parameters (%.3g of the reference), test latent r %.3f", r.encoder,
+                 f"{r.n_parameters:,}", r.fraction_of_reference, r.test_latent_r)
+    return t
+
+
+KIND_COLOURS = {"mlp": "tab:blue", "ridge": "tab:orange", "lowrank": "tab:green", "student": "tab:purple"}
+
+
+def plot(t: pd.DataFrame, path, subject: str, reference: str | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    enc = t[t["kind"] != "baseline"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    for ax, metric, front_col, label, chance in (
+        (axes[0], "test_latent_r", "pareto", "test latent r (z-scored, per trial)", 0.0),
+        (axes[1], "test_latent_two_way", "pareto_two_way", "test latent 2-way identification", 0.5),
+    ):
+        for kind, group in enc.groupby("kind"):
+            ax.scatter(group["n_parameters"], group[metric], s=28, color=KIND_COLOURS.get(kind, "gray"), label=kind, zorder=3)
+        front = enc[enc[front_col]].sort_values("n_parameters")
+        ax.step(front["n_parameters"], front[metric], where="post", color="k", lw=1, alpha=0.6, label="Pareto front")
+        for r in front.itertuples():
+            ax.annotate(r.encoder, (r.n_parameters, getattr(r, metric)), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ref = enc[enc["is_reference"]]
+        if len(ref):
+            ax.scatter(ref["n_parameters"], ref[metric], marker="*", s=220, facecolor="none", edgecolor="red",
+                       lw=1.5, zorder=4, label=f"seed design ({reference})")
+        ax.axhline(chance, color="gray", ls=":", lw=1, label=f"mean latent / chance ({chance:g})")
+        ax.set_xscale("log")
+        ax.set_xlabel("encoder parameters")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both", lw=0.5)
+    axes[0].legend(fontsize=7, loc="lower right")
+    title = f"{subject}: reconstruction-latent quality against encoder size ({len(enc)} encoders)"
+    if reference and not (enc["is_reference"]).any():
+        title += f" — reference {reference!r} not trained"
+    weights = str(t["weights"].iloc[0])
+    if weights != "pretrained":
+        title = f"NOT A RESULT: latents of a model with {weights.split()[0]} weights\n{title}"
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

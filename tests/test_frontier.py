@@ -1,0 +1,61 @@
+"""The frontier: Pareto front, scores recomputed from the stored arrays, the mean-predictor row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from braid import encoder, frontier
+from test_encoder import noisy_problem, outputs, write_stores
+
+
+def test_pareto_front_keeps_what_nothing_smaller_beats():
+    params = [0, 10, 10, 100, 1000, 1000, 5000]
+    quality = [0.0, 0.3, 0.2, 0.25, 0.6, 0.6, 0.5]
+    # 10/0.2 loses to 10/0.3; 100/0.25 to 10/0.3; 5000/0.5 to 1000/0.6; the equal pair both stay
+    assert frontier.pareto_front(params, quality).tolist() == [True, True, False, False, True, True, False]
+    assert not frontier.pareto_front([1, 2], [np.nan, 0.1])[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("frontier")
+    x, z, split = noisy_problem(n=240, d=30, q=16, noise=1.0, rank=2)
+    paths = write_stores(root, x, z, split)
+    specs = {"ridge": {"kind": "ridge"}, "rank1": {"kind": "lowrank", "rank": 1},
+             "rank4": {"kind": "lowrank", "rank": 4}, "mlp": {"hidden": [64], "dropout": 0.0, "lr": 3e-3,
+                                                               "batch_size": 16, "epochs": 10}}
+    for name, sp in specs.items():
+        encoder.train(*paths, sp, *outputs(root / name))
+    return root, z, split, list(specs)
+
+
+def test_the_table_scores_every_encoder_and_the_mean_predictor(trained, tmp_path):
+    root, z, split, names = trained
+    t = frontier.write("subj01", {n: root / n / "p.zarr" for n in names}, root / "latents.zarr", "mlp",
+                       tmp_path / "f.csv", tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "f.csv"), t, check_dtype=False)
+    assert t["n_parameters"].is_monotonic_increasing
+    assert t["encoder"].tolist() == ["mean latent (baseline)", "rank1", "rank4", "ridge", "mlp"]
+    assert t.set_index("encoder")["n_parameters"].to_dict() == {
+        "mean latent (baseline)": 0, "rank1": 30 + 16 + 16, "rank4": 30 * 4 + 4 * 16 + 16, "ridge": 30 * 16 + 16,
+        "mlp": 30 * 64 + 64 + 2 * 64 + 64 * 16 + 16}
+    tr, te = split == "train", split == "test"
+    mean, sd = z[tr].mean(0), z[tr].std(0)
+    for row in t.itertuples():
+        if row.kind == "baseline":
+            assert row.test_mse_z == pytest.approx(np.mean(((mean - z[te]) / sd) ** 2), rel=1e-5)
+            continue
+        pred = encoder.load_predictions(root / row.encoder / "p.zarr")["pred"].reshape(te.sum(), -1)
+        r = [np.corrcoef((p - mean) / sd, (q - mean) / sd)[0, 1] for p, q in zip(pred, z[te])]
+        assert row.test_latent_r == pytest.approx(np.mean(r), rel=1e-5)
+        assert row.test_mse_z == pytest.approx(np.mean(((pred - z[te]) / sd) ** 2), rel=1e-5)
+        # on this linear, noisy problem every encoder beats the mean predictor by a wide margin
+        assert row.test_mse_z < 0.7 * t["test_mse_z"].iloc[0] and row.test_latent_r > 0.3
+    ref = t.set_index("encoder").loc["mlp"]
+    assert ref["is_reference"] and ref["fraction_of_reference"] == 1
+    assert t.set_index("encoder").loc["ridge", "fraction_of_reference"] == pytest.approx((30 * 16 + 16) / ref["n_parameters"])
+    expected = frontier.pareto_front(t["n_parameters"], t["test_latent_r"])
+    assert t["pareto"].tolist() == expected.tolist() and t["pareto"].iloc[0]
