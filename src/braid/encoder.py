@@ -373,7 +373,7 @@ def fit_gradient(sp: dict, model, xt, tt, xv, zv, device: str, checkpoint: Path,
         if val_loss < best["val_loss"]:
             best = {"epoch": epoch, "val_loss": val_loss,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=best["epoch"])
+        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=best["epoch"], refresh=False)
         if epoch < sp["epochs"] and time.monotonic() - last_save >= 60 * checkpoint_minutes:
             state = {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
                      "optimizer": opt.state_dict(), "generator": gen.get_state(), "cpu_rng": torch.get_rng_state(),
@@ -511,7 +511,9 @@ def train(betas_path, trials_path, latents_path, params: dict, out_model, out_hi
     with atomic_output(out_history) as tmp:
         hist.to_csv(tmp, index=False)
     stamp = "" if cache.weights == "pretrained" else f"NOT A RESULT: latents of a model with {cache.weights.split()[0]} weights\n"
-    plot_history(hist, out_plot, f"{stamp}{sp['kind']} {arch} ({n_params:,} parameters, {voxels.size} voxels)")
+    shape = f"rank {arch['rank']}" if arch["type"] == "lowrank" else f"hidden {arch['hidden']}" if arch["hidden"] else "linear"
+    plot_history(hist, out_plot, f"{stamp}{sp['kind']}, {shape}: {n_params:,} parameters, {voxels.size} voxels",
+                 train_label=f"train (to {sp['teacher']}'s predictions)" if sp["kind"] == "student" else "train")
     enc = Encoder(out_model, device)
     write_predictions(enc, sp, betas_path, trials_path, out_predictions, n_params)
     checkpoint.unlink(missing_ok=True)
@@ -545,15 +547,17 @@ def write_predictions(enc: Encoder, sp: dict, betas_path, trials_path, out_path,
                            "model_weights": enc.meta.get("model_weights", "")})
 
 
-def plot_history(hist: pd.DataFrame, path, title: str) -> None:
+def plot_history(hist: pd.DataFrame, path, title: str, train_label: str = "train") -> None:
+    """Gradient training: losses and validation r per epoch, the kept epoch marked. Closed form:
+    validation MSE against alpha, the chosen alpha marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
     if "epoch" in hist:
-        a.plot(hist["epoch"], hist["train_loss"], label="train")
+        fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
+        a.plot(hist["epoch"], hist["train_loss"], label=train_label)
         a.plot(hist["epoch"], hist["val_loss"], label="val")
         kept = hist[hist["kept"]]
         a.scatter(kept["epoch"], kept["val_loss"], color="k", zorder=3, s=18, label="kept")
@@ -561,12 +565,12 @@ def plot_history(hist: pd.DataFrame, path, title: str) -> None:
         b.plot(hist["epoch"], hist["val_latent_r"], color="tab:green")
         b.set_xlabel("epoch")
         b.set_ylabel("val latent r")
-    else:  # closed form: validation MSE against alpha
+    else:
+        fig, a = plt.subplots(figsize=(5, 3.2))
         a.semilogx(hist["alpha"], hist["val_loss"], marker="o", label="val")
         chosen = hist[hist["chosen"]]
         a.scatter(chosen["alpha"], chosen["val_loss"], color="k", zorder=3, s=30, label="chosen")
         a.set_xlabel("ridge alpha")
-        b.axis("off")
     a.set_ylabel("MSE (z-scored latents)")
     a.legend()
     fig.suptitle(title, fontsize=9)

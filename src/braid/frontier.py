@@ -106,7 +106,7 @@ def plot(t: pd.DataFrame, path, subject: str, reference: str | None) -> None:
             ax.scatter(group["n_parameters"], group[metric], s=28, color=KIND_COLOURS.get(kind, "gray"), label=kind, zorder=3)
         front = enc[enc[front_col]].sort_values("n_parameters")
         ax.step(front["n_parameters"], front[metric], where="post", color="k", lw=1, alpha=0.6, label="Pareto front")
-        for r in front.itertuples():
+        for r in front.itertuples() if metric == QUALITY else ():  # names once, on the left
             ax.annotate(r.encoder, (r.n_parameters, getattr(r, metric)), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
         ref = enc[enc["is_reference"]]
