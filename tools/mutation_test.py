@@ -36,12 +36,13 @@ TESTS = {
     "evaluate": ["tests/test_evaluate.py", "tests/test_encoder.py", "tests/test_synthetic.py"],
     "latents": ["tests/test_latents.py"],
     "reconstruct": ["tests/test_reconstruct.py"],
-    "encoder": ["tests/test_encoder.py"],
+    "encoder": ["tests/test_encoder.py", "tests/test_frontier.py"],
+    "frontier": ["tests/test_frontier.py"],
     "betas": ["tests/test_betas.py"],
     "synthetic": ["tests/test_synthetic.py"],
 }
 # functions whose body is figure layout (sizes, fonts, colours): no test of values can see them
-SKIP = {"plot_history", "save_grid", "_plot_summary"}
+SKIP = {"plot_history", "save_grid", "_plot_summary", "plot"}
 LOG_NAMES = {"log", "logging", "warnings", "logger", "bar", "tqdm"}
 
 SWAP = {
