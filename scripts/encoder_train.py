@@ -8,4 +8,5 @@ with snakemake_job(snakemake):
     i, o = snakemake.input, snakemake.output
     train(store_path(i.betas), i.trials, store_path(i.latents), json.loads(snakemake.params.spec), o.model, o.history,
           o.plot, store_path(o.predictions), device=resolve_device(snakemake.config["device"]),
-          teacher=i.teacher or None, checkpoint_minutes=snakemake.config["training"]["checkpoint_minutes"])
+          teacher=i.teacher or None, ncsnr=i.ncsnr or None,
+          checkpoint_minutes=snakemake.config["training"]["checkpoint_minutes"])

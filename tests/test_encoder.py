@@ -429,3 +429,29 @@ def test_selection_reads_training_trials_only(tmp_path):
     assert runs[0]["selection.voxels"].tolist() == list(range(10))
     for key in runs[0]:
         assert torch.equal(runs[0][key], runs[1][key]), key
+
+
+def test_ncsnr_selection_takes_the_k_highest_of_nsds_volume_at_the_roi_voxels(tmp_path, caplog):
+    import nibabel as nib
+    import zarr
+
+    x, z, split = noisy_problem(d=30)
+    paths = write_stores(tmp_path, x, z[:, :16], split)
+    rng = np.random.default_rng(5)
+    ijk = np.stack(np.unravel_index(rng.choice(6 * 7 * 5, 30, replace=False), (6, 7, 5)), axis=1)
+    zarr.open_group(paths[0], mode="a").create_array("voxel_ijk", data=ijk.astype(np.int32))
+    volume = rng.uniform(0, 2, (6, 7, 5)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "ncsnr.nii.gz"))
+    hp = {"kind": "ridge", "voxels": "ncsnr", "k": 8, "alphas": [10.0]}
+    with caplog.at_level("WARNING"):
+        info = encoder.train(*paths, hp, *outputs(tmp_path), ncsnr=tmp_path / "ncsnr.nii.gz")
+    assert "test images' repeats included" in caplog.text
+    values = volume[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert f.get_tensor("selection.voxels").tolist() == sorted(np.argsort(-values)[:8].tolist())
+    assert info["n_voxels"] == 8 and info["n_parameters"] == 8 * 16 + 16
+    with pytest.raises(BraidError, match="voxels: ncsnr needs NSD's ncsnr.nii.gz"):
+        encoder.train(*paths, hp, *outputs(tmp_path / "none"))
+    (tmp_path / "bad.nii.gz").write_bytes(b"truncated")
+    with pytest.raises(BraidError, match="bad.nii.gz: not a readable NIfTI"):
+        encoder.train(*paths, hp, *outputs(tmp_path / "bad"), ncsnr=tmp_path / "bad.nii.gz")

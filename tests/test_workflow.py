@@ -171,6 +171,32 @@ def test_a_config_gets_exactly_the_rois_it_names(run, tmp_path):
         ["zarr.json", *store.array_keys()])  # nothing but the store: no .snakemake_timestamp inside
 
 
+def test_an_ncsnr_encoder_fetches_nsds_volume_and_selects_by_it(run, tmp_path):
+    """voxels: ncsnr adds a whole-object fetch of the subject's ncsnr.nii.gz (the synthetic mirror's
+    holds the true SNR: 1/noise_sd in nsdgeneral) and ranks the ROI's voxels by it."""
+    import nibabel as nib
+    import zarr
+    from safetensors import safe_open
+
+    work = tmp_path / "w"
+    for part in ("resources", "results", ".snakemake/metadata"):
+        shutil.copytree(run / part, work / part)
+    override = tmp_path / "ncsnr.yaml"
+    override.write_text(yaml.safe_dump({"encoders": {"ridge_ncsnr": {"kind": "ridge", "voxels": "ncsnr", "k": 50}}}))
+    key = "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR/ncsnr.nii.gz"
+    target = "results/subj01/ridge_ncsnr/encoder.json"
+    plan = snakemake(work, "-n", target, "--configfile", str(override))
+    assert planned_rules(plan) == {"nsd_fetch", "encoder_train"} and f"resources/nsd/{key}" in plan.stdout
+    snakemake(work, target, "--cores", "2", "--configfile", str(override))
+    volume = np.asarray(nib.load(work / "resources" / "nsd" / key).dataobj)
+    ijk = zarr.open_group(work / "results/subj01/betas.zarr", mode="r")["voxel_ijk"][:]
+    values = volume[tuple(ijk.T)]
+    assert (values > 0).all()  # every nsdgeneral voxel carries signal in the synthetic NSD
+    with safe_open(str(work / "results/subj01/ridge_ncsnr/encoder.safetensors"), "pt") as f:
+        chosen = f.get_tensor("selection.voxels").numpy()
+    assert chosen.size == 50 and values[chosen].min() >= np.sort(values)[-50]
+
+
 def test_bad_config_stops_before_any_job(tmp_path):
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["sessions"] = [1, 9]

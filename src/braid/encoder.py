@@ -17,7 +17,7 @@ VAE's scale by the inverse map. Kinds (``encoders.<name>.kind`` in the config):
   (``distill_weight`` 1 = teacher only, 0 = ground truth only).
 
 Which voxels an encoder reads is part of it (``voxels``: all, or the top ``k`` by split-half
-reliability on training trials only). Parameter counts are those of the network (weights and
+reliability on training trials only, or NSD's ``ncsnr``). Parameter counts are those of the network (weights and
 biases), not of the standardiser, as in the seed's count.
 """
 
@@ -67,7 +67,7 @@ def spec(cfg: dict) -> dict:
     if kind == "lowrank" and not out["rank"]:
         raise BraidError("a lowrank encoder needs `rank` (>= 1)")
     if out["voxels"] == "all" and out["k"] is not None:
-        raise BraidError(f"encoder setting k={out['k']} needs voxels: reliability (voxels: all uses every ROI voxel)")
+        raise BraidError(f"encoder setting k={out['k']} needs voxels: reliability or ncsnr (voxels: all uses every ROI voxel)")
     if out["voxels"] != "all" and not out["k"]:
         raise BraidError(f"voxels: {out['voxels']} needs k, the number of voxels to keep")
     return out
@@ -175,17 +175,45 @@ def reliability(betas: np.ndarray, table: pd.DataFrame) -> np.ndarray:
     return np.where(np.isfinite(r), r, -1.0)
 
 
-def select_voxels(sp: dict, x_train: np.ndarray, train_rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
+def ncsnr_scores(ncsnr_path, betas_path) -> np.ndarray:
+    """NSD's ncsnr at each column of the betas store (its ``voxel_ijk``); NaN scores become -1."""
+    import nibabel as nib
+
+    from .betas import open_betas
+
+    try:
+        volume = np.asarray(nib.load(str(ncsnr_path)).dataobj, dtype=np.float64)
+    except Exception as err:
+        raise BraidError(f"{ncsnr_path}: not a readable NIfTI volume ({err}); delete it and rerun nsd_fetch") from err
+    ijk = np.asarray(open_betas(betas_path)["voxel_ijk"][:])
+    if volume.ndim != 3 or (ijk >= np.array(volume.shape)).any():
+        raise BraidError(f"{ncsnr_path}: shape {volume.shape} does not hold the ROI voxels of {betas_path}; "
+                         "check nsd.resolution and nsd.beta_version")
+    scores = volume[tuple(ijk.T)]
+    return np.where(np.isfinite(scores), scores, -1.0)
+
+
+def select_voxels(sp: dict, x_train: np.ndarray, train_rows: pd.DataFrame,
+                  ncsnr: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Column indices (sorted) an encoder reads, and the scores they were chosen by (None for all).
 
-    Only training rows reach this function, so no validation or test trial informs selection.
+    ``reliability`` is computed here from training rows only (no validation or test trial
+    reaches this function). ``ncsnr`` takes NSD's precomputed scores (``ncsnr``, one per column),
+    which NSD derived from all of the subject's trials, test images included.
     """
     n = x_train.shape[1]
     if sp["voxels"] == "all":
         return np.arange(n), None
     if sp["k"] > n:
         raise BraidError(f"encoder k={sp['k']} exceeds the {n} voxels of the ROI; lower k")
-    scores = reliability(x_train, train_rows)
+    if sp["voxels"] == "ncsnr":
+        if ncsnr is None:
+            raise BraidError("voxels: ncsnr needs NSD's ncsnr.nii.gz of the subject (the encoder_train rule fetches it)")
+        log.warning("voxels: ncsnr ranks voxels by NSD's ncsnr, which NSD computed from all trials, the test "
+                    "images' repeats included; voxels: reliability uses training trials only")
+        scores = np.asarray(ncsnr, np.float64)
+    else:
+        scores = reliability(x_train, train_rows)
     top = np.sort(np.argsort(-scores, kind="stable")[: sp["k"]])
     return top, scores
 
@@ -440,10 +468,11 @@ def fingerprint_of(sp: dict, *arrays) -> str:
 
 
 def train(betas_path, trials_path, latents_path, params: dict, out_model, out_history, out_plot, out_predictions,
-          device: str = "cpu", teacher=None, checkpoint_minutes: float = 10.0) -> dict:
+          device: str = "cpu", teacher=None, checkpoint_minutes: float = 10.0, ncsnr=None) -> dict:
     """Fit one encoder; write weights, history, loss curve and validation + test predictions.
 
-    ``teacher`` is the safetensors file of the teacher (students only). The checkpoint lives
+    ``teacher`` is the safetensors file of the teacher (students only), ``ncsnr`` NSD's ncsnr
+    volume of the subject (``voxels: ncsnr`` only). The checkpoint lives
     next to ``out_model`` (``<name>.checkpoint``) and is removed once the outputs are written.
     """
     import torch
@@ -460,7 +489,8 @@ def train(betas_path, trials_path, latents_path, params: dict, out_model, out_hi
     for name, arr in (("betas (train)", x_all), ("latents (train)", z_tr), ("betas (val)", xv_all)):
         if not np.isfinite(arr).all():
             raise BraidError(f"{name} contain NaN or inf values; rerun the betas/latents rules")
-    voxels, scores = select_voxels(sp, x_all, rows_tr)
+    ncsnr_values = ncsnr_scores(ncsnr, betas_path) if sp["voxels"] == "ncsnr" and ncsnr else None
+    voxels, scores = select_voxels(sp, x_all, rows_tr, ncsnr_values)
     x_tr, x_va = x_all[:, voxels], xv_all[:, voxels]
     x_mean, x_std = standardiser(x_tr)
     z_mean, z_std = standardiser(z_tr)

@@ -44,6 +44,12 @@ def brainmask_key(subject: int, resolution: str = "func1pt8mm") -> str:
     return f"nsddata/ppdata/{subject_label(subject)}/{resolution}/brainmask.nii.gz"
 
 
+def ncsnr_key(subject: int, resolution: str = "func1pt8mm", version: str = "betas_fithrf_GLMdenoise_RR") -> str:
+    """NSD's noise-ceiling SNR volume (X, Y, Z) of a subject's betas. NSD computes it from all of the
+    subject's trials, shared (test) images included."""
+    return f"nsddata_betas/ppdata/{subject_label(subject)}/{resolution}/{version}/ncsnr.nii.gz"
+
+
 def betas_key(
     subject: int,
     session: int,

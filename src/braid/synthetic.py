@@ -69,7 +69,7 @@ def keys(cfg: dict, resolution: str = "func1pt8mm", beta_version: str = "betas_f
     """Every bucket key the generator writes for ``cfg`` (the synthetic block of the config)."""
     out = [nsd.EXPDESIGN, nsd.STIM_INFO, nsd.STIM_INFO_PKL, nsd.STIMULI]
     for s in cfg["subjects"]:
-        out += [nsd.brainmask_key(s, resolution)]
+        out += [nsd.brainmask_key(s, resolution), nsd.ncsnr_key(s, resolution, beta_version)]
         out += [nsd.roi_key(s, f"{hemi}{roi}", resolution) for roi in ROIS for hemi in ("", "lh.", "rh.")]
         for n in range(1, cfg["sessions"] + 1):
             key = nsd.betas_key(s, n, resolution, beta_version)
@@ -298,6 +298,10 @@ def generate(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.PathLike
                 _save_nifti(rois[name], out / nsd.roi_key(s, name, resolution))
         brain_zyx = rois["brainmask"].T > 0
         roi_zyx = rois["nsdgeneral"].T > 0
+        # the noise-ceiling SNR as NSD defines it (signal sd / noise sd), here known exactly: the
+        # signal has unit variance in ROI voxels and none elsewhere
+        ncsnr = np.where(rois["nsdgeneral"] > 0, 1.0 / max(noise_sd, 1e-6), 0.0).astype(np.float32)
+        _save_nifti(ncsnr, out / nsd.ncsnr_key(s, resolution, beta_version))
         in_roi = roi_zyx[brain_zyx]  # ROI voxels, in the order of the brain voxels
         n_vox = int(roi_zyx.sum())
         weights = rng.standard_normal((n_vox, z.shape[1]))

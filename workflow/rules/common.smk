@@ -84,6 +84,14 @@ def get_teacher(wildcards):
     return f"results/{wildcards.subject}/{teacher}/encoder.safetensors" if teacher else []
 
 
+def get_ncsnr(wildcards):
+    """NSD's ncsnr volume, for an encoder that selects voxels by it (a whole-object fetch)."""
+    if braid.encoder.spec(ALL_ENCODERS[wildcards.encoder])["voxels"] != "ncsnr":
+        return []
+    s = int(wildcards.subject[4:])
+    return nsd_file(braid.nsd.ncsnr_key(s, NSD["resolution"], NSD["beta_version"]))
+
+
 def zarr_store(path):
     """A Zarr store as a rule's input or output, by its root metadata file ``zarr.json``.
 

@@ -8,6 +8,7 @@ rule encoder_train:
         trials="results/{subject}/trials.parquet",
         latents="results/{subject}/latents.json",
         teacher=get_teacher,
+        ncsnr=get_ncsnr,
         code=[src("encoder"), src("evaluate")],
     output:
         model="results/{subject}/{encoder}/encoder.safetensors",
