@@ -16,6 +16,7 @@ def test_pareto_front_keeps_what_nothing_smaller_beats():
     # 10/0.2 loses to 10/0.3; 100/0.25 to 10/0.3; 5000/0.5 to 1000/0.6; the equal pair both stay
     assert frontier.pareto_front(params, quality).tolist() == [True, True, False, False, True, True, False]
     assert not frontier.pareto_front([1, 2], [np.nan, 0.1])[0]
+    assert frontier.pareto_front([10, 20], [0.3, 0.3]).tolist() == [True, False]  # as good, but bigger
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +32,17 @@ def trained(tmp_path_factory):
     return root, z, split, list(specs)
 
 
-def test_the_table_scores_every_encoder_and_the_mean_predictor(trained, tmp_path):
+def test_the_table_scores_every_encoder_and_the_mean_predictor(trained, tmp_path, caplog):
     root, z, split, names = trained
+    caplog.set_level("INFO")
     t = frontier.write("subj01", {n: root / n / "p.zarr" for n in names}, root / "latents.zarr", "mlp",
                        tmp_path / "f.csv", tmp_path / "f.png")
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "f.csv"), t, check_dtype=False)
-    assert t["n_parameters"].is_monotonic_increasing
+    assert t["n_parameters"].is_monotonic_increasing and t.index.tolist() == list(range(len(t)))
+    assert "index" not in t.columns
+    front_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("front:")]
+    assert front_lines and not any("mean latent" in line for line in front_lines)
     assert t["encoder"].tolist() == ["mean latent (baseline)", "rank1", "rank4", "ridge", "mlp"]
     assert t.set_index("encoder")["n_parameters"].to_dict() == {
         "mean latent (baseline)": 0, "rank1": 30 + 16 + 16, "rank4": 30 * 4 + 4 * 16 + 16, "ridge": 30 * 16 + 16,
@@ -47,6 +52,8 @@ def test_the_table_scores_every_encoder_and_the_mean_predictor(trained, tmp_path
     for row in t.itertuples():
         if row.kind == "baseline":
             assert row.test_mse_z == pytest.approx(np.mean(((mean - z[te]) / sd) ** 2), rel=1e-5)
+            assert row.test_latent_mse == pytest.approx(np.mean((mean - z[te]) ** 2), rel=1e-5)
+            assert (row.n_voxels, row.test_latent_r, row.val_latent_r, row.test_latent_two_way) == (0, 0.0, 0.0, 0.5)
             continue
         pred = encoder.load_predictions(root / row.encoder / "p.zarr")["pred"].reshape(te.sum(), -1)
         r = [np.corrcoef((p - mean) / sd, (q - mean) / sd)[0, 1] for p, q in zip(pred, z[te])]
