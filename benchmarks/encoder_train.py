@@ -16,8 +16,8 @@ batch 512, Adam 1e-4, Dropout 0.5), on random data:
 Each runs one untimed warm-up epoch, then ``--epochs`` timed epochs. Prints training samples/s,
 the ratio to the baseline and the achieved FLOP/s (6 x parameters per sample: forward 2N,
 backward 4N), against the device's peak where it is known (``--peak-tflops`` to give it).
-Then ridge: one eigendecomposition and the validation predictions of 19 alphas
-(``braid.encoder.RidgePath``) at ``--ridge-samples`` x ``--ridge-voxels``. ``--seed-run`` also
+Then ridge: one eigendecomposition, the validation predictions of 19 alphas and the weights
+(``braid.encoder.fit_closed_form``) at ``--ridge-samples`` x ``--ridge-voxels``. ``--seed-run`` also
 times the seed's whole run with BRAID's loop (6,750 samples x 200 epochs; meant for a GPU).
 Timings depend on the machine; the ratios are what to compare.
 """
@@ -100,20 +100,21 @@ def braid_epochs(x, z, xv, zv, sp, device: str, epochs: int) -> float:
 
 
 def ridge_seconds(n: int, p: int, q: int, device: str) -> float:
+    """``braid.encoder.fit_closed_form`` with the default 19-alpha grid, validation on n/20 rows."""
     import torch
 
-    from braid.encoder import DEFAULTS, RidgePath
+    from braid.encoder import build_mlp, fit_closed_form, spec
 
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.standard_normal((n, p), dtype=np.float32)).to(device)
     z = torch.from_numpy(rng.standard_normal((n, q), dtype=np.float32)).to(device)
-    xv = x[: max(1, n // 20)]
+    nv = max(2, n // 20)
+    model = build_mlp(p, q, [], 0.0).to(device)
     sync(device)
     start = time.perf_counter()
-    path = RidgePath(x, z)
-    losses = [float(((path.predict(xv, a) - z[: len(xv)]) ** 2).mean()) for a in DEFAULTS["alphas"]]
+    table = fit_closed_form(spec({"kind": "ridge"}), x, z, x[:nv], z[:nv], model)
     sync(device)
-    assert np.isfinite(losses).all()
+    assert np.isfinite(table["val_loss"]).all()
     return time.perf_counter() - start
 
 

@@ -146,6 +146,13 @@ def test_a_sweep_expands_to_one_encoder_per_combination():
     assert sweep["net-dropout0.25-hidden4x8"] == {"kind": "mlp", "hidden": [4, 8], "dropout": 0.25}
     assert sweep["rr-k10"] == {"kind": "ridge", "voxels": "reliability", "k": 10}  # a scalar is a fixed override
     assert config["encoders"]["lr"] == {"kind": "lowrank", "rank": 4}  # the base is not modified
+    schema = yaml.safe_load(Path(SCHEMA).read_text())
+    braid.config.validate_sweep(config, schema)
+    bad = copy.deepcopy(config) | {"sweep": {"lr": {"rank": [2, "8"]}, "net": {"dropout": [1.5]}}}
+    with pytest.raises(BraidError) as err:
+        braid.config.validate_sweep(bad, schema)
+    assert "sweep encoder lr-rank8.rank: '8' is not of type" in str(err.value)
+    assert "sweep encoder net-dropout1.5.dropout: 1.5 is greater than the maximum of 1" in str(err.value)
     config["sweep"]["student"] = {"rank": [2]}
     with pytest.raises(BraidError, match=r"sweep.student: no encoder 'student'"):
         braid.config.sweep_encoders(config)

@@ -195,6 +195,20 @@ def sweep_encoders(config: dict) -> dict[str, dict]:
     return out
 
 
+def validate_sweep(config: dict, schema: dict) -> None:
+    """Each encoder a sweep makes must satisfy the schema's encoder entry (``rank: ["8"]`` is refused)."""
+    import jsonschema
+
+    entry = schema["properties"]["encoders"]["additionalProperties"]
+    problems = []
+    for name, cfg in sweep_encoders(config).items():
+        for err in jsonschema.Draft202012Validator(entry).iter_errors(cfg):
+            where = ".".join(str(p) for p in err.path)
+            problems.append(f"sweep encoder {name}{'.' + where if where else ''}: {err.message}")
+    if problems:
+        raise BraidError("config: " + "; ".join(problems))
+
+
 def all_encoders(config: dict) -> dict[str, dict]:
     """Every encoder the config can train: the named ones and the sweep's."""
     return {**config["encoders"], **sweep_encoders(config)}

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .common import BraidError, atomic_output
-from .evaluate import standardiser
+from .evaluate import rowwise_pearson, standardiser
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +134,13 @@ def load_rows(betas_path, trials_path, split: str):
     return betas, table.iloc[rows].reset_index(drop=True)
 
 
-def load_split(betas_path, trials_path, latents_path, split: str):
-    """Betas rows, target latents (flattened), trial rows and latent shape of one split."""
+def load_split(betas_path, trials_path, latents, split: str):
+    """Betas rows, target latents (flattened), trial rows and latent shape of one split.
+    ``latents``: a :class:`braid.latents.LatentCache`, or the path of one."""
     from .latents import LatentCache
 
     betas, sub = load_rows(betas_path, trials_path, split)
-    cache = LatentCache(latents_path)
+    cache = latents if isinstance(latents, LatentCache) else LatentCache(latents)
     latents = cache.get(sub["nsd_id"].to_numpy()).reshape(len(sub), -1)
     return betas, latents, sub, cache.shape
 
@@ -250,17 +251,15 @@ class RidgePath:
         self.lam, self.W0, self.C = lam, x.T @ L, L.T @ z.double()
         self._G = None
 
-    def weights(self, alpha: float):
-        """p x q ridge weights."""
-        return self.W0 @ (self.C / (self.lam + alpha)[:, None])
-
-    def predict(self, xv, alpha: float):
-        return (xv.double() @ self.W0) @ (self.C / (self.lam + alpha)[:, None])
+    def coefficients(self, alpha: float):
+        """k x q: the ridge weights are ``W0 @ coefficients`` and the predictions for X' are
+        ``(X' W0) @ coefficients``, so ``X' W0`` is computed once for every alpha."""
+        return self.C / (self.lam + alpha)[:, None]
 
     def lowrank(self, alpha: float, rank: int):
-        """(p x r, r x q) factors of reduced-rank ridge: B_α projected on the top-r right singular
-        vectors of the training fit F = L D C (D = λ/(λ+α)), so that X W1 W2 is the best rank-r
-        approximation of F."""
+        """(k x r, r x q) factors of reduced-rank ridge: B_α projected on the top-r right singular
+        vectors Vr of the training fit F = L D C (D = λ/(λ+α)), so that X (W0 M) W2 is the best
+        rank-r approximation of F; the p x r first layer is ``W0 @ M``."""
         import torch
 
         if self._G is None:
@@ -270,8 +269,7 @@ class RidgePath:
         top = torch.argsort(s2, descending=True)[:rank]
         E, s = E[:, top], s2[top].clamp_min(1e-30).sqrt()
         w2 = (E.T * d[None, :]) @ self.C / s[:, None]  # r x q: Vrᵀ, orthonormal rows
-        w1 = self.weights(alpha) @ w2.T  # p x r
-        return w1, w2
+        return self.coefficients(alpha) @ w2.T, w2
 
 
 def fit_closed_form(sp: dict, xt, zt, xv, zv, model):
@@ -279,27 +277,27 @@ def fit_closed_form(sp: dict, xt, zt, xv, zv, model):
     import torch
 
     path = RidgePath(xt, zt)
-    rows = []
+    xv_w0 = xv.double() @ path.W0  # nv x k, shared by every alpha
+    rows, kept = [], None  # only the best fit so far is kept (a ridge fit is k x q doubles)
     for alpha in sp["alphas"]:
-        if sp["kind"] == "ridge":
-            pred = path.predict(xv, alpha)
-        else:
-            w1, w2 = path.lowrank(alpha, sp["rank"])
-            pred = (xv.double() @ w1) @ w2
+        fit = (path.coefficients(alpha),) if sp["kind"] == "ridge" else path.lowrank(alpha, sp["rank"])
+        pred = xv_w0 @ fit[0] if len(fit) == 1 else (xv_w0 @ fit[0]) @ fit[1]
         rows.append({"alpha": float(alpha), "val_loss": float(torch.mean((pred - zv.double()) ** 2))})
+        if kept is None or rows[-1]["val_loss"] < kept[0]:
+            kept = (rows[-1]["val_loss"], fit)
     table = pd.DataFrame(rows)
-    best = int(np.argmin(table["val_loss"].to_numpy()))
+    best = int(np.argmin(table["val_loss"].to_numpy()))  # the first minimum, as the loop keeps it
     alpha = float(table["alpha"].iloc[best])
+    fit = kept[1]
     if best in (0, len(table) - 1) and len(table) > 1:
         log.warning("alpha %g is at the edge of the grid %s; widen encoders.<name>.alphas", alpha, sp["alphas"])
+    first = (path.W0 @ fit[0]).T.float()  # ridge: q x p; lowrank: r x p
     with torch.no_grad():
+        model[0].weight.copy_(first)
         if sp["kind"] == "ridge":
-            model[0].weight.copy_(path.weights(alpha).T.float())
             model[0].bias.zero_()
         else:
-            w1, w2 = path.lowrank(alpha, sp["rank"])
-            model[0].weight.copy_(w1.T.float())
-            model[1].weight.copy_(w2.T.float())
+            model[1].weight.copy_(fit[1].T.float())
             model[1].bias.zero_()
     table["chosen"] = np.arange(len(table)) == best
     log.info("%s: alpha %g chosen on validation (MSE %.4f)", sp["kind"], alpha, table["val_loss"].iloc[best])
@@ -308,12 +306,6 @@ def fit_closed_form(sp: dict, xt, zt, xv, zv, model):
 
 # ---------------------------------------------------------------------------------------------
 # Gradient training: data on the device, index batches, checkpoints that resume exactly
-
-
-def _rowwise_r(a, b):
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    return ((a * b).sum(1) / ((a * a).sum(1) * (b * b).sum(1)).sqrt().clamp_min(1e-12)).mean()
 
 
 def _write_checkpoint(path: Path, state: dict) -> None:
@@ -355,7 +347,9 @@ def fit_gradient(sp: dict, model, xt, tt, xv, zv, device: str, checkpoint: Path,
     opt = torch.optim.Adam(model.parameters(), lr=sp["lr"], weight_decay=sp["weight_decay"])
     gen = torch.Generator().manual_seed(sp["seed"])
     cuda = device.startswith("cuda")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and sp["autocast"])
+    def amp():  # a fresh context per use
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and sp["autocast"])
+
     history: list[dict] = []
     best = {"epoch": 0, "val_loss": float("inf"), "state": None}
     start = 0
@@ -372,6 +366,7 @@ def fit_gradient(sp: dict, model, xt, tt, xv, zv, device: str, checkpoint: Path,
                 "state": saved["best_state"]}
         log.info("resumed from %s at epoch %d", checkpoint, start)
     n, bs = len(xt), sp["batch_size"]
+    zv_host = zv.cpu().numpy()
     last_save = time.monotonic()
     bar = tqdm(range(start + 1, sp["epochs"] + 1), desc="epochs", mininterval=2, initial=start, total=sp["epochs"])
     for epoch in bar:
@@ -384,20 +379,20 @@ def fit_gradient(sp: dict, model, xt, tt, xv, zv, device: str, checkpoint: Path,
         for s in range(0, n, bs):
             idx = perm[s : s + bs]
             opt.zero_grad(set_to_none=True)
-            with amp:
+            with amp():
                 loss = torch.nn.functional.mse_loss(model(xt[idx]).float(), tt[idx])
             loss.backward()
             opt.step()
             total += loss.detach() * len(idx)
         model.eval()
-        with torch.no_grad(), amp:
+        with torch.no_grad(), amp():
             pv = torch.cat([model(xv[s : s + 4096]).float() for s in range(0, len(xv), 4096)])
         val_loss = float(torch.mean((pv - zv) ** 2))
         train_loss = float(total) / n
         if not np.isfinite(train_loss):
             raise BraidError(f"training diverged at epoch {epoch} (loss {train_loss}); lower encoders.<name>.lr")
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                        "val_latent_r": float(_rowwise_r(pv, zv))})
+                        "val_latent_r": float(np.mean(rowwise_pearson(pv.cpu().numpy(), zv_host)))})
         if val_loss < best["val_loss"]:
             best = {"epoch": epoch, "val_loss": val_loss,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
@@ -484,8 +479,8 @@ def train(betas_path, trials_path, latents_path, params: dict, out_model, out_hi
     from .latents import LatentCache
 
     cache = LatentCache(latents_path)
-    x_all, z_tr, rows_tr, latent_shape = load_split(betas_path, trials_path, latents_path, "train")
-    xv_all, z_va, _, _ = load_split(betas_path, trials_path, latents_path, "val")
+    x_all, z_tr, rows_tr, latent_shape = load_split(betas_path, trials_path, cache, "train")
+    xv_all, z_va, rows_va, _ = load_split(betas_path, trials_path, cache, "val")
     for name, arr in (("betas (train)", x_all), ("latents (train)", z_tr), ("betas (val)", xv_all)):
         if not np.isfinite(arr).all():
             raise BraidError(f"{name} contain NaN or inf values; rerun the betas/latents rules")
@@ -518,9 +513,8 @@ def train(betas_path, trials_path, latents_path, params: dict, out_model, out_hi
             w = sp["distill_weight"]
             targets = w * teacher_z + (1 - w) * zt  # the MSE to this mix = w·MSE(teacher) + (1-w)·MSE(truth) + const
             log.info("student of %s (%s parameters)", sp["teacher"], t.meta.get("n_parameters"))
-        hist = fit_gradient(sp, model, xt, targets, xv, zv, device, checkpoint,
-                            fingerprint_of(sp, x_tr, z_tr, x_va, voxels),
-                            checkpoint_minutes)
+        fingerprint = fingerprint_of(sp, x_tr, targets.cpu().numpy(), x_va, z_va, voxels)  # a retrained teacher changes it
+        hist = fit_gradient(sp, model, xt, targets, xv, zv, device, checkpoint, fingerprint, checkpoint_minutes)
     model.eval()
 
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -545,15 +539,17 @@ def train(betas_path, trials_path, latents_path, params: dict, out_model, out_hi
     plot_history(hist, out_plot, f"{stamp}{sp['kind']}, {shape}: {n_params:,} parameters, {voxels.size} voxels",
                  train_label=f"train (to {sp['teacher']}'s predictions)" if sp["kind"] == "student" else "train")
     enc = Encoder(out_model, device)
-    write_predictions(enc, sp, betas_path, trials_path, out_predictions, n_params)
+    write_predictions(enc, sp, {"val": (xv_all, rows_va), "test": load_rows(betas_path, trials_path, "test")},
+                      out_predictions, n_params)
     checkpoint.unlink(missing_ok=True)
     kept = hist["kept"] if "kept" in hist else hist["chosen"]
     return {"n_parameters": n_params, "n_voxels": int(voxels.size), "val_loss": float(hist.loc[kept, "val_loss"].iloc[0])}
 
 
-def write_predictions(enc: Encoder, sp: dict, betas_path, trials_path, out_path, n_params: int) -> None:
+def write_predictions(enc: Encoder, sp: dict, splits: dict, out_path, n_params: int) -> None:
     """Predicted latents in the VAE's scale (as img2img consumes them) for the validation and test
-    trials: the test split at the root (``pred``, ``nsd_id``, ``global_trial``), validation under ``val/``.
+    trials (``splits``: split -> (betas rows, trial rows)): the test split at the root (``pred``,
+    ``nsd_id``, ``global_trial``), validation under ``val/``.
 
     With ``restandardise`` each latent element's predictions are re-standardised across the split
     and rescaled to the training latents' mean/std (Brain-Diffuser's post-processing)."""
@@ -562,7 +558,7 @@ def write_predictions(enc: Encoder, sp: dict, betas_path, trials_path, out_path,
     with atomic_output(out_path) as tmp:
         root = zarr.open_group(tmp, mode="w")
         for split, group in (("test", root), ("val", root.create_group("val"))):
-            x, rows = load_rows(betas_path, trials_path, split)
+            x, rows = splits[split]  # every ROI voxel, and the trial rows
             z = enc.predict_z(x).cpu().numpy().astype(np.float64)
             if sp["restandardise"]:
                 sd = z.std(0)

@@ -35,6 +35,10 @@ if "encoders" in _replaced and "sweep" not in _replaced:
 validate(config, "../../config/schema.yaml")
 try:
     braid.config.check(config)
+    # a sweep's values bypass the schema's encoder entry; check the encoders they make against it
+    braid.config.validate_sweep(
+        config, load_configfile(str(Path(workflow.basedir) / "config" / "schema.yaml"))
+    )
 except BraidError as err:
     raise WorkflowError(str(err))
 
