@@ -1,6 +1,7 @@
 # BRAID — two commands on a fresh machine:
 #   make demo   create .venv, then run the whole workflow on the embedded synthetic default
 #   make test   create .venv, then run the test suite (unit + the real DAG end to end)
+#   make report the demo's HTML report (report.html)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.braid-installed
 CORES ?= all
 
-.PHONY: demo test dryrun rulegraph clean
+.PHONY: demo test report dryrun rulegraph clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The HTML report of the demo's run (runs what is not yet done first); open report.html in a browser.
+report: $(STAMP)
+	$(BIN)/snakemake --profile profiles/local --cores $(CORES)
+	$(BIN)/snakemake --profile profiles/local --report report.html
+	@echo "report: report.html"
 
 dryrun: $(STAMP)
 	$(BIN)/snakemake -n --profile profiles/local

@@ -1,6 +1,7 @@
-"""Rule evaluate_summary: one table and one figure over all runs (with the synthetic oracle, where known)."""
+"""Rule evaluate_summary: every run's per-image metrics, aggregated over images and seeds; figures; the papers' table."""
 from braid.common import snakemake_job
 from braid.evaluate import summarise
 
 with snakemake_job(snakemake):
-    summarise(list(snakemake.input.metrics), snakemake.output.table, snakemake.output.plot, list(snakemake.input.oracle))
+    i, o = snakemake.input, snakemake.output
+    summarise(list(i.per_image), o.table, o.per_image, o.plot, o.html, list(i.oracle), list(i.frontier), o.frontier)

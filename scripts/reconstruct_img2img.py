@@ -1,4 +1,4 @@
-"""Rule reconstruct_img2img: img2img reconstructions of the test images at one strength."""
+"""Rule reconstruct_img2img: img2img reconstructions of the test images at one strength and seed."""
 import json
 
 from braid.common import resolve_device, snakemake_job, store_path
@@ -10,6 +10,7 @@ with snakemake_job(snakemake):
         snakemake.input.model,
         snakemake.output[0],
         strength=float(snakemake.wildcards.strength),
+        seed=int(snakemake.wildcards.seed),
         params=json.loads(snakemake.params.settings),
         device=resolve_device(snakemake.config["device"]),
         batch_size=snakemake.config["reconstruct"]["batch_size"],

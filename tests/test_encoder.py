@@ -453,3 +453,34 @@ def test_ncsnr_selection_takes_the_k_highest_of_nsds_volume_at_the_roi_voxels(tm
     (tmp_path / "bad.nii.gz").write_bytes(b"truncated")
     with pytest.raises(BraidError, match="bad.nii.gz: not a readable NIfTI"):
         encoder.train(*paths, hp, *outputs(tmp_path / "bad"), ncsnr=tmp_path / "bad.nii.gz")
+
+
+def test_reference_rows_predict_the_true_latent_and_the_training_mean(stage_inputs, tmp_path):
+    """true-latent predicts every test trial's own z0 (latent r 1, 2-way 1); mean-latent the mean of the
+    training trials' latents, computed here with numpy (r 0); both in an encoder's predictions format."""
+    d = stage_inputs
+    trials = pd.read_parquet(d / "trials.parquet")
+    cache = LatentCache(d / "latents.zarr")
+    train = cache.get(trials.loc[trials["split"] == "train", "nsd_id"].to_numpy()).astype(np.float64)
+    for name in encoder.REFERENCES:
+        encoder.write_reference_predictions(name, d / "trials.parquet", d / "latents.zarr", tmp_path / f"{name}.zarr")
+    for split in ("test", "val"):
+        rows = trials[trials["split"] == split]
+        true = encoder.load_predictions(tmp_path / "true-latent.zarr", split)
+        np.testing.assert_array_equal(true["nsd_id"], rows["nsd_id"].to_numpy())
+        np.testing.assert_array_equal(true["global_trial"], rows["global_trial"].to_numpy())
+        np.testing.assert_array_equal(true["pred"], cache.get(rows["nsd_id"].to_numpy()))
+        mean = encoder.load_predictions(tmp_path / "mean-latent.zarr", split)
+        np.testing.assert_allclose(mean["pred"], np.broadcast_to(train.mean(0), mean["pred"].shape), rtol=1e-5, atol=1e-6)
+    true = encoder.load_predictions(tmp_path / "true-latent.zarr")
+    np.testing.assert_allclose(true["z_std"], train.std(0), rtol=1e-5)
+    assert true["n_parameters"] == 0 and true["spec"] == {"kind": "true-latent"}
+    z = cache.get(true["nsd_id"])
+    flat = lambda a: a.reshape(len(a), -1)  # noqa: E731
+    m = latent_metrics(flat(true["pred"]), flat(z), flat(true["z_mean"][None])[0], flat(true["z_std"][None])[0], true["nsd_id"])
+    assert m["latent_r"] == pytest.approx(1) and m["latent_two_way"] == 1 and m["latent_mse"] == 0
+    mean = encoder.load_predictions(tmp_path / "mean-latent.zarr")
+    m = latent_metrics(flat(mean["pred"]), flat(z), flat(mean["z_mean"][None])[0], flat(mean["z_std"][None])[0], mean["nsd_id"])
+    assert abs(m["latent_r"]) < 1e-5
+    with pytest.raises(BraidError, match="evaluate.references"):
+        encoder.write_reference_predictions("oracle", d / "trials.parquet", d / "latents.zarr", tmp_path / "x.zarr")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from braid.common import BraidError
-from braid.evaluate import image_metrics, latent_metrics, rowwise_pearson, two_way_identification
+from braid.evaluate import image_metrics, latent_metrics, rowwise_pearson, two_way_identification, two_way_scores
 
 
 def test_two_way_identical_is_perfect_shuffled_is_chance():
@@ -189,65 +189,166 @@ def test_image_metrics_need_one_reconstruction_per_stimulus():
         image_metrics(np.zeros((2, 3, 8, 8), np.float32), np.zeros((3, 425, 425, 3), np.uint8))
 
 
-# --- one run's metrics file, and the summary ----------------------------------------------------
+# --- per-image 2-way, retrieval, one run's table, the summary --------------------------------------
 
 
-def write_run(tmp_path, pred, true_ids, n_parameters=123):
+def test_two_way_scores_are_the_reference_loop_per_prediction():
+    rng = np.random.default_rng(10)
+    real = rng.standard_normal((12, 30))
+    pred = real + 1.2 * rng.standard_normal((12, 30))
+    r = np.corrcoef(real, pred)[:12, 12:]
+    ref = [(r[:, j] < r[j, j]).sum() / 11 for j in range(12)]  # MindEye's count, per reconstruction j
+    np.testing.assert_allclose(two_way_scores(real, pred), ref)
+    assert 0 < min(ref) and max(ref) <= 1
+
+
+def reference_top1(pred, true):
+    """Top-1 by cosine similarity (scikit-learn), image (rows pick a true row) and brain (true rows pick a prediction)."""
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    sim = cosine_similarity(pred.reshape(len(pred), -1), true.reshape(len(true), -1))
+    n = len(sim)
+    return (sim.argmax(1) == np.arange(n)).astype(float), (sim.argmax(0) == np.arange(n)).astype(float)
+
+
+def test_retrieval_matches_cosine_top1_and_chance():
+    from braid.evaluate import retrieval
+
+    rng = np.random.default_rng(11)
+    true = rng.standard_normal((40, 3, 4, 4))
+    same = retrieval(true, true, pool=300)
+    assert same["image"] == same["brain"] == 1.0 and same["pool"] == 40 and (same["per_image"] == 1).all()
+    pred = true + 2.5 * rng.standard_normal(true.shape)
+    got = retrieval(pred, true, pool=300)
+    image, brain = reference_top1(pred, true)
+    np.testing.assert_array_equal(got["per_image"], image)
+    np.testing.assert_array_equal(got["per_brain"], brain)
+    assert got["image"] == pytest.approx(image.mean()) and got["brain"] == pytest.approx(brain.mean())
+    assert 0.1 < got["image"] < 1  # noisy but informative
+    # unrelated predictions: chance is 1/pool, estimated over many random pools of 10
+    noise = rng.standard_normal((200, 48))
+    chance = retrieval(noise, rng.standard_normal((200, 48)), pool=10, draws=400)
+    assert chance["pool"] == 10 and chance["image"] == pytest.approx(0.1, abs=0.03)
+    assert np.isfinite(chance["per_image"]).all()  # 400 pools of 10 hold every one of 200 images
+
+
+def test_retrieval_counts_ties_as_misses():
+    from braid.evaluate import retrieval
+
+    true = np.random.default_rng(12).standard_normal((5, 8))
+    pred = true.copy()
+    pred[3] = true[1]  # image 3's prediction is image 1's: image 3 missed; image 1's true row ties between 1 and 3
+    got = retrieval(pred, true, pool=300)
+    assert got["per_image"].tolist() == [1, 1, 1, 0, 1]
+    assert got["per_brain"].tolist() == [1, 0, 1, 0, 1]
+
+
+def test_aggregate_averages_seeds_per_image_then_images():
+    import pandas as pd
+
+    from braid.evaluate import aggregate
+
+    rng = np.random.default_rng(13)
+    rows = []
+    values = rng.random((2, 4))  # seed x image
+    for s in (0, 1):
+        for k, i in enumerate([5, 9, 2, 7]):
+            rows.append({"subject": "subj01", "encoder": "ridge", "kind": "ridge", "mode": "img2img", "strength": 0.5,
+                         "seed": s, "nsd_id": i, "n_parameters": 10, "pixcorr": values[s, k], "ssim": 0.5,
+                         "latent_r": 0.3, "weights": "pretrained", "metric_weights": "none"})
+    for k, i in enumerate([5, 9, 2, 7]):  # decode-only: one "seed"
+        rows.append({"subject": "subj01", "encoder": "ridge", "kind": "ridge", "mode": "decode", "strength": np.nan,
+                     "seed": -1, "nsd_id": i, "n_parameters": 10, "pixcorr": 0.1 * k, "ssim": 0.4, "latent_r": 0.3,
+                     "weights": "pretrained", "metric_weights": "none"})
+    out = aggregate(pd.DataFrame(rows))
+    assert out["mode"].tolist() == ["decode", "img2img"]
+    dec, img = out.iloc[0], out.iloc[1]
+    per_image = values.mean(0)
+    assert img["pixcorr"] == pytest.approx(values.mean())
+    assert img["pixcorr_sem"] == pytest.approx(np.std(per_image, ddof=1) / 2)
+    assert img["pixcorr_seed_sd"] == pytest.approx(np.std(values.mean(1), ddof=1))
+    assert (img["n_seeds"], img["n_test_images"], img["latent_r"], img["n_parameters"]) == (2, 4, 0.3, 10)
+    assert dec["pixcorr"] == pytest.approx(0.15) and np.isnan(dec["pixcorr_seed_sd"]) and dec["n_seeds"] == 1
+
+
+def write_run(tmp_path, pred, true_ids, n_parameters=123, z_mean=None, z_std=None):
     import zarr
 
     root = zarr.open_group(tmp_path / "predictions.zarr", mode="w")
     root.create_array("pred", data=pred.astype(np.float32))
     root.create_array("nsd_id", data=np.asarray(true_ids, np.int64))
     root.create_array("global_trial", data=np.arange(len(true_ids)))
-    root.create_array("z_mean", data=np.zeros(pred.shape[1:], np.float32))
-    root.create_array("z_std", data=np.ones(pred.shape[1:], np.float32))
+    root.create_array("z_mean", data=np.zeros(pred.shape[1:], np.float32) if z_mean is None else z_mean.astype(np.float32))
+    root.create_array("z_std", data=np.ones(pred.shape[1:], np.float32) if z_std is None else z_std.astype(np.float32))
     root.attrs["n_parameters"] = n_parameters
+    root.attrs["spec"] = {"kind": "ridge"}
     return tmp_path / "predictions.zarr"
 
 
-def test_evaluate_run_scores_the_right_files(mirror, tiny_model, tmp_path):
-    """A perfect encoder (predictions = the cached latents) and reconstructions = the stimuli score 1;
-    a wrong pairing of reconstructions and images does not."""
+@pytest.fixture(scope="module")
+def alexnet_random(tmp_path_factory):
+    from braid.metric_networks import build_random
+
+    folder = tmp_path_factory.mktemp("weights") / "alexnet"
+    build_random("alexnet", folder, seed=0)
+    return folder
+
+
+def test_evaluate_images_scores_the_right_files(mirror, tiny_model, alexnet_random, tmp_path):
+    """A perfect encoder (predictions = the cached latents) and reconstructions = the stimuli score
+    PixCorr/SSIM 1, AlexNet 2-way 1 and retrieval 1; a wrong pairing of reconstructions and images does not."""
     import pandas as pd
     from PIL import Image
 
     from braid import nsd
-    from braid.evaluate import evaluate_run
+    from braid.evaluate import evaluate_images, stimulus_features
     from braid.latents import LatentCache, cache_latents, read_stimuli
 
     root, _ = mirror
-    ids = np.array([3, 8, 3, 12, 8, 5])  # trials; images 3, 5, 8, 12
+    ids = np.array([3, 8, 3, 12, 8, 5])  # test trials; images 3, 5, 8, 12
     cache_latents(root / nsd.STIMULI, tiny_model, ids, tmp_path / "latents.zarr", image_size=64)
     true = LatentCache(tmp_path / "latents.zarr").get(ids)
     preds = write_run(tmp_path, true, ids)
+    trials = tmp_path / "trials.parquet"
+    pd.DataFrame({"nsd_id": ids, "split": "test"}).to_parquet(trials)
+    weights = {"alexnet": alexnet_random}
+    stimulus_features(root / nsd.STIMULI, trials, weights, tmp_path / "features.zarr")
     images = tmp_path / "images"
     images.mkdir()
     stimuli = read_stimuli(root / nsd.STIMULI, np.unique(ids))
     for i, img in zip(np.unique(ids), stimuli):
         Image.fromarray(img).save(images / f"{i}.png")
-    table = evaluate_run(preds, tmp_path / "latents.zarr", root / nsd.STIMULI, images, tmp_path / "m.csv",
-                         tmp_path / "grid.png", "subj01", "lin", 0.5)
-    row = pd.read_csv(tmp_path / "m.csv").iloc[0]
-    assert row.to_dict() == pytest.approx(table.iloc[0].to_dict())
-    assert (row["subject"], row["encoder"], row["strength"], row["n_parameters"]) == ("subj01", "lin", 0.5, 123)
-    assert (row["n_test_trials"], row["n_test_images"]) == (6, 4)
-    assert row["weights"] == "random (not a result)"  # the tiny model's latents: stamped
-    assert row["latent_mse"] == 0 and row["latent_r"] == pytest.approx(1) and row["latent_two_way"] == 1
-    assert row["pixcorr"] == pytest.approx(1, abs=1e-6) and row["ssim"] == pytest.approx(1, abs=1e-6)
-    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    args = (preds, tmp_path / "latents.zarr", root / nsd.STIMULI, tmp_path / "features.zarr", weights)
+    table = evaluate_images(images, *args, tmp_path / "m.parquet", "subj01", "lin", "strength-0.5/seed-1")
+    saved = pd.read_parquet(tmp_path / "m.parquet")
+    pd.testing.assert_frame_equal(saved, table)
+    assert saved["nsd_id"].tolist() == [3, 5, 8, 12]
+    first = saved.iloc[0]
+    assert (first["subject"], first["encoder"], first["kind"], first["mode"], first["strength"], first["seed"]) == (
+        "subj01", "lin", "ridge", "img2img", 0.5, 1)
+    assert (first["n_parameters"], first["n_test_trials"]) == (123, 6)
+    assert first["weights"] == "random (not a result)" and first["metric_weights"] == "random (not comparable)"
+    assert first["latent_mse"] == 0 and first["latent_r"] == pytest.approx(1) and first["latent_two_way"] == 1
+    np.testing.assert_allclose(saved[["pixcorr", "ssim"]], 1, atol=1e-6)
+    assert (saved[["alexnet2", "alexnet5", "retrieval_image", "retrieval_brain"]] == 1).all().all()
     # reconstructions of the wrong images
     for a, b in ((3, 5), (8, 12)):
         pa, pb = images / f"{a}.png", images / f"{b}.png"
         pa.rename(tmp_path / "swap.png")
         pb.rename(pa)
         (tmp_path / "swap.png").rename(pb)
-    evaluate_run(preds, tmp_path / "latents.zarr", root / nsd.STIMULI, images, tmp_path / "m2.csv",
-                 tmp_path / "grid2.png", "subj01", "lin", 0.5)
-    assert pd.read_csv(tmp_path / "m2.csv").iloc[0]["ssim"] < 0.9
+    wrong = evaluate_images(images, *args, tmp_path / "m2.parquet", "subj01", "lin", "decode")
+    assert (wrong["ssim"] < 0.9).all() and (wrong["alexnet2"] < 1).all() and wrong["mode"].iloc[0] == "decode"
     (images / "12.png").unlink()
     with pytest.raises(BraidError, match="12.png: reconstruction missing"):
-        evaluate_run(preds, tmp_path / "latents.zarr", root / nsd.STIMULI, images, tmp_path / "m3.csv",
-                     tmp_path / "grid3.png", "subj01", "lin", 0.5)
+        evaluate_images(images, *args, tmp_path / "m3.parquet", "subj01", "lin", "decode")
+    assert not (tmp_path / "m3.parquet").exists()
+    # features of another test split are refused, naming the rule that makes them
+    Image.fromarray(stimuli[-1]).save(images / "12.png")
+    pd.DataFrame({"nsd_id": [3, 5], "split": "test"}).to_parquet(trials)
+    stimulus_features(root / nsd.STIMULI, trials, weights, tmp_path / "features.zarr")
+    with pytest.raises(BraidError, match="evaluate_stimuli"):
+        evaluate_images(images, *args, tmp_path / "m4.parquet", "subj01", "lin", "decode")
 
 
 def test_load_images_are_the_pngs_in_0_1():
@@ -266,37 +367,107 @@ def test_load_images_are_the_pngs_in_0_1():
     np.testing.assert_array_equal(got[0], np.moveaxis(img, -1, 0) / np.float32(255))
 
 
-def test_summary_joins_runs_and_the_oracle_by_subject(tmp_path):
+def per_image_file(tmp_path, name, subject, encoder, mode, strength, seed, pixcorr, ssim=0.3, alexnet2=0.8):
+    import pandas as pd
+
+    path = tmp_path / f"{name}.parquet"
+    n = len(pixcorr)
+    pd.DataFrame({"subject": subject, "encoder": encoder, "kind": "x", "mode": mode, "strength": strength,
+                  "seed": seed, "n_parameters": 7, "nsd_id": np.arange(n), "retrieval_image": 0.5,
+                  "retrieval_brain": 0.25, "pixcorr": pixcorr, "ssim": ssim, "alexnet2": alexnet2, "latent_mse": 0.1,
+                  "latent_r": 0.4, "latent_two_way": 0.9, "n_test_trials": 3 * n, "retrieval_pool": n,
+                  "weights": "pretrained", "metric_weights": "random (not comparable)"}).to_parquet(path)
+    return str(path)
+
+
+def test_summary_aggregates_runs_joins_the_oracle_and_the_frontier(tmp_path):
     import pandas as pd
 
     from braid.evaluate import summarise
 
-    runs = []
-    for k, (subject, encoder, strength, r) in enumerate([("subj02", "mlp", 0.7, 0.4), ("subj01", "mlp", 0.7, 0.5),
-                                                         ("subj01", "linear", 0.3, 0.6), ("subj01", "mlp", 0.3, 0.55)]):
-        path = tmp_path / f"run{k}.csv"
-        pd.DataFrame([{"subject": subject, "encoder": encoder, "strength": strength, "latent_r": r, "latent_mse": 1 - r,
-                       "latent_two_way": 0.9, "pixcorr": 0.1, "ssim": 0.2}]).to_csv(path, index=False)
-        runs.append(str(path))
+    files = [
+        per_image_file(tmp_path, "a", "subj02", "mlp", "img2img", 0.7, 0, [0.1, 0.3]),
+        per_image_file(tmp_path, "b", "subj01", "mlp", "img2img", 0.7, 0, [0.2, 0.4]),
+        per_image_file(tmp_path, "c", "subj01", "mlp", "img2img", 0.7, 1, [0.4, 0.6]),
+        per_image_file(tmp_path, "d", "subj01", "mlp", "decode", np.nan, -1, [0.5, 0.5]),
+        per_image_file(tmp_path, "e", "subj01", "true-latent", "decode", np.nan, -1, [0.9, 0.95]),
+    ]
     oracle = []
     for subject, r in (("subj01", 0.8), ("subj02", 0.7)):
         path = tmp_path / f"oracle-{subject}.csv"
         pd.DataFrame([{"subject": subject, "latent_r": r, "latent_mse": 1 - r, "latent_two_way": 1.0,
                        "n_test_trials": 9}]).to_csv(path, index=False)
         oracle.append(str(path))
-    table = summarise(runs, tmp_path / "s.csv", tmp_path / "s.png", oracle)
-    saved = pd.read_csv(tmp_path / "s.csv")
-    pd.testing.assert_frame_equal(saved, table)
-    assert list(zip(saved["subject"], saved["encoder"], saved["strength"])) == [
-        ("subj01", "linear", 0.3), ("subj01", "mlp", 0.3), ("subj01", "mlp", 0.7), ("subj02", "mlp", 0.7)]
-    assert saved["latent_r"].tolist() == [0.6, 0.55, 0.5, 0.4]
+    frontier = tmp_path / "frontier.csv"
+    pd.DataFrame([{"subject": "subj01", "encoder": "mlp", "n_parameters": 7, "test_latent_r": 0.4},
+                  {"subject": "subj01", "encoder": "mlp-small", "n_parameters": 3, "test_latent_r": 0.2}]).to_csv(frontier, index=False)
+    out = {k: tmp_path / f"s.{k}" for k in ("csv", "parquet", "png", "html")}
+    table = summarise(files, out["csv"], out["parquet"], out["png"], out["html"], oracle, [str(frontier)],
+                      tmp_path / "fm.csv")
+    saved = pd.read_csv(out["csv"])
+    pd.testing.assert_frame_equal(saved, table, check_dtype=False)
+    assert list(zip(saved["subject"], saved["encoder"], saved["mode"])) == [
+        ("subj01", "mlp", "decode"), ("subj01", "mlp", "img2img"), ("subj01", "true-latent", "decode"),
+        ("subj02", "mlp", "img2img")]
+    mlp = saved.iloc[1]
+    assert mlp["pixcorr"] == pytest.approx(0.4) and mlp["n_seeds"] == 2 and mlp["n_test_images"] == 2
+    assert mlp["pixcorr_sem"] == pytest.approx(np.std([0.3, 0.5], ddof=1) / np.sqrt(2))
+    assert mlp["pixcorr_seed_sd"] == pytest.approx(np.std([0.3, 0.5], ddof=1))
     assert saved["oracle_latent_r"].tolist() == [0.8, 0.8, 0.8, 0.7]
-    assert saved["oracle_latent_mse"].tolist() == pytest.approx([0.2, 0.2, 0.2, 0.3])
-    assert "n_test_trials" not in saved or saved["n_test_trials"].isna().all()
-    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
-    assert list(saved.columns) == ["subject", "encoder", "strength", "latent_r", "latent_mse", "latent_two_way",
-                                   "pixcorr", "ssim", "oracle_latent_r", "oracle_latent_two_way", "oracle_latent_mse"]
-    partial = summarise(runs, tmp_path / "p.csv", tmp_path / "p.png", oracle[:1])  # no oracle for subj02
-    assert len(partial) == 4 and partial["oracle_latent_r"].isna().tolist() == [False, False, False, True]
-    no_oracle = summarise(runs, tmp_path / "t.csv", tmp_path / "t.png")
-    assert not any(c.startswith("oracle_") for c in no_oracle.columns)
+    assert len(pd.read_parquet(out["parquet"])) == 10
+    joined = pd.read_csv(tmp_path / "fm.csv")
+    assert joined["encoder"].tolist() == ["mlp-small", "mlp", "mlp"]  # by parameters; mlp's two runs
+    assert joined["pixcorr"].isna().tolist() == [True, False, False]  # the sweep's encoder is not reconstructed
+    page = out["html"].read_text()
+    assert "Published (not computed here)" in page and "MindEye2, 40 sessions" in page
+    assert "NOT COMPARABLE" in page  # random metric networks are stamped
+    assert "80.0" in page  # 2-way printed in percent, as the papers do
+    assert out["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_network_scores_are_per_reconstruction_two_way_and_correlation_distance():
+    """2-way per reconstruction j: the stimuli i != j whose features correlate less with recon j than
+    stimulus j's do (MindEye's loop, np.corrcoef); EffNet/SwAV: scipy's correlation distance per image."""
+    from scipy.spatial.distance import correlation
+
+    from braid.evaluate import network_scores
+
+    rng = np.random.default_rng(14)
+    gt = {m: rng.standard_normal((9, 40)) for m in ("alexnet2", "swav")}
+    rec = {m: v + rng.standard_normal(v.shape) * np.linspace(0.2, 3, 9)[:, None] for m, v in gt.items()}
+    got = network_scores(rec, gt)
+    r = np.corrcoef(gt["alexnet2"], rec["alexnet2"])[:9, 9:]  # rows: stimuli, columns: reconstructions
+    np.testing.assert_allclose(got["alexnet2"], [(r[:, j] < r[j, j]).sum() / 8 for j in range(9)])
+    assert not np.allclose(got["alexnet2"], [(r[j, :] < r[j, j]).sum() / 8 for j in range(9)])  # not the transpose
+    np.testing.assert_allclose(got["swav"], [correlation(a, b) for a, b in zip(gt["swav"], rec["swav"])])
+
+
+def test_retrieval_of_a_run_uses_latents_z_scored_with_the_training_statistics(mirror, tiny_model, tmp_path):
+    """Predictions right in every latent element but one, in which the training std is tiny: raw
+    latents retrieve every image, the z-scored ones (what latent_r also uses) are dominated by that
+    element and do not. The run's per-image retrieval is that of the image-averaged, z-scored latents."""
+    from braid import nsd
+    from braid.evaluate import latent_scores, retrieval
+    from braid.latents import LatentCache, cache_latents
+
+    root, _ = mirror
+    ids = np.array([3, 8, 3, 12, 8, 5, 20, 20])
+    cache_latents(root / nsd.STIMULI, tiny_model, ids, tmp_path / "latents.zarr", image_size=64)
+    true = LatentCache(tmp_path / "latents.zarr").get(ids).astype(np.float64)
+    rng = np.random.default_rng(15)
+    pred = true.copy()
+    pred[:, 0, 0, 0] += rng.normal(0, 0.5, len(ids))
+    z_mean, z_std = true.mean(0), np.ones(true.shape[1:])
+    z_std[0, 0, 0] = 1e-4
+    store = write_run(tmp_path, pred, ids, z_mean=z_mean, z_std=z_std)
+    row, per_image, _ = latent_scores(store, tmp_path / "latents.zarr", pool=300, draws=30)
+    uniq = np.unique(ids)
+    mean_pred = np.stack([pred[ids == i].mean(0) for i in uniq])
+    truth = np.stack([true[ids == i][0] for i in uniq])
+    assert retrieval(mean_pred, truth)["image"] == 1.0  # raw latents: every image retrieved
+    f32 = lambda a: a.astype(np.float32)  # noqa: E731  (the store holds float32)
+    ref = retrieval((f32(mean_pred) - f32(z_mean)) / f32(z_std), (f32(truth) - f32(z_mean)) / f32(z_std))
+    np.testing.assert_array_equal(per_image["nsd_id"], uniq)
+    np.testing.assert_allclose(per_image["retrieval_image"], ref["per_image"])
+    np.testing.assert_allclose(per_image["retrieval_brain"], ref["per_brain"])
+    assert per_image["retrieval_image"].mean() < 1 and row["retrieval_pool"] == uniq.size

@@ -13,6 +13,7 @@ from snakemake.utils import validate
 
 import braid.config
 import braid.encoder
+import braid.metric_networks
 from braid.common import BraidError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,10 +32,13 @@ def merge(base: dict, over: dict, top: bool = True) -> dict:
     return out
 
 
+LAYERS = {"nsd_literature.yaml": ["nsd_ssd1b.yaml", "nsd_literature.yaml"]}  # presets layered over the real config
+
+
 def load(name):
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    if name != "config.yaml":
-        config = merge(config, yaml.safe_load((REPO / "config" / name).read_text()))
+    for layer in LAYERS.get(name, [name] if name != "config.yaml" else []):
+        config = merge(config, yaml.safe_load((REPO / "config" / layer).read_text()))
     validate(config, SCHEMA)
     return config
 
@@ -51,7 +55,7 @@ def test_collections_are_the_schemas_named_mappings_and_are_replaced():
     assert config["roi"] == {"prf-visualrois": [1, 2]}  # a copy, not the layer itself
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "nsd_ssd1b.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "nsd_ssd1b.yaml", "nsd_literature.yaml"])
 def test_shipped_configs_validate_and_pass_checks(name):
     config = load(name)
     braid.config.check(config)
@@ -173,3 +177,24 @@ def test_encoder_settings_are_checked_per_kind():
     # a kind's spec holds its own settings only: changing another kind's setting reruns nothing
     assert set(braid.encoder.spec({"kind": "ridge"})) == {"kind", "voxels", "k", "restandardise", "alphas"}
     assert braid.encoder.spec({})["hidden"] == [2048, 4096] and braid.encoder.spec({})["lr"] == 1e-4
+
+
+def test_literature_preset_is_the_papers_protocol():
+    config = load("nsd_literature.yaml")
+    assert config["split"]["rule"] == "shared1000" and config["betas"]["trials"] == "average_test"
+    assert config["subjects"] == [1, 2, 5, 7] and config["sessions"] == list(range(1, 41))
+    assert config["evaluate"]["weights"] == "pretrained"
+    assert sorted(config["evaluate"]["networks"]) == sorted(braid.metric_networks.NETWORKS)
+    assert config["encoders"]["mlp"]["hidden"] == [2048, 4096]  # the real experiment's encoders, not the demo's
+    assert (config["evaluate"]["retrieval_pool"], config["evaluate"]["retrieval_draws"]) == (300, 30)
+
+
+def test_metric_weights_folders_and_reference_names():
+    evaluate = {"weights": "pretrained", "seed": 3, "networks": ["swav", "alexnet"]}
+    assert braid.config.metric_weights(evaluate) == {"alexnet": "resources/metric_weights/pretrained/alexnet",
+                                                     "swav": "resources/metric_weights/pretrained/swav"}
+    assert braid.config.metric_weights(evaluate | {"weights": "random"})["swav"] == "resources/metric_weights/random-seed3/swav"
+    config = load("config.yaml")
+    config["encoders"]["true-latent"] = {"kind": "ridge"}
+    with pytest.raises(BraidError, match=r"encoders \['true-latent'\].*reference"):
+        braid.config.check(config)

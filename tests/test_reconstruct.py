@@ -15,9 +15,9 @@ from PIL import Image
 
 from braid.common import BraidError
 from braid.models import decode_latents, load_img2img
-from braid.reconstruct import average_by_image, check_strength, reconstruct
+from braid.reconstruct import average_by_image, check_strength, decode, reconstruct
 
-PARAMS = {"steps": 4, "guidance_scale": 1.0, "prompt": "", "negative_prompt": "", "dtype": "float32", "seed": 0}
+PARAMS = {"steps": 4, "guidance_scale": 1.0, "prompt": "", "negative_prompt": "", "dtype": "float32"}
 
 
 def test_strength_guard_names_the_fix():
@@ -64,25 +64,25 @@ def png(path) -> np.ndarray:
 def test_one_png_per_image_and_bit_identical_for_the_same_settings(tiny_model, predictions, tmp_path):
     path, _ = predictions
     params = PARAMS
-    reconstruct(path, tiny_model, tmp_path / "a", 0.5, params, batch_size=2)
-    reconstruct(path, tiny_model, tmp_path / "b", 0.5, params, batch_size=2)
+    reconstruct(path, tiny_model, tmp_path / "a", 0.5, 0, params, batch_size=2)
+    reconstruct(path, tiny_model, tmp_path / "b", 0.5, 0, params, batch_size=2)
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == ["11.png", "4.png"]
     for n in names:
         assert png(tmp_path / "a" / n).shape == (64, 64, 3)
         np.testing.assert_array_equal(png(tmp_path / "a" / n), png(tmp_path / "b" / n))
-    reconstruct(path, tiny_model, tmp_path / "c", 1.0, params, batch_size=2)
+    reconstruct(path, tiny_model, tmp_path / "c", 1.0, 0, params, batch_size=2)
     assert not np.array_equal(png(tmp_path / "a/4.png"), png(tmp_path / "c/4.png"))
     with pytest.raises(BraidError, match="denoising steps"):
-        reconstruct(path, tiny_model, tmp_path / "d", 0.1, params)
+        reconstruct(path, tiny_model, tmp_path / "d", 0.1, 0, params)
     assert not (tmp_path / "d").exists()
 
 
 def test_batch_size_changes_an_image_by_at_most_2_of_255(tiny_model, predictions, tmp_path):
     """Reduction order differs between batch sizes: the promise is a tolerance, not bit equality."""
     path, _ = predictions
-    reconstruct(path, tiny_model, tmp_path / "one", 0.5, PARAMS, batch_size=1)
-    reconstruct(path, tiny_model, tmp_path / "two", 0.5, PARAMS, batch_size=2)
+    reconstruct(path, tiny_model, tmp_path / "one", 0.5, 0, PARAMS, batch_size=1)
+    reconstruct(path, tiny_model, tmp_path / "two", 0.5, 0, PARAMS, batch_size=2)
     for n in ("4.png", "11.png"):
         diff = np.abs(png(tmp_path / "one" / n) - png(tmp_path / "two" / n))
         assert diff.max() <= 2 and diff.mean() < 0.1
@@ -94,7 +94,7 @@ def test_equals_the_diffusers_pipeline_called_by_hand(tiny_model, predictions, t
     the configured prompt, negative prompt and guidance (classifier-free guidance above 1)."""
     path, pred = predictions
     params = PARAMS | {"prompt": prompt, "negative_prompt": negative, "guidance_scale": guidance}
-    reconstruct(path, tiny_model, tmp_path / "r", 0.5, params, batch_size=1)
+    reconstruct(path, tiny_model, tmp_path / "r", 0.5, 0, params, batch_size=1)
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_model, local_files_only=True)
     z = torch.from_numpy((pred[0] + pred[2])[None] / 2)
     with torch.inference_mode():
@@ -102,8 +102,15 @@ def test_equals_the_diffusers_pipeline_called_by_hand(tiny_model, predictions, t
                    guidance_scale=guidance, output_type="np", generator=[torch.Generator().manual_seed(0 + 11)]).images[0]
     ref = (ref * 255).round().astype(np.int16)
     assert np.abs(png(tmp_path / "r" / "11.png") - ref).max() <= 1
+    # another seed k: image 11's generator is seeded with k + 11
+    reconstruct(path, tiny_model, tmp_path / "seed3", 0.5, 3, params, batch_size=1)
+    with torch.inference_mode():
+        ref3 = pipe(prompt=prompt, negative_prompt=negative or None, image=z, strength=0.5, num_inference_steps=4,
+                    guidance_scale=guidance, output_type="np", generator=[torch.Generator().manual_seed(3 + 11)]).images[0]
+    assert np.abs(png(tmp_path / "seed3" / "11.png") - (ref3 * 255).round().astype(np.int16)).max() <= 1
+    assert np.abs(png(tmp_path / "seed3" / "11.png") - ref).max() > 1
     if guidance > 1:  # the prompt matters
-        reconstruct(path, tiny_model, tmp_path / "other", 0.5, params | {"prompt": "a green tree"})
+        reconstruct(path, tiny_model, tmp_path / "other", 0.5, 0, params | {"prompt": "a green tree"})
         assert np.abs(png(tmp_path / "other" / "11.png") - ref).max() > 1
 
 
@@ -118,7 +125,7 @@ def test_lowest_strength_is_the_vae_decoding_of_the_predicted_latent(tiny_model,
     """One denoising step at t=1 barely moves the latent: the image is the decoded prediction,
     which pins the latent's content and its scale (× 0.13025) as img2img receives it."""
     path, pred = predictions
-    reconstruct(path, tiny_model, tmp_path / "r", 0.02, PARAMS | {"steps": 50})
+    reconstruct(path, tiny_model, tmp_path / "r", 0.02, 0, PARAMS | {"steps": 50})
     got = png(tmp_path / "r" / "4.png") / 255.0
     z = pred[1]  # image 4 has one trial, the second
     err = {name: np.abs(got - vae_decode_by_hand(tiny_model, v)).mean()
@@ -127,12 +134,29 @@ def test_lowest_strength_is_the_vae_decoding_of_the_predicted_latent(tiny_model,
     assert all(err["z"] < err[k] / 3 for k in err if k != "z"), err
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_decode_only_is_the_vae_decoding_of_each_images_mean_prediction(tiny_model, predictions, tmp_path, dtype):
+    """No diffusion: image 11 is the VAE's decoding of the mean of its two predicted latents (float16
+    runs the tiny VAE, whose config sets force_upcast as the SDXL VAE's does, in float32)."""
+    path, pred = predictions
+    decode(path, tiny_model, tmp_path / "d", {"dtype": dtype, "variant": None}, batch_size=1)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["11.png", "4.png"]
+    for name, z in (("11.png", (pred[0] + pred[2]) / 2), ("4.png", pred[1])):
+        ref = (vae_decode_by_hand(tiny_model, z) * 255).round()
+        assert np.abs(png(tmp_path / "d" / name) - ref).max() <= 1, name
+    bad = tmp_path / "nan.zarr"
+    write_predictions(bad, np.full((1, 4, 8, 8), np.nan, np.float32), np.array([5]))
+    with pytest.raises(BraidError, match="NaN"):
+        decode(bad, tiny_model, tmp_path / "nan", {"dtype": "float32"})
+    assert not (tmp_path / "nan").exists()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_every_dtype_runs_end_to_end(tiny_model, predictions, tmp_path, dtype):
     """Each reconstruct.dtype the schema allows writes images close to the float32 ones."""
     path, _ = predictions
-    reconstruct(path, tiny_model, tmp_path / "ref", 0.5, PARAMS)
-    reconstruct(path, tiny_model, tmp_path / dtype, 0.5, PARAMS | {"dtype": dtype})
+    reconstruct(path, tiny_model, tmp_path / "ref", 0.5, 0, PARAMS)
+    reconstruct(path, tiny_model, tmp_path / dtype, 0.5, 0, PARAMS | {"dtype": dtype})
     for n in ("4.png", "11.png"):
         diff = np.abs(png(tmp_path / dtype / n) - png(tmp_path / "ref" / n))
         assert diff.mean() < 2 and diff.max() <= 16, (dtype, diff.mean(), diff.max())

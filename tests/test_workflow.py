@@ -53,29 +53,57 @@ def run(tmp_path_factory):
 def test_outputs_and_planted_signal_recovered(run):
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     summary = pd.read_csv(run / "results" / "summary.csv")
-    n = len(config["encoders"]) * len(config["reconstruct"]["strengths"]) * len(config["subjects"])
-    assert len(summary) == n
+    sources = [*config["encoders"], "true-latent", "mean-latent"]
+    strengths, seeds = config["reconstruct"]["strengths"], config["reconstruct"]["seeds"]
+    assert len(summary) == len(sources) * (1 + len(strengths)) * len(config["subjects"])  # decode-only + each strength
     assert (summary["weights"] == "random (not a result)").all()  # the tiny model: never a result
+    assert (summary["metric_weights"] == "random (not comparable)").all()  # random metric networks: stamped
+    img2img = summary[summary["mode"] == "img2img"]
+    assert sorted(img2img["strength"].unique()) == sorted(strengths) and (img2img["n_seeds"] == len(seeds)).all()
+    assert summary.loc[summary["mode"] == "decode", "strength"].isna().all()
     oracle = pd.read_csv(run / "results" / "subj01" / "oracle_metrics.csv").iloc[0]
     assert oracle["n_test_trials"] == summary["n_test_trials"].iloc[0]  # scored on the same test rows
     assert 0.6 < oracle["latent_r"] < 0.95  # not inflated by a prior that contains the test images
+    chance = 1 / summary["retrieval_pool"].iloc[0]
     for row in summary.itertuples():
+        assert 0 <= row.ssim <= 1 and -1 <= row.pixcorr <= 1
+        assert row.n_test_images >= 15 and row.n_test_trials >= 3 * 15 - 5
+        for metric in ("alexnet2", "alexnet5", "efficientnet", "swav"):  # the demo's networks, every row
+            assert np.isfinite(getattr(row, metric)), (metric, row)
+        assert row.oracle_latent_r == pytest.approx(oracle["latent_r"])
+        if row.encoder == "true-latent":  # a perfect encoder: the ceiling of every latent score
+            assert row.latent_r == pytest.approx(1) and row.latent_two_way == 1 and row.retrieval_image == 1
+            continue
+        if row.encoder == "mean-latent":  # no information: chance
+            assert abs(row.latent_r) < 1e-5 and row.retrieval_image == 0 and row.n_parameters == 0
+            continue
         # far above chance (r 0, 2-way 0.5); the full-size ones close to the best linear decoder that
         # knows the model (the rank-16 ones are a point lower on the frontier by design)
         assert row.latent_r > 0.25 and row.latent_two_way > 0.9, row
+        assert row.retrieval_image > 5 * chance and row.retrieval_brain > 5 * chance, row
         if row.encoder in ("ridge", "mlp"):
             assert 0.6 * oracle["latent_r"] < row.latent_r, row
-        assert row.oracle_latent_r == pytest.approx(oracle["latent_r"])
         if row.encoder in ("ridge", "lowrank"):  # the oracle bounds linear decoders (up to test-set sampling error)
             assert row.latent_r < oracle["latent_r"] + 0.02, row
-        assert 0 <= row.ssim <= 1 and -1 <= row.pixcorr <= 1
-        assert row.n_test_images >= 15 and row.n_test_trials >= 3 * 15 - 5
     params = summary.groupby("encoder")["n_parameters"].first()
     assert params["student"] == params["lowrank"] < params["ridge"] < params["mlp"]
-    for path in ["results/summary.png", "results/subj01/mlp/loss.png", "results/subj01/mlp/strength-0.3/grid.png"]:
+    per_image = pd.read_parquet(run / "results" / "metrics_per_image.parquet")
+    n_images = summary["n_test_images"].iloc[0]
+    assert len(per_image) == len(sources) * (1 + len(strengths) * len(seeds)) * n_images  # every run, every image
+    one = per_image[(per_image["encoder"] == "ridge") & (per_image["strength"] == strengths[0])]
+    row = summary[(summary["encoder"] == "ridge") & (summary["strength"] == strengths[0])].iloc[0]
+    assert row["ssim"] == pytest.approx(one["ssim"].mean())  # the summary is the mean of the per-image rows
+    for path in ["results/summary.png", "results/subj01/mlp/loss.png", "results/subj01/grid-strength-0.3.png"]:
         assert (run / path).read_bytes()[:4] == b"\x89PNG", path
-    images = list((run / "results/subj01/mlp/strength-0.7/images").glob("*.png"))
-    assert len(images) == summary["n_test_images"].iloc[0]
+    page = (run / "results" / "summary.html").read_text()
+    assert "Published (not computed here)" in page and "NOT COMPARABLE" in page and "NOT A RESULT" in page
+    for source in sources:
+        for folder in ("decode", *(f"strength-{s:g}/seed-{k}" for s in strengths for k in seeds)):
+            images = list((run / "results" / "subj01" / source / folder / "images").glob("*.png"))
+            assert len(images) == n_images, (source, folder)
+    joined = pd.read_csv(run / "results" / "frontier_metrics.csv")
+    assert set(joined.loc[joined["pixcorr"].notna(), "encoder"]) == set(config["encoders"])  # reconstructed ones
+    assert len(joined) == 12 + 4 * (1 + len(strengths)) + 1  # sweep once, named ones per run, the baseline
     assert (run / "logs" / "subj01" / "mlp" / "train.log").read_text().count("parameters") >= 1
     assert not list(run.glob("results/**/.tmp-*"))
 
@@ -114,17 +142,33 @@ def test_config_change_reruns_only_what_it_affects(run, tmp_path):
     changed = tmp_path / "steps.yaml"
     changed.write_text(yaml.safe_dump(config))
     assert planned_rules(snakemake(run, "-n", "--configfile", str(changed))) == {
-        "reconstruct_img2img", "evaluate_metrics", "evaluate_summary", "all"}
+        "reconstruct_img2img", "evaluate_images", "evaluate_grid", "evaluate_summary", "all"}  # not decode-only
+    config["reconstruct"]["steps"] = 10
+    config["reconstruct"]["seeds"] = [0, 1, 2]  # one more seed: its runs only (the grids show the first seed)
+    changed.write_text(yaml.safe_dump(config))
+    plan = snakemake(run, "-n", "--configfile", str(changed))
+    assert planned_rules(plan) == {"reconstruct_img2img", "evaluate_images", "evaluate_summary", "all"}
+    assert set(re.findall(r"seed-(\d+)/images", plan.stdout)) == {"2"}
+    config["reconstruct"]["seeds"] = [0, 1]
+    config["evaluate"]["networks"] = [*config["evaluate"]["networks"], "inception"]  # one more metric network
+    changed.write_text(yaml.safe_dump(config))
+    plan = snakemake(run, "-n", "--configfile", str(changed))
+    assert planned_rules(plan) == {"metrics_fetch", "evaluate_stimuli", "evaluate_images", "evaluate_summary", "all"}
+    assert plan.stdout.count("rule metrics_fetch:") == 1 and "random-seed0/inception" in plan.stdout
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["encoders"]["ridge"]["alphas"] = [1.0, 10.0]
     changed.write_text(yaml.safe_dump(config))
     plan = snakemake(run, "-n", "--configfile", str(changed))
-    assert planned_rules(plan) == {
-        "encoder_train", "encoder_frontier", "reconstruct_img2img", "evaluate_metrics", "evaluate_summary", "all"}
+    assert planned_rules(plan) == {"encoder_train", "encoder_frontier", "reconstruct_decode", "reconstruct_img2img",
+                                   "evaluate_images", "evaluate_grid", "evaluate_summary", "all"}
     trained = set(re.findall(r"results/subj01/([\w-]+)/encoder\.safetensors", plan.stdout))
     assert trained == {"ridge", "ridge-k30", "ridge-k100", "ridge-k300"}  # the ridge and its sweep, nothing else
+    decoded = {m.group(1) for o in planned_outputs(plan) for m in re.finditer(r"results/subj01/([\w-]+)/decode/images", o)}
+    assert decoded == {"ridge"}  # the other encoders' reconstructions stay
     # reordering keys, batch sizes of inference, compilation and the device change nothing
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["reconstruct"]["batch_size"] = 3
+    config["evaluate"]["batch_size"] = 5
     config["model"]["latent_batch_size"] = 5
     config["model"]["compile"] = True
     config["device"] = "cpu"
@@ -144,7 +188,8 @@ def braid_defaults():
 def test_dag_is_clean_dot(run):
     proc = snakemake(run, "--rulegraph")
     assert proc.stdout.startswith("digraph") and proc.stdout.rstrip().endswith("}")
-    for rule in ("nsd_fetch", "betas_mask", "latents_encode", "encoder_train", "reconstruct_img2img", "evaluate_metrics"):
+    for rule in ("nsd_fetch", "betas_mask", "latents_encode", "encoder_train", "reconstruct_img2img", "reconstruct_decode",
+                 "metrics_fetch", "evaluate_stimuli", "evaluate_images", "evaluate_summary"):
         assert rule in proc.stdout
     assert snakemake(run, "--dag").stdout.startswith("digraph")
 
@@ -230,7 +275,8 @@ def test_adding_a_subject_plans_only_its_jobs_and_encodes_only_its_new_images(tm
                       "shared_images": 10, "extra_images": 2, "volume": [12, 14, 10], "prior_images": 50},
         "sessions": [1, 2],
         "encoders": {"linear": {"hidden": [], "dropout": 0.0, "epochs": 3, "batch_size": 32}},
-        "reconstruct": {"strengths": [0.5], "steps": 2},
+        "reconstruct": {"strengths": [0.5], "steps": 2, "seeds": [0]},
+        "evaluate": {"networks": []},  # PixCorr and SSIM only: this test is about subjects
     }
     one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
     one.write_text(yaml.safe_dump(small))
@@ -255,7 +301,7 @@ def test_adding_a_subject_plans_only_its_jobs_and_encodes_only_its_new_images(tm
     assert second["encoded"] == len(seen[1] - seen[0]) and second["reused"] == len(seen[1] & seen[0]) > 0
     assert second["n_cached"] == len(seen[0] | seen[1]) and set(second["nsd_ids"]) == seen[1]
     assert second["store"] == json.loads(manifest1.read_text())["store"]  # one cache for both subjects
-    assert len(pd.read_csv(work / "results" / "summary.csv")) == 2
+    assert len(pd.read_csv(work / "results" / "summary.csv")) == 2 * 3 * 2  # subjects x (linear + 2 references) x (decode, 0.5)
 
 
 def test_a_local_model_folder_is_used_as_is(run, tmp_path):

@@ -33,7 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 TESTS = {
-    "evaluate": ["tests/test_evaluate.py", "tests/test_encoder.py", "tests/test_synthetic.py"],
+    "evaluate": ["tests/test_evaluate.py"],
+    "scores": ["tests/test_evaluate.py", "tests/test_encoder.py", "tests/test_synthetic.py"],
+    "metric_networks": ["tests/test_metric_networks.py"],
     "latents": ["tests/test_latents.py"],
     "reconstruct": ["tests/test_reconstruct.py"],
     "encoder": ["tests/test_encoder.py", "tests/test_frontier.py"],
@@ -42,7 +44,7 @@ TESTS = {
     "synthetic": ["tests/test_synthetic.py"],
 }
 # functions whose body is figure layout (sizes, fonts, colours): no test of values can see them
-SKIP = {"plot_history", "save_grid", "_plot_summary", "plot"}
+SKIP = {"plot_history", "save_grid", "plot_metrics", "plot", "html_table"}
 LOG_NAMES = {"log", "logging", "warnings", "logger", "bar", "tqdm"}
 
 SWAP = {

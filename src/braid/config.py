@@ -67,6 +67,11 @@ def check(config: dict) -> None:
     if unknown:
         problems.append(f"train_encoders {unknown} are not defined under encoders ({sorted(config['encoders'])})")
     problems += _encoder_problems(config)
+    from .encoder import REFERENCES
+
+    taken = sorted(set(config["encoders"]) & set(REFERENCES))
+    if taken:
+        problems.append(f"encoders {taken}: these names are the reference rows' (evaluate.references); rename the encoders")
     steps = config["reconstruct"]["steps"]
     for s in config["reconstruct"]["strengths"]:
         if int(steps * s) == 0:
@@ -225,6 +230,13 @@ def frontier_encoders(config: dict) -> list[str]:
             names.add(teacher)
             todo.append(teacher)
     return sorted(names)
+
+
+def metric_weights(evaluate: dict) -> dict[str, str]:
+    """network -> the folder of its weights: resources/metric_weights/pretrained/<network>, or
+    random-seed<N>/<network> for the same architectures with random weights (evaluate.weights random)."""
+    mode = "pretrained" if evaluate["weights"] == "pretrained" else f"random-seed{evaluate['seed']}"
+    return {n: f"resources/metric_weights/{mode}/{n}" for n in sorted(evaluate["networks"])}
 
 
 def strength_label(strength: float) -> str:

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .common import BraidError, atomic_output
-from .evaluate import rowwise_pearson, standardiser
+from .scores import rowwise_pearson, standardiser
 
 log = logging.getLogger(__name__)
 
@@ -571,6 +571,44 @@ def write_predictions(enc: Encoder, sp: dict, splits: dict, out_path, n_params: 
         root.create_array("z_std", data=enc.std["z_std"].reshape(enc.latent_shape))
         root.attrs.update({"n_parameters": n_params, "n_voxels": int(enc.voxels.size), "spec": sp,
                            "model_weights": enc.meta.get("model_weights", "")})
+
+
+REFERENCES = ("true-latent", "mean-latent")  # reference rows scored beside the encoders (config evaluate.references)
+
+
+def write_reference_predictions(reference: str, trials_path, latents_path, out_path) -> None:
+    """A predictions store, like an encoder's, for a reference row: ``true-latent`` predicts every
+    validation and test trial's own latent z0 (a perfect encoder: decoded it is the autoencoder's
+    ceiling, through img2img this design's), ``mean-latent`` the training trials' mean latent
+    (no information: chance level). 0 parameters; ``z_mean``/``z_std`` are the training trials'
+    statistics, as an encoder's are."""
+    import zarr
+
+    from .latents import LatentCache
+
+    if reference not in REFERENCES:
+        raise BraidError(f"reference {reference!r} is not one of {', '.join(REFERENCES)} (config evaluate.references)")
+    table = pd.read_parquet(trials_path)
+    cache = LatentCache(latents_path)
+    train = cache.get(table.loc[table["split"] == "train", "nsd_id"].to_numpy())
+    if not len(train):
+        raise BraidError(f"{trials_path}: no training trials; check config split")
+    z_mean, z_std = standardiser(train.reshape(len(train), -1))
+    with atomic_output(out_path) as tmp:
+        root = zarr.open_group(tmp, mode="w")
+        for split, group in (("test", root), ("val", root.create_group("val"))):
+            rows = table[table["split"] == split]
+            if reference == "true-latent":
+                pred = cache.get(rows["nsd_id"].to_numpy())
+            else:
+                pred = np.broadcast_to(z_mean.reshape(cache.shape), (len(rows), *cache.shape))
+            group.create_array("pred", data=np.ascontiguousarray(pred, np.float32))
+            group.create_array("nsd_id", data=rows["nsd_id"].to_numpy().astype(np.int64))
+            group.create_array("global_trial", data=rows["global_trial"].to_numpy().astype(np.int64))
+        root.create_array("z_mean", data=z_mean.reshape(cache.shape))
+        root.create_array("z_std", data=z_std.reshape(cache.shape))
+        root.attrs.update({"n_parameters": 0, "n_voxels": 0, "spec": {"kind": reference},
+                           "model_weights": cache.weights})
 
 
 def plot_history(hist: pd.DataFrame, path, title: str, train_label: str = "train") -> None:

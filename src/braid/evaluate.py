@@ -12,18 +12,21 @@ preset), which ran torchvision 0.15/0.16:
 - SSIM: 2-D SSIM of the ``rgb2gray`` images with Gaussian weights (σ 1.5), population
   covariance, data range 1 (scikit-image ≥ 0.20 semantics).
 
-Latent metrics are computed per test row (a trial, or a repeat average with
-``betas.trials: average*``):
+The six network metrics (:mod:`braid.metric_networks`): 2-way identification on AlexNet's
+``features.4`` and ``features.11``, InceptionV3's pool and CLIP ViT-L/14's image embedding;
+EfficientNet-B1's and SwAV-ResNet50's pool as mean correlation distances (lower is better), each
+network on the 256² images with its own resize and normalisation. Features of the test stimuli are
+computed once per subject (:func:`stimulus_features`), those of each run's reconstructions in its
+job. 2-way is per image: reconstruction j against every other test image's stimulus; the mean
+over images is MindEye's number.
 
-- ``latent_mse``: mean squared error in the scaled latent space img2img consumes;
-- ``latent_r``: Pearson r across latent elements between prediction and truth, both first
-  standardised per latent element with the *training* split's mean and std (the encoder's own
-  target statistics), averaged over test rows. Standardising makes predicting the average
-  latent score 0, not the spurious ~0.9 that raw latents share through their mean image;
-- ``latent_two_way``: 2-way identification (chance 0.5) on the same standardised latents,
-  where a row is compared only with rows of *other* images (repeats share a ground truth).
-  A comparison counts as a win only if the other image's correlation is lower by more than
-  1e-10: exact ties (identical targets, a constant prediction) are not wins.
+Retrieval (:func:`retrieval`): top-1 between the image-averaged predicted latents and the true
+latents (both z-scored with the training statistics), among min(300, n) test images, averaged
+over 30 random pools as MindEye does; per image the fraction of pools in which it was retrieved.
+
+Latent metrics per test row are :mod:`braid.scores`'. Every run writes a per-image table;
+:func:`summarise` aggregates them over images and seeds (mean, s.e.m. over images, s.d. over
+seeds) and prints them in the papers' columns beside the published rows (:mod:`braid.published`).
 """
 
 from __future__ import annotations
@@ -36,96 +39,45 @@ import numpy as np
 import pandas as pd
 
 from .common import BraidError, atomic_output
+from .scores import (  # noqa: F401  (re-exported: the metrics' home for users of this module)
+    TIE, latent_metrics, rowwise_pearson, standardiser, two_way_identification, two_way_scores)
 
 log = logging.getLogger(__name__)
 
 
-def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r between matching rows of ``a`` and ``b`` (flattened per row)."""
-    a = np.asarray(a, np.float64).reshape(len(a), -1)
-    b = np.asarray(b, np.float64).reshape(len(b), -1)
-    a = a - a.mean(1, keepdims=True)
-    b = b - b.mean(1, keepdims=True)
-    denom = np.sqrt((a * a).sum(1) * (b * b).sum(1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (a * b).sum(1) / denom
-    return np.where(denom > 0, r, 0.0)
+# --- images: the ME resampling, PixCorr and SSIM ---------------------------------------------
 
 
-TIE = 1e-10  # correlations closer than this are a tie in 2-way identification
-
-
-def two_way_identification(real: np.ndarray, pred: np.ndarray, groups: np.ndarray | None = None) -> float:
-    """Fraction of pairs in which a prediction correlates more with its own target than with another's.
-
-    As in the MindEye/Brain-Diffuser code: ``r[i, j]`` = corr(real_i, pred_j); for each j count
-    the i with ``r[i, j] < r[j, j]``, over the i that may be compared (``groups[i] != groups[j]``
-    when ``groups`` is given, else all i ≠ j), and average. Chance is 0.5. Differences within
-    ``TIE`` are ties and not wins, so that rounding in the matrix product cannot turn an exact
-    tie into a win.
-    """
-    real = np.asarray(real, np.float64).reshape(len(real), -1)
-    pred = np.asarray(pred, np.float64).reshape(len(pred), -1)
-    n = len(real)
-    if n < 2:
-        raise BraidError("2-way identification needs at least two test samples")
-    rz = real - real.mean(1, keepdims=True)
-    pz = pred - pred.mean(1, keepdims=True)
-    rz /= np.linalg.norm(rz, axis=1, keepdims=True) + 1e-12
-    pz /= np.linalg.norm(pz, axis=1, keepdims=True) + 1e-12
-    r = rz @ pz.T  # rows: ground truth, columns: predictions
-    own = np.diag(r)
-    groups = np.arange(n) if groups is None else np.asarray(groups)
-    comparable = groups[:, None] != groups[None, :]
-    wins = ((r < own[None, :] - TIE) & comparable).sum(0)
-    counts = comparable.sum(0)
-    valid = counts > 0
-    if not valid.any():
-        raise BraidError("2-way identification needs test samples from at least two different images")
-    return float(np.mean(wins[valid] / counts[valid]))
-
-
-def standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column mean and std (float32; a constant column gets std 1): the training statistics
-    that z-score the encoders' inputs and targets, and that ``latent_r`` standardises with."""
-    mean = x.mean(0)
-    std = x.std(0)
-    return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
-
-
-def latent_metrics(pred: np.ndarray, true: np.ndarray, mean: np.ndarray, std: np.ndarray, groups) -> dict:
-    """MSE (latent scale), Pearson r and 2-way identification (standardised) over test trials."""
-    ps = (pred - mean) / std
-    ts = (true - mean) / std
-    return {
-        "latent_mse": float(np.mean((pred - true) ** 2)),
-        "latent_r": float(np.mean(rowwise_pearson(ps, ts))),
-        "latent_two_way": two_way_identification(ts, ps, groups),
-        "n_test_trials": int(len(pred)),
-    }
-
-
-def _me_resize(images, size_hi: int = 425):
-    """MindEye's path: to 256², then to 425², bilinear without antialiasing (torchvision 0.15/0.16 tensors)."""
+def me_256(images):
+    """Float (n, 3, H, W) in [0, 1] -> tensor (n, 3, 256, 256): MindEye's first resize (bilinear, no antialias)."""
     import torch
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.functional import resize
 
-    x = torch.as_tensor(images, dtype=torch.float32)
-    x = resize(x, [256, 256], interpolation=InterpolationMode.BILINEAR, antialias=False)
-    return resize(x, [size_hi, size_hi], interpolation=InterpolationMode.BILINEAR, antialias=False)
+    x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    return resize(x, [256, 256], interpolation=InterpolationMode.BILINEAR, antialias=False)
 
 
-def image_metrics(recons: np.ndarray, stimuli: np.ndarray) -> pd.DataFrame:
-    """Per-image PixCorr and SSIM; ``recons`` float (n, 3, H, W) in [0, 1], ``stimuli`` uint8 (n, H, W, 3)."""
+def me_425(x256):
+    """The 256² images -> 425², where MindEye computes PixCorr and SSIM (bilinear, no antialias)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize
+
+    return resize(x256, [425, 425], interpolation=InterpolationMode.BILINEAR, antialias=False)
+
+
+def stimuli_as_float(stimuli: np.ndarray) -> np.ndarray:
+    """uint8 (n, H, W, 3) -> float32 (n, 3, H, W) in [0, 1]."""
+    return np.moveaxis(stimuli, -1, 1).astype(np.float32) / 255.0
+
+
+def pixel_metrics(rec256, gt256) -> pd.DataFrame:
+    """Per-image PixCorr and SSIM of two (n, 3, 256, 256) tensors, at 425² as MindEye computes them."""
     from skimage.color import rgb2gray
     from skimage.metrics import structural_similarity
 
-    if len(recons) != len(stimuli):
-        raise BraidError(f"{len(recons)} reconstructions for {len(stimuli)} stimuli")
-    rec = _me_resize(recons).numpy()
-    gt = _me_resize(np.moveaxis(stimuli, -1, 1).astype(np.float32) / 255.0).numpy()
-    pixcorr = rowwise_pearson(rec, gt)
+    rec = me_425(rec256).numpy()
+    gt = me_425(gt256).numpy()
     ssim = [
         structural_similarity(
             rgb2gray(np.moveaxis(r, 0, -1)),
@@ -137,32 +89,286 @@ def image_metrics(recons: np.ndarray, stimuli: np.ndarray) -> pd.DataFrame:
         )
         for r, g in zip(rec, gt)
     ]
-    return pd.DataFrame({"pixcorr": pixcorr, "ssim": np.asarray(ssim)})
+    return pd.DataFrame({"pixcorr": rowwise_pearson(rec, gt), "ssim": np.asarray(ssim, np.float64)})
 
 
-def save_grid(stimuli: np.ndarray, recons: np.ndarray, labels, path: str | os.PathLike, title: str, n: int = 8) -> None:
-    """PNG: stimuli on the top row, reconstructions below."""
+def image_metrics(recons: np.ndarray, stimuli: np.ndarray) -> pd.DataFrame:
+    """Per-image PixCorr and SSIM; ``recons`` float (n, 3, H, W) in [0, 1], ``stimuli`` uint8 (n, H, W, 3)."""
+    if len(recons) != len(stimuli):
+        raise BraidError(f"{len(recons)} reconstructions for {len(stimuli)} stimuli")
+    return pixel_metrics(me_256(recons), me_256(stimuli_as_float(stimuli)))
+
+
+# --- the network metrics ---------------------------------------------------------------------
+
+IMAGE_METRICS = ["pixcorr", "ssim", "alexnet2", "alexnet5", "inception", "clip", "efficientnet", "swav"]
+LOWER_IS_BETTER = ("efficientnet", "swav")  # mean correlation distances
+RETRIEVAL = ["retrieval_image", "retrieval_brain"]
+NO_NETWORKS = "none"  # the metric_weights stamp of a run scored without networks
+
+
+def metrics_of(networks) -> list[str]:
+    """The image metrics computed with ``networks`` (PixCorr and SSIM always), in the papers' column order."""
+    from .metric_networks import METRICS
+
+    return [m for m in IMAGE_METRICS if m in ("pixcorr", "ssim") or METRICS[m][0] in networks]
+
+
+def network_features(images256, weights: dict, device: str = "cpu", batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Features of (n, 3, 256, 256) images for every network in ``weights`` (network -> folder)."""
+    from . import metric_networks as nets
+
+    out = {}
+    for network in sorted(weights):
+        model = nets.load(network, weights[network], device=device)
+        out |= nets.features(network, model, images256, batch_size=batch_size)
+        del model
+    return out
+
+
+def weights_stamp(weights: dict) -> str:
+    """``pretrained``, or the random stamp when any network's weights are random (``none`` without networks)."""
+    from . import metric_networks as nets
+
+    stamps = {nets.weights_of(folder) for folder in weights.values()}
+    if not stamps:
+        return NO_NETWORKS
+    return nets.RANDOM if nets.RANDOM in stamps else "pretrained"
+
+
+def network_scores(rec: dict[str, np.ndarray], gt: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per image: the 2-way score (AlexNet, Inception, CLIP) or the correlation distance (EfficientNet, SwAV)."""
+    from .metric_networks import METRICS, correlation_distance
+
+    out = {}
+    for metric in rec:
+        kind = METRICS[metric][2]
+        out[metric] = two_way_scores(gt[metric], rec[metric]) if kind == "two_way" else correlation_distance(gt[metric], rec[metric])
+    return out
+
+
+def test_images(trials_path) -> np.ndarray:
+    """The distinct test images of a subject, ascending (the order of every per-image table)."""
+    table = pd.read_parquet(trials_path, columns=["nsd_id", "split"])
+    return np.unique(table.loc[table["split"] == "test", "nsd_id"].to_numpy())
+
+
+def stimulus_features(stimuli_path, trials_path, weights: dict, out_zarr, device: str = "cpu", batch_size: int = 32) -> None:
+    """Network features of a subject's test stimuli, once for every run that is scored against them."""
+    import zarr
+
+    from .latents import read_stimuli
+
+    ids = test_images(trials_path)
+    gt256 = me_256(stimuli_as_float(read_stimuli(stimuli_path, ids)))
+    feats = network_features(gt256, weights, device, batch_size)
+    with atomic_output(out_zarr) as tmp:
+        root = zarr.open_group(tmp, mode="w")
+        root.create_array("nsd_id", data=ids.astype(np.int64))
+        for metric, f in feats.items():
+            root.create_array(metric, data=f.astype(np.float32))
+        root.attrs.update({"metric_weights": weights_stamp(weights), "networks": sorted(weights)})
+    log.info("features of %d test stimuli: %s", ids.size, {k: v.shape[1] for k, v in feats.items()})
+
+
+def read_stimulus_features(path, ids: np.ndarray, metrics) -> dict[str, np.ndarray]:
+    import zarr
+
+    try:
+        root = zarr.open_group(path, mode="r")
+        have = np.asarray(root["nsd_id"][:])
+        out = {m: np.asarray(root[m][:]) for m in metrics}
+    except (KeyError, FileNotFoundError) as err:
+        raise BraidError(f"{path}: no features {err} here; rerun the evaluate_stimuli rule") from err
+    if not np.array_equal(have, ids):
+        raise BraidError(f"{path}: features of other test images than the reconstructions'; rerun the evaluate_stimuli rule")
+    return out
+
+
+# --- retrieval ------------------------------------------------------------------------------
+
+
+def retrieval(pred: np.ndarray, true: np.ndarray, pool: int = 300, draws: int = 30, seed: int = 0) -> dict:
+    """Top-1 retrieval between predicted and true embeddings (MindEye's: cosine similarity of
+    L2-normalised flattened rows, among ``pool`` random test samples, averaged over ``draws``).
+
+    Image retrieval: each prediction picks the most similar true row; brain retrieval: each true
+    row picks the most similar prediction. A pick is right when its own row is more similar than
+    every other in the pool by more than ``TIE`` (a tie is not a hit). With ``pool`` ≥ n every
+    draw is the whole test set. Returns the means (``image``, ``brain``; chance 1/pool) and, per
+    row, the fraction of the draws that held it in which it was retrieved.
+    """
+    p = np.asarray(pred, np.float64).reshape(len(pred), -1)
+    t = np.asarray(true, np.float64).reshape(len(true), -1)
+    n = len(p)
+    if n < 2:
+        raise BraidError("retrieval needs at least two test images")
+    p = p / (np.linalg.norm(p, axis=1, keepdims=True) + 1e-12)
+    t = t / (np.linalg.norm(t, axis=1, keepdims=True) + 1e-12)
+    k = min(pool, n)
+    rng = np.random.default_rng(seed)
+    draws = 1 if k == n else draws
+    hits = {"image": np.zeros(n), "brain": np.zeros(n)}
+    seen = np.zeros(n)
+    means = {"image": [], "brain": []}
+    for _ in range(draws):
+        idx = np.sort(rng.choice(n, k, replace=False)) if k < n else np.arange(n)
+        sim = p[idx] @ t[idx].T  # rows: predictions, columns: true
+        own = np.diag(sim)
+        off = sim + np.diag(np.full(k, -np.inf))
+        for name, best_other in (("image", off.max(1)), ("brain", off.max(0))):
+            hit = own > best_other + TIE
+            hits[name][idx] += hit
+            means[name].append(hit.mean())
+        seen[idx] += 1
+    with np.errstate(invalid="ignore"):
+        per_row = {name: np.where(seen > 0, hits[name] / np.maximum(seen, 1), np.nan) for name in hits}
+    return {"image": float(np.mean(means["image"])), "brain": float(np.mean(means["brain"])), "pool": k,
+            "per_image": per_row["image"], "per_brain": per_row["brain"]}
+
+
+def latent_scores(predictions, latents, pool: int, draws: int) -> tuple[dict, pd.DataFrame, dict]:
+    """Latent metrics per test row, and per test image retrieval of the image-averaged predictions
+    (z-scored with the training statistics, as ``latent_r``). Returns (run-level metrics, per-image
+    table, the predictions store's contents)."""
+    from .encoder import load_predictions
+    from .latents import LatentCache
+    from .reconstruct import average_by_image
+
+    preds = load_predictions(predictions)
+    cache = LatentCache(latents)
+    true = cache.get(preds["nsd_id"])
+    row = latent_metrics(preds["pred"], true, preds["z_mean"], preds["z_std"], preds["nsd_id"])
+    ids, mean_pred = average_by_image(preds["pred"], preds["nsd_id"])
+    z = lambda a: (a - preds["z_mean"]) / preds["z_std"]  # noqa: E731
+    ret = retrieval(z(mean_pred), z(cache.get(ids)), pool, draws)
+    row |= {"retrieval_pool": ret["pool"], "weights": cache.weights}
+    per_image = pd.DataFrame({"nsd_id": ids, "retrieval_image": ret["per_image"], "retrieval_brain": ret["per_brain"]})
+    return row, per_image, preds
+
+
+# --- one run: a source (encoder or reference), decode-only or img2img at one strength and seed ----
+
+
+def load_images(directory: str | os.PathLike, nsd_ids) -> np.ndarray:
+    """Reconstructions ``<nsd_id>.png`` from ``directory`` as float (n, 3, H, W) in [0, 1]."""
+    from PIL import Image
+
+    out = []
+    for i in nsd_ids:
+        p = Path(directory) / f"{int(i)}.png"
+        if not p.is_file():
+            raise BraidError(f"{p}: reconstruction missing; rerun the reconstruct rule")
+        out.append(np.moveaxis(np.asarray(Image.open(p).convert("RGB"), np.float32) / 255.0, -1, 0))
+    return np.stack(out)
+
+
+def run_keys(run: str) -> dict:
+    """``decode`` or ``strength-<s>/seed-<k>`` (a run's folder) -> mode, strength, seed."""
+    if run == "decode":
+        return {"mode": "decode", "strength": np.nan, "seed": -1}
+    try:
+        strength, seed = run.split("/")
+        return {"mode": "img2img", "strength": float(strength.removeprefix("strength-")),
+                "seed": int(seed.removeprefix("seed-"))}
+    except ValueError:
+        raise BraidError(f"run {run!r} is neither 'decode' nor 'strength-<s>/seed-<k>'") from None
+
+
+def evaluate_images(images, predictions, latents, stimuli_path, features_path, weights: dict, out_parquet,
+                    subject: str, source: str, run: str, pool: int = 300, draws: int = 30, device: str = "cpu",
+                    batch_size: int = 32) -> pd.DataFrame:
+    """Every metric of one run, per test image, into a Parquet table (run-level latent metrics repeated)."""
+    from .latents import read_stimuli
+
+    row, per_image, preds = latent_scores(predictions, latents, pool, draws)
+    ids = per_image["nsd_id"].to_numpy()
+    rec256 = me_256(load_images(images, ids))
+    gt256 = me_256(stimuli_as_float(read_stimuli(stimuli_path, ids)))
+    table = pd.concat([per_image, pixel_metrics(rec256, gt256)], axis=1)
+    if weights:
+        rec = network_features(rec256, weights, device, batch_size)
+        gt = read_stimulus_features(features_path, ids, list(rec))
+        for metric, values in network_scores(rec, gt).items():
+            table[metric] = values
+    keys = {"subject": subject, "encoder": source, "kind": preds["spec"].get("kind", ""), **run_keys(run),
+            "n_parameters": preds["n_parameters"]}
+    for k, v in reversed(keys.items()):
+        table.insert(0, k, v)
+    for k, v in row.items():
+        table[k] = v
+    table["metric_weights"] = weights_stamp(weights)
+    with atomic_output(out_parquet) as tmp:
+        table.to_parquet(tmp, index=False)
+    means = {m: round(float(table[m].mean()), 4) for m in IMAGE_METRICS + RETRIEVAL if m in table}
+    log.info("%s %s %s: %s", subject, source, run, means)
+    return table
+
+
+# --- per subject: the picture of every row at one strength ------------------------------------
+
+
+def save_grid(stimuli: np.ndarray, rows: list[tuple[str, np.ndarray]], labels, path, title: str, n: int = 8) -> None:
+    """PNG: the stimuli on top, then one row of reconstructions per (label, images)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = min(n, len(stimuli))
-    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.6 * max(n, 1), 3.6), squeeze=False)
-    for k in range(n):
-        axes[0, k].imshow(stimuli[k])
-        axes[1, k].imshow(np.moveaxis(np.clip(recons[k], 0, 1), 0, -1))
+    n = max(min(n, len(stimuli)), 1)
+    all_rows = [("seen", [im for im in stimuli[:n]])] + [
+        (label, [np.moveaxis(np.clip(r, 0, 1), 0, -1) for r in recs[:n]]) for label, recs in rows]
+    fig, axes = plt.subplots(len(all_rows), n, figsize=(1.25 * n + 1.6, 1.3 * len(all_rows) + 0.6), squeeze=False)
+    for i, (label, images) in enumerate(all_rows):
+        for k in range(n):
+            ax = axes[i, k]
+            ax.axis("off")
+            if k < len(images):
+                ax.imshow(images[k])
+        axes[i, 0].text(-0.08, 0.5, label, transform=axes[i, 0].transAxes, ha="right", va="center", fontsize=7)
+    for k in range(min(n, len(labels))):
         axes[0, k].set_title(str(labels[k]), fontsize=7)
-    for ax in axes.ravel():
-        ax.axis("off")
-    axes[0, 0].text(-0.1, 0.5, "seen", transform=axes[0, 0].transAxes, ha="right", va="center", rotation=90)
-    axes[1, 0].text(-0.1, 0.5, "reconstructed", transform=axes[1, 0].transAxes, ha="right", va="center", rotation=90)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.1, 0, 1, 1))
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
+
+REFERENCE_LABELS = {"true-latent": "true z0", "mean-latent": "mean z0"}
+
+
+def grid_rows(sources: list[str], strength: str) -> list[tuple[str, str, str]]:
+    """(label, source, run) of a subject's grid at one strength: the references, then each encoder decoded and through img2img."""
+    refs = [s for s in ("true-latent", "mean-latent") if s in sources]
+    encoders = [s for s in sources if s not in refs]
+    rows = []
+    if "true-latent" in refs:
+        rows += [("true z0, decoded\n(VAE ceiling)", "true-latent", "decode"),
+                 (f"true z0, img2img\n(ceiling)", "true-latent", "img2img")]
+    for enc in encoders:
+        rows += [(f"{enc}\ndecoded", enc, "decode"), (f"{enc}\nimg2img", enc, "img2img")]
+    if "mean-latent" in refs:
+        rows += [("mean z0, img2img\n(chance)", "mean-latent", "img2img")]
+    return rows
+
+
+def evaluate_grid(subject: str, strength: str, seed: int, image_dirs: dict, stimuli_path, trials_path, out_png,
+                  weights: str = "pretrained") -> None:
+    """``image_dirs``: (source, "decode" | "img2img") -> folder of PNGs."""
+    from .latents import read_stimuli
+
+    ids = test_images(trials_path)[:8]
+    stimuli = read_stimuli(stimuli_path, ids)
+    rows = [(label, load_images(image_dirs[(source, run)], ids))
+            for label, source, run in grid_rows(sorted({s for s, _ in image_dirs}), strength)]
+    title = f"{subject}: test images and their reconstructions (img2img at strength {strength}, seed {seed})"
+    if weights != "pretrained":
+        title = f"NOT A RESULT: model weights {weights.split()[0]}\n{title}"
+    save_grid(stimuli, rows, ids, out_png, title)
+
+
+# --- the synthetic data's oracle ------------------------------------------------------------
 
 ORACLE_COLUMNS = {"latent_r": "oracle_latent_r", "latent_two_way": "oracle_latent_two_way",
                   "latent_mse": "oracle_latent_mse"}
@@ -191,85 +397,131 @@ def evaluate_oracle(oracle_path, session_files: dict, roi_files: dict, roi_label
     return table
 
 
-def summarise(metric_files: list[str], out_csv: str | os.PathLike, out_png: str | os.PathLike,
-              oracle_files: list[str] = ()) -> pd.DataFrame:
-    """Concatenate per-run metrics, add the synthetic oracle's (``oracle_*``) where known, and plot them."""
-    table = pd.concat([pd.read_csv(f) for f in metric_files], ignore_index=True)
+# --- all runs: tables, figures, the literature's rows ---------------------------------------------
+
+KEYS = ["subject", "encoder", "mode", "strength"]
+RUN_LEVEL = ["kind", "n_parameters", "latent_mse", "latent_r", "latent_two_way", "n_test_trials", "retrieval_pool",
+             "weights", "metric_weights"]
+
+
+def aggregate(per_image: pd.DataFrame) -> pd.DataFrame:
+    """One row per subject × encoder × mode × strength: each per-image metric's mean over images
+    and seeds, its s.e.m. over images (of the per-image means over seeds), and the standard
+    deviation of the per-seed means across seeds (``_seed_sd``; NaN with one seed)."""
+    metrics = [m for m in IMAGE_METRICS + RETRIEVAL if m in per_image]
+    rows = []
+    for key, g in per_image.groupby(KEYS, dropna=False, sort=True):
+        row = dict(zip(KEYS, key)) | {c: g[c].iloc[0] for c in RUN_LEVEL if c in g}
+        seeds = sorted(g["seed"].unique())
+        by_image = g.groupby("nsd_id")[metrics].mean()
+        by_seed = g.groupby("seed")[metrics].mean()
+        row |= {"n_seeds": len(seeds), "n_test_images": len(by_image)}
+        for m in metrics:
+            values = by_image[m].dropna()
+            row[m] = float(values.mean()) if len(values) else np.nan
+            row[f"{m}_sem"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else np.nan
+            row[f"{m}_seed_sd"] = float(by_seed[m].std(ddof=1)) if len(seeds) > 1 else np.nan
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    order = {"decode": 0, "img2img": 1}
+    return out.sort_values(["subject", "encoder", "mode", "strength"], key=lambda c: c.map(order) if c.name == "mode" else c,
+                           na_position="first").reset_index(drop=True)
+
+
+def summarise(per_image_files: list[str], out_csv, out_parquet, out_png, out_html, oracle_files=(), frontier_files=(),
+              out_frontier=None) -> pd.DataFrame:
+    """The per-image tables of every run into one Parquet file; their aggregate (with the synthetic
+    oracle's ``oracle_*`` where known) into ``summary.csv``; the metric-vs-strength figure; the
+    table in the papers' format beside their published rows (HTML); and each subject's frontier
+    joined with the image metrics of the encoders that were reconstructed."""
+    per_image = pd.concat([pd.read_parquet(f) for f in per_image_files], ignore_index=True)
+    with atomic_output(out_parquet) as tmp:
+        per_image.to_parquet(tmp, index=False)
+    table = aggregate(per_image)
     if oracle_files:
         oracle = pd.concat([pd.read_csv(f) for f in oracle_files], ignore_index=True)
         oracle = oracle[["subject", *ORACLE_COLUMNS]].rename(columns=ORACLE_COLUMNS)
         table = table.merge(oracle, on="subject", how="left")
-    table = table.sort_values(["subject", "encoder", "strength"]).reset_index(drop=True)
     with atomic_output(out_csv) as tmp:
         table.to_csv(tmp, index=False)
-    _plot_summary(table, out_png)
+    plot_metrics(table, out_png)
+    from .published import html_table
+
+    with atomic_output(out_html) as tmp:
+        Path(tmp).write_text(html_table(table))
+    if out_frontier is not None:
+        frontier = pd.concat([pd.read_csv(f) for f in frontier_files], ignore_index=True) if frontier_files else pd.DataFrame()
+        joined = join_frontier(frontier, table)
+        with atomic_output(out_frontier) as tmp:
+            joined.to_csv(tmp, index=False)
     return table
 
 
-def _plot_summary(table: pd.DataFrame, out_png) -> None:
+def join_frontier(frontier: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Each frontier row (every trained encoder) with the image metrics of each of its runs (decode-only
+    and every img2img strength; none for the sweep's encoders, which are not reconstructed)."""
+    if frontier.empty:
+        return frontier
+    metrics = [m for m in IMAGE_METRICS + RETRIEVAL if m in table]
+    runs = table[["subject", "encoder", "mode", "strength", "metric_weights", *metrics]]
+    return frontier.merge(runs, on=["subject", "encoder"], how="left").sort_values(
+        ["subject", "n_parameters", "encoder", "mode", "strength"]).reset_index(drop=True)
+
+
+METRIC_LABELS = {"latent_r": "latent r", "latent_two_way": "latent 2-way", "pixcorr": "PixCorr", "ssim": "SSIM",
+                 "alexnet2": "AlexNet(2) 2-way", "alexnet5": "AlexNet(5) 2-way", "inception": "Inception 2-way",
+                 "clip": "CLIP 2-way", "efficientnet": "EffNet-B1 distance ↓", "swav": "SwAV distance ↓",
+                 "retrieval_image": "image retrieval (top-1)", "retrieval_brain": "brain retrieval (top-1)"}
+
+
+def plot_metrics(table: pd.DataFrame, out_png) -> None:
+    """Each metric against img2img strength (decode-only at 0), one line per subject × encoder with
+    the s.e.m. over images as bars; reference rows dashed; the oracle's latent scores as ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = ["latent_r", "latent_two_way", "pixcorr", "ssim"]
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2))
-    labels = [f"{r.subject}\n{r.encoder}\ns={r.strength:g}" for r in table.itertuples()]
-    for ax, col in zip(axes, cols):
-        ax.bar(range(len(table)), table[col], color="tab:blue")
-        if ORACLE_COLUMNS.get(col) in table:
-            ax.scatter(range(len(table)), table[ORACLE_COLUMNS[col]], marker="_", s=400, color="k",
-                       label="oracle (best linear)")
-            ax.legend(fontsize=7, loc="lower right")
-        if col == "latent_two_way":
-            ax.axhline(0.5, ls=":", color="grey")
-        ax.set_title(col)
-        ax.set_xticks(range(len(table)), labels, fontsize=6)
+    cols = [c for c in ["latent_r", "latent_two_way", *IMAGE_METRICS, *RETRIEVAL] if c in table and table[c].notna().any()]
+    ncol = 4
+    nrow = int(np.ceil(len(cols) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.9 * nrow + 0.8), squeeze=False)
+    x_of = lambda t: np.where(t["mode"] == "decode", 0.0, t["strength"].astype(float))  # noqa: E731
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    encoders = [e for e in sorted(table["encoder"].unique()) if e not in REFERENCE_LABELS]
+    styles = {e: dict(color=colours[i % len(colours)], ls="-", marker="o") for i, e in enumerate(encoders)}
+    styles |= {"true-latent": dict(color="k", ls="--", marker="^"), "mean-latent": dict(color="grey", ls=":", marker="v")}
+    subjects = sorted(table["subject"].unique())
+    for ax, col in zip(axes.ravel(), cols):
+        for (subject, encoder), g in table.groupby(["subject", "encoder"]):
+            g = g.assign(x=x_of(g)).sort_values("x")
+            label = REFERENCE_LABELS.get(encoder, encoder) + (f" {subject}" if len(subjects) > 1 else "")
+            sem = g[f"{col}_sem"] if f"{col}_sem" in g else None
+            ax.errorbar(g["x"], g[col], yerr=sem, label=label, ms=3, lw=1.2, capsize=2,
+                        **styles.get(encoder, {}))
+        oracle = ORACLE_COLUMNS.get(col)
+        if oracle in table and table[oracle].notna().any():
+            ax.axhline(table[oracle].iloc[0], color="tab:red", lw=0.8, ls="-.", label="oracle (best linear)")
+        if col.endswith("two_way") or col in ("alexnet2", "alexnet5", "inception", "clip"):
+            ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+        ax.set_title(METRIC_LABELS.get(col, col), fontsize=9)
+        ax.set_xlabel("img2img strength (0 = decoded only)", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, lw=0.5)
+    for ax in axes.ravel()[len(cols):]:
+        ax.axis("off")
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7, frameon=False)
+    title = "Every metric against img2img strength (bars: s.e.m. over test images)"
+    stamps = []
     if "weights" in table and (table["weights"] != "pretrained").any():
-        fig.suptitle("NOT A RESULT: runs with random model weights (a check of the workflow, not of reconstruction)",
-                     fontsize=9, color="tab:red")
-    fig.tight_layout()
+        stamps.append("random model weights")
+    if "metric_weights" in table and (~table["metric_weights"].isin(["pretrained", NO_NETWORKS])).any():
+        stamps.append("random metric networks (network metrics not comparable)")
+    if stamps:
+        title = "NOT A RESULT: " + "; ".join(stamps) + "\n" + title
+    fig.suptitle(title, fontsize=9, color="tab:red" if stamps else "k")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     with atomic_output(out_png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-
-
-def load_images(directory: str | os.PathLike, nsd_ids) -> np.ndarray:
-    """Reconstructions ``<nsd_id>.png`` from ``directory`` as float (n, 3, H, W) in [0, 1]."""
-    from PIL import Image
-
-    out = []
-    for i in nsd_ids:
-        p = Path(directory) / f"{int(i)}.png"
-        if not p.is_file():
-            raise BraidError(f"{p}: reconstruction missing; rerun the reconstruct rule")
-        out.append(np.moveaxis(np.asarray(Image.open(p).convert("RGB"), np.float32) / 255.0, -1, 0))
-    return np.stack(out)
-
-
-def evaluate_run(predictions, latents, stimuli_path, images, out_metrics, out_grid, subject: str, encoder: str,
-                 strength: float) -> pd.DataFrame:
-    """All metrics of one subject x encoder x strength into a one-row CSV, and the grid PNG."""
-    from .encoder import load_predictions
-    from .latents import LatentCache, read_stimuli
-
-    preds = load_predictions(predictions)
-    cache = LatentCache(latents)
-    true = cache.get(preds["nsd_id"])
-    row = {"subject": subject, "encoder": encoder, "strength": strength, "n_parameters": preds["n_parameters"],
-           "weights": cache.weights}
-    row |= latent_metrics(preds["pred"], true, preds["z_mean"], preds["z_std"], preds["nsd_id"])
-    ids = np.unique(preds["nsd_id"])
-    stimuli = read_stimuli(stimuli_path, ids)
-    recons = load_images(images, ids)
-    per_image = image_metrics(recons, stimuli)
-    row |= {"pixcorr": float(per_image["pixcorr"].mean()), "ssim": float(per_image["ssim"].mean()), "n_test_images": int(ids.size)}
-    table = pd.DataFrame([row])
-    with atomic_output(out_metrics) as tmp:
-        table.to_csv(tmp, index=False)
-    title = f"{subject} · {encoder} · strength {strength:g} · latent r {row['latent_r']:.2f}"
-    if cache.weights != "pretrained":
-        title = f"NOT A RESULT: model weights {cache.weights.split()[0]}\n{title}"
-    save_grid(stimuli, recons, ids, out_grid, title)
-    log.info("%s", row)
-    return table

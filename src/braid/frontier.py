@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .common import atomic_output
-from .evaluate import latent_metrics
+from .scores import latent_metrics
 
 log = logging.getLogger(__name__)
 

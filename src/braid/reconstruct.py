@@ -9,7 +9,8 @@ it is refused here with a message. The denoised latents are decoded by
 the VAE's config says it overflows there (``force_upcast``, the SDXL VAE).
 
 One reconstruction per test image: the encoder's predictions for the image's test trials
-(its repeats) are averaged first. Each image's generator is seeded by ``seed + nsd_id``.
+(its repeats) are averaged first. Each image's generator is seeded by ``seed + nsd_id``, for
+every seed of ``reconstruct.seeds``. :func:`decode` writes the decode-only images (no diffusion).
 
 What is reproducible: the same inputs, settings, batch size, device and software give
 bit-identical PNGs. A different ``batch_size`` gives the same image up to floating-point
@@ -49,33 +50,73 @@ def average_by_image(pred: np.ndarray, nsd_ids: np.ndarray) -> tuple[np.ndarray,
     return ids, (sums / counts).astype(np.float32)
 
 
+def _load_averaged(predictions_path) -> tuple[np.ndarray, np.ndarray]:
+    from .encoder import load_predictions
+
+    preds = load_predictions(predictions_path)
+    ids, latents = average_by_image(preds["pred"], preds["nsd_id"])
+    if not np.isfinite(latents).all():
+        raise BraidError(f"{predictions_path}: predicted latents hold NaN/inf; retrain the encoder")
+    return ids, latents
+
+
+def _write_pngs(out_dir, ids: np.ndarray, batch: int, images_of, desc: str) -> None:
+    """``<nsd_id>.png`` for every id, ``batch`` at a time: ``images_of(start, chunk)`` -> float (n, 3, H, W) in [0, 1]."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    with atomic_output(out_dir) as tmp:
+        tmp.mkdir()
+        for start in tqdm(range(0, ids.size, batch), desc=desc, unit="batch", mininterval=2):
+            chunk = ids[start : start + batch]
+            images = images_of(start, chunk).permute(0, 2, 3, 1).cpu().numpy()
+            for i, img in zip(chunk, images):
+                Image.fromarray((img * 255).round().astype(np.uint8)).save(Path(tmp) / f"{int(i)}.png")
+
+
+def decode(predictions_path, model_dir, out_dir, params: dict, device: str = "cpu", batch_size: int = 8) -> None:
+    """Decode-only reconstructions: each test image's (averaged) predicted latent through the VAE
+    decoder, no diffusion. From the true latents this is the autoencoder's ceiling.
+
+    ``params``: dtype (the VAE runs in :func:`braid.models.vae_dtype` of it) and variant.
+    """
+    import torch
+
+    from .models import decode_latents, load_vae
+
+    ids, latents = _load_averaged(predictions_path)
+    vae = load_vae(model_dir, device=device, dtype=params["dtype"], variant=params.get("variant"))
+    log.info("decoding %d images with the VAE in %s on %s", ids.size, next(vae.parameters()).dtype, device)
+
+    def images_of(start, chunk):
+        return decode_latents(vae, torch.from_numpy(latents[start : start + chunk.size]).to(device))
+
+    _write_pngs(out_dir, ids, int(batch_size), images_of, "decode")
+
+
 def reconstruct(
     predictions_path,
     model_dir,
     out_dir,
     strength: float,
+    seed: int,
     params: dict,
     device: str = "cpu",
     batch_size: int = 8,
 ) -> None:
     """Write ``<nsd_id>.png`` for every test image into ``out_dir``.
 
-    ``params``: steps, guidance_scale, prompt, negative_prompt, dtype, seed (and variant), the
-    settings that decide the images; ``batch_size`` only how many go through at once.
+    ``params``: steps, guidance_scale, prompt, negative_prompt, dtype (and variant), the
+    settings that decide the images with ``strength`` and ``seed`` (image i's generator is seeded
+    with ``seed + i``); ``batch_size`` only decides how many go through at once.
     """
     import torch
-    from PIL import Image
-    from tqdm import tqdm
 
-    from .encoder import load_predictions
     from .models import decode_latents, load_img2img
 
     steps = int(params["steps"])
     check_strength(strength, steps)
-    preds = load_predictions(predictions_path)
-    ids, latents = average_by_image(preds["pred"], preds["nsd_id"])
-    if not np.isfinite(latents).all():
-        raise BraidError(f"{predictions_path}: predicted latents hold NaN/inf; retrain the encoder")
+    ids, latents = _load_averaged(predictions_path)
     pipe = load_img2img(model_dir, device=device, dtype=params["dtype"], variant=params.get("variant"))
     dtype = pipe.unet.dtype
     embeds = pipe.encode_prompt(
@@ -83,33 +124,31 @@ def reconstruct(
         do_classifier_free_guidance=params["guidance_scale"] > 1, negative_prompt=params.get("negative_prompt") or None,
     )
     prompt_embeds, negative_embeds, pooled, negative_pooled = embeds
-    batch = int(batch_size)
-    log.info("reconstructing %d images at strength %s, %d steps, %s, on %s", ids.size, strength, steps, dtype, device)
-    with atomic_output(out_dir) as tmp:
-        tmp.mkdir()
-        for start in tqdm(range(0, ids.size, batch), desc=f"img2img s={strength}", unit="batch", mininterval=2):
-            chunk = ids[start : start + batch]
-            n = chunk.size
-            z = torch.from_numpy(latents[start : start + n]).to(device=device, dtype=dtype)
-            gens = [torch.Generator(device).manual_seed(int(params["seed"]) + int(i)) for i in chunk]
-            kwargs = {}
-            if negative_embeds is not None:
-                kwargs = dict(negative_prompt_embeds=negative_embeds.repeat(n, 1, 1),
-                              negative_pooled_prompt_embeds=negative_pooled.repeat(n, 1))
-            with torch.inference_mode():
-                denoised = pipe(
-                    prompt_embeds=prompt_embeds.repeat(n, 1, 1),
-                    pooled_prompt_embeds=pooled.repeat(n, 1),
-                    image=z,
-                    strength=strength,
-                    num_inference_steps=steps,
-                    guidance_scale=params["guidance_scale"],
-                    generator=gens,
-                    output_type="latent",
-                    **kwargs,
-                ).images
-            if len(denoised) != n:
-                raise BraidError(f"the pipeline returned {len(denoised)} latents for {n} inputs")
-            images = decode_latents(pipe.vae, denoised).permute(0, 2, 3, 1).cpu().numpy()
-            for i, img in zip(chunk, images):
-                Image.fromarray((img * 255).round().astype(np.uint8)).save(Path(tmp) / f"{int(i)}.png")
+    log.info("reconstructing %d images at strength %s, seed %d, %d steps, %s, on %s", ids.size, strength, seed, steps,
+             dtype, device)
+
+    def images_of(start, chunk):
+        n = chunk.size
+        z = torch.from_numpy(latents[start : start + n]).to(device=device, dtype=dtype)
+        gens = [torch.Generator(device).manual_seed(int(seed) + int(i)) for i in chunk]
+        kwargs = {}
+        if negative_embeds is not None:
+            kwargs = dict(negative_prompt_embeds=negative_embeds.repeat(n, 1, 1),
+                          negative_pooled_prompt_embeds=negative_pooled.repeat(n, 1))
+        with torch.inference_mode():
+            denoised = pipe(
+                prompt_embeds=prompt_embeds.repeat(n, 1, 1),
+                pooled_prompt_embeds=pooled.repeat(n, 1),
+                image=z,
+                strength=strength,
+                num_inference_steps=steps,
+                guidance_scale=params["guidance_scale"],
+                generator=gens,
+                output_type="latent",
+                **kwargs,
+            ).images
+        if len(denoised) != n:
+            raise BraidError(f"the pipeline returned {len(denoised)} latents for {n} inputs")
+        return decode_latents(pipe.vae, denoised)
+
+    _write_pngs(out_dir, ids, int(batch_size), images_of, f"img2img s={strength} seed={seed}")

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 import braid.config
 import braid.encoder
+import braid.metric_networks
 import braid.nsd
 import braid.synthetic
 from braid.common import BraidError, subject_label, subject_number
@@ -47,6 +48,7 @@ wildcard_constraints:
     subject=r"subj0[1-8]",
     encoder=r"[A-Za-z0-9_-]+",
     strength=r"[0-9.]+",
+    seed=r"[0-9]+",
 
 
 NSD = config["nsd"]
@@ -65,6 +67,11 @@ STRENGTHS = [braid.config.strength_label(s) for s in config["reconstruct"]["stre
 ENCODERS = braid.config.encoder_names(config)  # named encoders: trained, reconstructed, evaluated
 ALL_ENCODERS = braid.config.all_encoders(config)  # and the sweep's, for the frontier
 FRONTIER_ENCODERS = braid.config.frontier_encoders(config)
+REFERENCES = sorted(config["evaluate"]["references"])  # true-latent / mean-latent rows, scored like encoders
+SEEDS = [str(s) for s in config["reconstruct"]["seeds"]]
+RUNS = ["decode", *(f"strength-{s}/seed-{k}" for s in STRENGTHS for k in SEEDS)]  # a source's reconstructions
+# network -> its weights folder (resources/metric_weights/<pretrained|random-seedN>/<network>)
+METRIC_WEIGHTS = braid.config.metric_weights(config["evaluate"])
 
 
 def as_json(value):
@@ -169,13 +176,23 @@ def get_oracle_metrics():
     return expand("results/{subject}/oracle_metrics.csv", subject=SUBJECTS)
 
 
-def get_metric_files():
+def get_image_metric_files():
     return expand(
-        "results/{subject}/{encoder}/strength-{strength}/metrics.csv",
+        "results/{subject}/{encoder}/{run}/image_metrics.parquet",
         subject=SUBJECTS,
-        encoder=ENCODERS,
-        strength=STRENGTHS,
+        encoder=[*ENCODERS, *REFERENCES],
+        run=RUNS,
     )
+
+
+def get_grid_images(wildcards):
+    """Image folders of a subject's grid at one strength: every source decoded and through img2img (first seed)."""
+    runs = {"decode": "decode", "img2img": f"strength-{wildcards.strength}/seed-{SEEDS[0]}"}
+    return {
+        f"{source}|{kind}": f"results/{wildcards.subject}/{source}/{run}/images"
+        for source in [*ENCODERS, *REFERENCES]
+        for kind, run in runs.items()
+    }
 
 
 def get_final_outputs():
@@ -184,13 +201,10 @@ def get_final_outputs():
         *manifests,
         "results/summary.csv",
         "results/summary.png",
+        "results/summary.html",
+        "results/frontier_metrics.csv",
         *expand("results/{subject}/{encoder}/loss.png", subject=SUBJECTS, encoder=ENCODERS),
         *expand("results/{subject}/latent_stats.png", subject=SUBJECTS),
         *expand("results/{subject}/frontier.png", subject=SUBJECTS),
-        *expand(
-            "results/{subject}/{encoder}/strength-{strength}/grid.png",
-            subject=SUBJECTS,
-            encoder=ENCODERS,
-            strength=STRENGTHS,
-        ),
+        *expand("results/{subject}/grid-strength-{strength}.png", subject=SUBJECTS, strength=STRENGTHS),
     ]

@@ -9,7 +9,7 @@ rule encoder_train:
         latents="results/{subject}/latents.json",
         teacher=get_teacher,
         ncsnr=get_ncsnr,
-        code=[src("encoder"), src("evaluate")],
+        code=[src("encoder"), src("scores")],
     output:
         model="results/{subject}/{encoder}/encoder.safetensors",
         config="results/{subject}/{encoder}/encoder.json",
@@ -23,6 +23,9 @@ rule encoder_train:
         predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
     params:
         spec=lambda wc: as_json(encoder_spec(wc.encoder)),
+    wildcard_constraints:
+        # a reference row's predictions share an encoder's path; encoder_reference makes them
+        encoder=r"(?!(?:true-latent|mean-latent)/)[A-Za-z0-9_-]+",
     log:
         "logs/{subject}/{encoder}/train.log",
     conda:
@@ -35,7 +38,7 @@ rule encoder_frontier:
     input:
         predictions=expand(zarr_store("results/{{subject}}/{encoder}/predictions.zarr"), encoder=FRONTIER_ENCODERS),
         latents="results/{subject}/latents.json",
-        code=[src("frontier"), src("evaluate")],
+        code=[src("frontier"), src("scores")],
     output:
         table="results/{subject}/frontier.csv",
         plot=report(
@@ -53,3 +56,22 @@ rule encoder_frontier:
         "../../envs/braid.yaml"
     script:
         "../../scripts/encoder_frontier.py"
+
+
+rule encoder_reference:
+    """Reference rows in an encoder's format: every test trial's own latent (true-latent) or the
+    training mean (mean-latent), reconstructed and scored like the encoders."""
+    input:
+        trials="results/{subject}/trials.parquet",
+        latents="results/{subject}/latents.json",
+        code=src("encoder"),
+    output:
+        predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
+    wildcard_constraints:
+        encoder="|".join(braid.encoder.REFERENCES),
+    log:
+        "logs/{subject}/{encoder}/reference.log",
+    conda:
+        "../../envs/braid.yaml"
+    script:
+        "../../scripts/encoder_reference.py"

@@ -1,27 +1,92 @@
-# Stage 6: metrics per subject x encoder x strength, a picture of each, and one summary.
+# Stage 6: the field's metrics. Network weights are fetched once (a local rule); each subject's
+# test stimuli are featurised once; every run (subject x encoder x decode-only or strength x seed)
+# is scored per image; one summary job aggregates over images and seeds, draws the figures and
+# prints the table beside the published rows; per subject and strength one grid of every row.
+
+localrules:
+    metrics_fetch,
 
 
-rule evaluate_metrics:
-    input:
-        images="results/{subject}/{encoder}/strength-{strength}/images",
-        predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
-        latents="results/{subject}/latents.json",
-        stimuli=lambda wc: stimuli_file(wc.subject),
-        code=src("evaluate"),
+rule metrics_fetch:
+    """Weights of one metric network into resources/metric_weights/<pretrained|random-seedN>/<network>:
+    downloaded (torchvision, SwAV, the HF hub), or the same architecture with seeded random weights."""
     output:
-        metrics="results/{subject}/{encoder}/strength-{strength}/metrics.csv",
-        grid=report(
-            "results/{subject}/{encoder}/strength-{strength}/grid.png",
-            caption="../report/grid.rst",
-            category="Reconstructions",
-            labels={"subject": "{subject}", "encoder": "{encoder}", "strength": "{strength}"},
-        ),
+        directory("resources/metric_weights/{weights}/{network}"),
+    wildcard_constraints:
+        weights=r"pretrained|random-seed[0-9]+",
+        network="|".join(braid.metric_networks.NETWORKS),
     log:
-        "logs/{subject}/{encoder}/strength-{strength}/evaluate.log",
+        "logs/metric_weights/{weights}/{network}.log",
     conda:
         "../../envs/braid.yaml"
     script:
-        "../../scripts/evaluate_metrics.py"
+        "../../scripts/metrics_fetch.py"
+
+
+rule evaluate_stimuli:
+    """Network features of the subject's test stimuli (the ground truth of every run)."""
+    input:
+        stimuli=lambda wc: stimuli_file(wc.subject),
+        trials="results/{subject}/trials.parquet",
+        weights=list(METRIC_WEIGHTS.values()),
+        code=[src("evaluate"), src("metric_networks")],
+    output:
+        zarr_store("results/{subject}/stimulus_features.zarr"),
+    log:
+        "logs/{subject}/stimulus_features.log",
+    conda:
+        "../../envs/braid.yaml"
+    script:
+        "../../scripts/evaluate_stimuli.py"
+
+
+rule evaluate_images:
+    """Every metric of one run, per test image."""
+    input:
+        images="results/{subject}/{encoder}/{run}/images",
+        predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
+        latents="results/{subject}/latents.json",
+        stimuli=lambda wc: stimuli_file(wc.subject),
+        features=zarr_store("results/{subject}/stimulus_features.zarr"),
+        weights=list(METRIC_WEIGHTS.values()),
+        code=[src("evaluate"), src("metric_networks"), src("scores")],
+    output:
+        "results/{subject}/{encoder}/{run}/image_metrics.parquet",
+    params:
+        retrieval=as_json({"pool": config["evaluate"]["retrieval_pool"], "draws": config["evaluate"]["retrieval_draws"]}),
+    wildcard_constraints:
+        run=r"decode|strength-[0-9.]+/seed-[0-9]+",
+    log:
+        "logs/{subject}/{encoder}/{run}/evaluate.log",
+    conda:
+        "../../envs/braid.yaml"
+    script:
+        "../../scripts/evaluate_images.py"
+
+
+rule evaluate_grid:
+    """Stimuli and every row's reconstructions (first seed) at one strength."""
+    input:
+        unpack(get_grid_images),
+        stimuli=lambda wc: stimuli_file(wc.subject),
+        trials="results/{subject}/trials.parquet",
+        latents="results/{subject}/latents.json",
+        code=src("evaluate"),
+    output:
+        report(
+            "results/{subject}/grid-strength-{strength}.png",
+            caption="../report/grid.rst",
+            category="Reconstructions",
+            labels={"subject": "{subject}", "strength": "{strength}"},
+        ),
+    params:
+        seed=SEEDS[0],
+    log:
+        "logs/{subject}/grid-strength-{strength}.log",
+    conda:
+        "../../envs/braid.yaml"
+    script:
+        "../../scripts/evaluate_grid.py"
 
 
 rule evaluate_oracle:
@@ -33,7 +98,7 @@ rule evaluate_oracle:
         expdesign=nsd_file(braid.nsd.EXPDESIGN),
         trials="results/{subject}/trials.parquet",
         latents="results/{subject}/latents.json",
-        code=[src("evaluate"), src("synthetic")],
+        code=[src("evaluate"), src("scores"), src("synthetic")],
     output:
         "results/{subject}/oracle_metrics.csv",
     params:
@@ -50,12 +115,16 @@ rule evaluate_oracle:
 
 rule evaluate_summary:
     input:
-        metrics=get_metric_files(),
+        per_image=get_image_metric_files(),
         oracle=get_oracle_metrics(),
-        code=src("evaluate"),
+        frontier=expand("results/{subject}/frontier.csv", subject=SUBJECTS),
+        code=[src("evaluate"), src("published")],
     output:
         table="results/summary.csv",
+        per_image="results/metrics_per_image.parquet",
         plot=report("results/summary.png", caption="../report/summary.rst", category="Summary"),
+        html=report("results/summary.html", caption="../report/summary_table.rst", category="Summary"),
+        frontier="results/frontier_metrics.csv",
     log:
         "logs/summary.log",
     conda:

@@ -1,4 +1,23 @@
-# Stage 5: img2img from the predicted latents, one job per subject x encoder x strength.
+# Stage 5: reconstructions of each test image from its predicted latent: decoded only (the VAE
+# decoder, no diffusion), and img2img at every strength and seed, one job each. Encoders and the
+# reference rows (true-latent, mean-latent) alike.
+
+
+rule reconstruct_decode:
+    input:
+        predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
+        model=MODEL_DIR,
+        code=src("reconstruct"),
+    output:
+        directory("results/{subject}/{encoder}/decode/images"),
+    params:
+        settings=as_json({"dtype": config["reconstruct"]["dtype"], "variant": config["model"]["variant"]}),
+    log:
+        "logs/{subject}/{encoder}/decode/reconstruct.log",
+    conda:
+        "../../envs/braid.yaml"
+    script:
+        "../../scripts/reconstruct_decode.py"
 
 
 rule reconstruct_img2img:
@@ -7,11 +26,13 @@ rule reconstruct_img2img:
         model=MODEL_DIR,
         code=src("reconstruct"),
     output:
-        directory("results/{subject}/{encoder}/strength-{strength}/images"),
+        directory("results/{subject}/{encoder}/strength-{strength}/seed-{seed}/images"),
     params:
-        settings=as_json(without(config["reconstruct"], "strengths", "batch_size") | {"variant": config["model"]["variant"]}),
+        settings=as_json(
+            without(config["reconstruct"], "strengths", "seeds", "batch_size") | {"variant": config["model"]["variant"]}
+        ),
     log:
-        "logs/{subject}/{encoder}/strength-{strength}/reconstruct.log",
+        "logs/{subject}/{encoder}/strength-{strength}/seed-{seed}/reconstruct.log",
     conda:
         "../../envs/braid.yaml"
     script:

@@ -1,0 +1,14 @@
+"""Rule evaluate_images: every metric of one run (decode-only, or img2img at one strength and seed), per test image."""
+import json
+from pathlib import Path
+
+from braid.common import resolve_device, snakemake_job, store_path
+from braid.evaluate import evaluate_images
+
+with snakemake_job(snakemake):
+    i, w = snakemake.input, snakemake.wildcards
+    retrieval = json.loads(snakemake.params.retrieval)
+    evaluate_images(i.images, store_path(i.predictions), store_path(i.latents), i.stimuli, store_path(i.features),
+                    {Path(p).name: p for p in i.weights}, snakemake.output[0], w.subject, w.encoder, w.run,
+                    pool=retrieval["pool"], draws=retrieval["draws"], device=resolve_device(snakemake.config["device"]),
+                    batch_size=snakemake.config["evaluate"]["batch_size"])

@@ -1,0 +1,132 @@
+"""Published NSD reconstruction metrics, printed beside BRAID's own table (never mixed into it).
+
+Figures from ``shared/reference/metrics.md`` §4, with its tags: [P] read from the authors' code or
+saved notebook output, [S] from third-party summaries of the papers, [U] unverified. 2-way
+identification and retrieval are percentages as the papers print them; EfficientNet-B1 and SwAV
+are correlation distances (lower is better). BRAID's own table is written in the same columns
+(:func:`html_table`), so that a run with ``config/nsd_literature.yaml`` lines up with them.
+"""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+
+COLUMNS = ["PixCorr ↑", "SSIM ↑", "Alex(2) ↑", "Alex(5) ↑", "Incep ↑", "CLIP ↑", "Eff ↓", "SwAV ↓",
+           "Image ret. ↑", "Brain ret. ↑"]
+# BRAID's column for each: metric name, and whether the papers print it as a percentage
+BRAID_COLUMNS = {"PixCorr ↑": ("pixcorr", False), "SSIM ↑": ("ssim", False), "Alex(2) ↑": ("alexnet2", True),
+                 "Alex(5) ↑": ("alexnet5", True), "Incep ↑": ("inception", True), "CLIP ↑": ("clip", True),
+                 "Eff ↓": ("efficientnet", False), "SwAV ↓": ("swav", False),
+                 "Image ret. ↑": ("retrieval_image", True), "Brain ret. ↑": ("retrieval_brain", True)}
+
+_ = None
+# model, subjects, N, the ten columns, source tag
+PUBLISHED = [
+    ("MindEye1 (VD + img2img 0.85, best of 16)", "subj01", 982, .392, .347, 97.4, 98.7, 94.5, 94.3, .635, .358, 97.2, 94.7, "[P] ME1 Reconstruction_Metrics.ipynb; retrieval from src/Retrievals.py"),
+    ("MindEye2, 40 sessions (0.75/0.25 blur blend)", "subj01", 1000, .374, .439, 97.9, 99.1, 96.0, 93.7, .607, .336, 99.96, 99.87, "[P] ME2 final_evaluations.ipynb"),
+    ("MindEye2, 40 sessions, no blend", "subj01", 1000, .330, .386, 97.7, 99.3, 95.3, 94.1, .606, .332, _, _, "[P] ME2 final_evaluations.ipynb@8ae8d37 (GT at 224)"),
+    ("MindEye2, 40 h", "mean 1,2,5,7", _, .322, .431, 96.1, 98.6, 95.4, 93.0, .619, .344, _, _, "[S]"),
+    ("MindEye2, 1 h", "mean 1,2,5,7", _, .195, .419, 84.2, 90.6, 81.2, 79.2, _, _, 79.0, 57.4, "[S]"),
+    ("MindEye1", "mean 1,2,5,7", _, .309, .323, 94.7, 97.8, 93.8, 94.1, .645, .367, 93.6, 90.1, "[S] first four; rest [U]"),
+    ("MindEye1, low-level (blurry) only", "mean 1,2,5,7", _, .360, .479, 78.1, 74.8, 58.7, 59.2, .854, .589, _, _, "[U]"),
+    ("Brain-Diffuser", "mean 1,2,5,7", 982, .254, .356, 94.2, 96.2, 87.2, 91.5, .775, .423, _, _, "[S] first four; rest [U]; SSIM likely column-wise (skimage 0.17)"),
+    ("Takagi (re-evaluated in MindHier)", "mean 1,2,5,7", _, .246, .410, _, _, 83.8, 82.1, .811, .504, _, _, "[S]"),
+]
+
+
+def published_table() -> pd.DataFrame:
+    rows = [dict(zip(["model", "subjects", "N", *COLUMNS, "source"], r)) for r in PUBLISHED]
+    return pd.DataFrame(rows)
+
+
+def braid_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """BRAID's summary in the papers' columns and units (one row per subject, encoder and run)."""
+    rows = []
+    records = summary.to_dict("records")
+    if summary["subject"].nunique() > 1:  # the papers' mean over subjects, per encoder and run
+        keys = ["encoder", "mode", "strength"]
+        means = summary.groupby(keys, dropna=False)[[m for m, _ in BRAID_COLUMNS.values() if m in summary] + ["n_test_images", "n_seeds"]]
+        for key, g in means:
+            if len(g) == summary["subject"].nunique():
+                records.append(dict(zip(keys, key)) | g.mean().to_dict() | {"subject": f"mean of {len(g)}"})
+    for r in records:
+        run = "decoded only" if r["mode"] == "decode" else f"img2img {r['strength']:g}"
+        row = {"subject": r["subject"], "encoder": r["encoder"], "run": run, "N": int(r["n_test_images"]),
+               "seeds": int(r["n_seeds"]) if r["mode"] == "img2img" else "—"}
+        for col, (metric, percent) in BRAID_COLUMNS.items():
+            value = r.get(metric, np.nan)
+            row[col] = value * 100 if percent and pd.notna(value) else value
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    # per subject: the encoders, then the references (ceiling, chance)
+    rank = out["encoder"].map({"true-latent": 1, "mean-latent": 2}).fillna(0)
+    return out.assign(_rank=rank).sort_values(["subject", "_rank", "encoder"], kind="stable").drop(columns="_rank")
+
+
+def _cell(value, percent: bool, as_given: bool = False) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "—"
+    if isinstance(value, str):
+        return html.escape(value)
+    if as_given:  # a published figure, with the digits its source printed
+        return f"{value:g}" if percent else f"{value:.3f}".lstrip("0") if 0 <= value < 1 else f"{value:g}"
+    return f"{value:.1f}" if percent else f"{value:.3f}"
+
+
+def html_table(summary: pd.DataFrame) -> str:
+    """A standalone HTML page: BRAID's table, then the published rows, clearly apart."""
+    ours = braid_table(summary)
+    stamps = []
+    if "weights" in summary and (summary["weights"] != "pretrained").any():
+        stamps.append("the diffusion model's weights are random: NOT A RESULT")
+    if "metric_weights" in summary and summary["metric_weights"].str.startswith("random").any():
+        stamps.append("the metric networks' weights are random: AlexNet, Inception, CLIP, EffNet and SwAV columns are NOT COMPARABLE")
+    percent = {c for c, (_, p) in BRAID_COLUMNS.items() if p}
+
+    def rows_html(t: pd.DataFrame, lead: list[str], as_given: bool = False) -> str:
+        out = []
+        for r in t.to_dict("records"):
+            cells = [html.escape(str(r[c])) for c in lead] + [_cell(r.get(c), c in percent, as_given) for c in COLUMNS]
+            cls = ' class="ref"' if r.get("encoder") in ("true-latent", "mean-latent") else ""
+            out.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        return "\n".join(out)
+
+    head = lambda lead: "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in lead + COLUMNS) + "</tr>"  # noqa: E731
+    pub = published_table()
+    lead_ours = ["subject", "encoder", "run", "N", "seeds"]
+    lead_pub = ["model", "subjects", "N"]
+    pub["N"] = pub["N"].map(lambda n: "—" if pd.isna(n) else str(int(n)))
+    stamp_html = "".join(f'<p class="stamp">{html.escape(s)}</p>' for s in stamps)
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>BRAID metrics</title>
+<style>
+body {{ font-family: sans-serif; font-size: 13px; margin: 16px; }}
+table {{ border-collapse: collapse; margin-bottom: 18px; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: right; white-space: nowrap; }}
+th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
+tr.ref td {{ color: #555; font-style: italic; }}
+.stamp {{ color: #b00; font-weight: bold; }} .note {{ color: #555; max-width: 1000px; }}
+</style></head><body>
+<h3>BRAID (this run)</h3>
+{stamp_html}
+<p class="note">2-way identification and retrieval in %, as the papers print them (chance 50 % and 1/pool);
+Eff and SwAV are mean correlation distances (lower is better). MindEye's protocol: images at 256² then
+425² (PixCorr, SSIM) and each network's own size. Retrieval: predicted vs true VAE latents, top-1 among
+min(300, N) test images. Italic rows are references: <i>true-latent</i> (the stimulus's own z0: decoded =
+the autoencoder's ceiling, img2img = this design's ceiling) and <i>mean-latent</i> (chance level).</p>
+<table>{head(lead_ours)}
+{rows_html(ours, lead_ours)}
+</table>
+<h3>Published (not computed here)</h3>
+<p class="note">From the papers' code and notebooks ([P]), third-party summaries ([S]) or unverified ([U]); see
+shared/reference/metrics.md. Comparable with BRAID's rows only for a run with config/nsd_literature.yaml
+(shared1000 test images, repeats averaged) and pretrained metric networks.</p>
+<table>{head(lead_pub)}
+{rows_html(pub, lead_pub, as_given=True)}
+</table>
+<p class="note">Sources: {''.join(f'<br>{html.escape(m)}: {html.escape(s)}' for m, s in zip(pub['model'], pub['source']))}</p>
+</body></html>
+"""
