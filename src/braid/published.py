@@ -72,7 +72,10 @@ def _cell(value, percent: bool, as_given: bool = False) -> str:
     if isinstance(value, str):
         return html.escape(value)
     if as_given:  # a published figure, with the digits its source printed
-        return f"{value:g}" if percent else f"{value:.3f}".lstrip("0") if 0 <= value < 1 else f"{value:g}"
+        if percent:  # 96.0, 93.7, 99.96: one decimal, two where the source gave two
+            text = f"{value:.2f}"
+            return text[:-1] if text.endswith("0") else text
+        return f"{value:.3f}".lstrip("0") if 0 <= value < 1 else f"{value:g}"
     return f"{value:.1f}" if percent else f"{value:.3f}"
 
 
