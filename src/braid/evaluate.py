@@ -102,16 +102,8 @@ def image_metrics(recons: np.ndarray, stimuli: np.ndarray) -> pd.DataFrame:
 # --- the network metrics ---------------------------------------------------------------------
 
 IMAGE_METRICS = ["pixcorr", "ssim", "alexnet2", "alexnet5", "inception", "clip", "efficientnet", "swav"]
-LOWER_IS_BETTER = ("efficientnet", "swav")  # mean correlation distances
 RETRIEVAL = ["retrieval_image", "retrieval_brain"]
 NO_NETWORKS = "none"  # the metric_weights stamp of a run scored without networks
-
-
-def metrics_of(networks) -> list[str]:
-    """The image metrics computed with ``networks`` (PixCorr and SSIM always), in the papers' column order."""
-    from .metric_networks import METRICS
-
-    return [m for m in IMAGE_METRICS if m in ("pixcorr", "ssim") or METRICS[m][0] in networks]
 
 
 def network_features(images256, weights: dict, device: str = "cpu", batch_size: int = 32) -> dict[str, np.ndarray]:
@@ -345,7 +337,7 @@ def grid_rows(sources: list[str], strength: str) -> list[tuple[str, str, str]]:
     rows = []
     if "true-latent" in refs:
         rows += [("true z0, decoded\n(VAE ceiling)", "true-latent", "decode"),
-                 (f"true z0, img2img\n(ceiling)", "true-latent", "img2img")]
+                 ("true z0, img2img\n(ceiling)", "true-latent", "img2img")]
     for enc in encoders:
         rows += [(f"{enc}\ndecoded", enc, "decode"), (f"{enc}\nimg2img", enc, "img2img")]
     if "mean-latent" in refs:
