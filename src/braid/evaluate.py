@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .common import BraidError, atomic_output
+from .metric_networks import to_256
 from .scores import (  # noqa: F401  (re-exported: the metrics' home for users of this module)
     TIE, latent_metrics, rowwise_pearson, standardiser, two_way_identification, two_way_scores)
 
@@ -46,16 +47,6 @@ log = logging.getLogger(__name__)
 
 
 # --- images: the ME resampling, PixCorr and SSIM ---------------------------------------------
-
-
-def me_256(images):
-    """Float (n, 3, H, W) in [0, 1] -> tensor (n, 3, 256, 256): MindEye's first resize (bilinear, no antialias)."""
-    import torch
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.functional import resize
-
-    x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
-    return resize(x, [256, 256], interpolation=InterpolationMode.BILINEAR, antialias=False)
 
 
 def me_425(x256):
@@ -96,7 +87,7 @@ def image_metrics(recons: np.ndarray, stimuli: np.ndarray) -> pd.DataFrame:
     """Per-image PixCorr and SSIM; ``recons`` float (n, 3, H, W) in [0, 1], ``stimuli`` uint8 (n, H, W, 3)."""
     if len(recons) != len(stimuli):
         raise BraidError(f"{len(recons)} reconstructions for {len(stimuli)} stimuli")
-    return pixel_metrics(me_256(recons), me_256(stimuli_as_float(stimuli)))
+    return pixel_metrics(to_256(recons), to_256(stimuli_as_float(stimuli)))
 
 
 # --- the network metrics ---------------------------------------------------------------------
@@ -152,7 +143,7 @@ def stimulus_features(stimuli_path, trials_path, weights: dict, out_zarr, device
     from .latents import read_stimuli
 
     ids = test_images(trials_path)
-    gt256 = me_256(stimuli_as_float(read_stimuli(stimuli_path, ids)))
+    gt256 = to_256(stimuli_as_float(read_stimuli(stimuli_path, ids)))
     feats = network_features(gt256, weights, device, batch_size)
     with atomic_output(out_zarr) as tmp:
         root = zarr.open_group(tmp, mode="w")
@@ -275,8 +266,8 @@ def evaluate_images(images, predictions, latents, stimuli_path, features_path, w
 
     row, per_image, preds = latent_scores(predictions, latents, pool, draws)
     ids = per_image["nsd_id"].to_numpy()
-    rec256 = me_256(load_images(images, ids))
-    gt256 = me_256(stimuli_as_float(read_stimuli(stimuli_path, ids)))
+    rec256 = to_256(load_images(images, ids))
+    gt256 = to_256(stimuli_as_float(read_stimuli(stimuli_path, ids)))
     table = pd.concat([per_image, pixel_metrics(rec256, gt256)], axis=1)
     if weights:
         rec = network_features(rec256, weights, device, batch_size)
