@@ -65,9 +65,21 @@ def oracle_key(subject: int) -> str:
     return f"braid_oracle/{subject_label(subject)}.npz"
 
 
+# what generate_stimuli writes (no model needed); the rest depends on the model's latents
+STIMULUS_KEYS = (nsd.EXPDESIGN, nsd.STIM_INFO, nsd.STIM_INFO_PKL, nsd.STIMULI)
+# the keys of the synthetic block that decide those files (a change of noise or volume leaves them be)
+STIMULUS_CONFIG_KEYS = ("extra_images", "images_per_subject", "seed", "sessions", "shared_images", "subjects",
+                        "trials_per_session")
+
+
+def stimulus_config(cfg: dict) -> dict:
+    """The part of the synthetic block that decides the stimuli and design (:data:`STIMULUS_CONFIG_KEYS`)."""
+    return {k: cfg[k] for k in STIMULUS_CONFIG_KEYS if k in cfg}
+
+
 def keys(cfg: dict, resolution: str = "func1pt8mm", beta_version: str = "betas_fithrf_GLMdenoise_RR") -> list[str]:
     """Every bucket key the generator writes for ``cfg`` (the synthetic block of the config)."""
-    out = [nsd.EXPDESIGN, nsd.STIM_INFO, nsd.STIM_INFO_PKL, nsd.STIMULI]
+    out = list(STIMULUS_KEYS)
     for s in cfg["subjects"]:
         out += [nsd.brainmask_key(s, resolution), nsd.ncsnr_key(s, resolution, beta_version)]
         out += [nsd.roi_key(s, f"{hemi}{roi}", resolution) for roi in ROIS for hemi in ("", "lh.", "rh.")]
@@ -248,23 +260,20 @@ def write_betas(path: Path, values: np.ndarray, mask_zyx: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def generate(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.PathLike, image_size: int | None = None,
-             resolution: str = "func1pt8mm", beta_version: str = "betas_fithrf_GLMdenoise_RR") -> dict:
-    """Write a synthetic NSD mirror under ``out_dir`` with the bucket's keys; return its metadata."""
+def generate_stimuli(cfg: dict, out_dir: str | os.PathLike) -> dict:
+    """Write the mirror's stimuli, design and stimulus-info files (:data:`STIMULUS_KEYS`); return the design.
+
+    They need no model, so that a model can be trained on the stimuli (``model.source:
+    tiny-trained``) before :func:`generate_betas` plants the signal in that model's latents.
+    """
     import h5py
     from scipy.io import savemat
-    from tqdm import tqdm
-
-    from .latents import encode_images
-    from .models import load_vae, vae_image_size
 
     out = Path(out_dir)
     rng = np.random.default_rng(cfg["seed"])
     subjects = sorted(cfg["subjects"])
     design = make_design(cfg, rng)
     stimuli = make_stimuli(design["n_images"], rng)
-
-    # stimuli, design, stim info
     with atomic_output(out / nsd.STIMULI) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("imgBrick", data=stimuli, chunks=(1, IMAGE_SIZE, IMAGE_SIZE, 3))
     with atomic_output(out / nsd.EXPDESIGN) as tmp:
@@ -274,6 +283,37 @@ def generate(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.PathLike
         info.to_csv(tmp)
     with atomic_output(out / nsd.STIM_INFO_PKL) as tmp:
         info.to_pickle(tmp, compression=None)
+    return design
+
+
+def generate(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.PathLike, image_size: int | None = None,
+             resolution: str = "func1pt8mm", beta_version: str = "betas_fithrf_GLMdenoise_RR") -> dict:
+    """Write a whole synthetic NSD mirror under ``out_dir`` with the bucket's keys; return its metadata."""
+    generate_stimuli(cfg, out_dir)
+    return generate_betas(cfg, model_dir, out_dir, image_size, resolution, beta_version)
+
+
+def generate_betas(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.PathLike, image_size: int | None = None,
+                   resolution: str = "func1pt8mm", beta_version: str = "betas_fithrf_GLMdenoise_RR") -> dict:
+    """Write the ROIs, betas and the oracle's ingredients, planting the signal in ``model_dir``'s latents
+    of the stimuli that :func:`generate_stimuli` wrote under ``out_dir``; return the mirror's metadata."""
+    import h5py
+    from scipy.io import loadmat
+    from tqdm import tqdm
+
+    from .latents import encode_images
+    from .models import load_vae, vae_image_size
+
+    out = Path(out_dir)
+    subjects = sorted(cfg["subjects"])
+    try:
+        with h5py.File(out / nsd.STIMULI, "r") as f:
+            stimuli = f["imgBrick"][:]
+        design = loadmat(out / nsd.EXPDESIGN)
+    except (OSError, KeyError, ValueError) as err:
+        raise BraidError(f"{out}: the synthetic stimuli or design are missing or unreadable ({err}); "
+                         "rerun the rule nsd_synthetic_stimuli") from err
+    rng = np.random.default_rng([cfg["seed"], 2])  # its own stream: the stimuli's rule does not run again
 
     # the planted signal lives in the standardised latents of the configured model
     vae = load_vae(model_dir)

@@ -11,13 +11,34 @@ localrules:
     nsd_manifest,
 
 
-rule nsd_synthetic:
-    """Generate a synthetic NSD with the bucket's keys and a planted signal (the demo's source)."""
+rule nsd_synthetic_stimuli:
+    """The synthetic NSD's stimuli, design and stimulus info (no model needed: a model may be trained on them)."""
     input:
+        code=src("synthetic"),
+    output:
+        [f"{SYNTHETIC_ROOT}/{key}" for key in braid.synthetic.STIMULUS_KEYS],
+    params:
+        cfg=as_json(SYNTHETIC_STIMULUS_CONFIG),
+    log:
+        "logs/nsd/synthetic_stimuli.log",
+    conda:
+        "../../envs/braid.yaml"
+    script:
+        "../../scripts/nsd_synthetic_stimuli.py"
+
+
+rule nsd_synthetic:
+    """The synthetic NSD's volumes and betas, the signal planted in the model's latents of the stimuli."""
+    input:
+        stimuli=[f"{SYNTHETIC_ROOT}/{key}" for key in braid.synthetic.STIMULUS_KEYS],
         model=MODEL_DIR,
         code=src("synthetic"),
     output:
-        [f"{SYNTHETIC_ROOT}/{key}" for key in braid.synthetic.keys(config["synthetic"], NSD["resolution"], NSD["beta_version"])],
+        [
+            f"{SYNTHETIC_ROOT}/{key}"
+            for key in braid.synthetic.keys(config["synthetic"], NSD["resolution"], NSD["beta_version"])
+            if key not in braid.synthetic.STIMULUS_KEYS
+        ],
         meta=f"{SYNTHETIC_ROOT}/{braid.synthetic.META}",
         oracle=[f"{SYNTHETIC_ROOT}/{braid.synthetic.oracle_key(s)}" for s in config["synthetic"]["subjects"]],
     params:
