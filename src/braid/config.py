@@ -8,6 +8,8 @@ config stops the workflow before any job, with one message per problem.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from pathlib import Path
 
 from .common import BraidError
@@ -112,16 +114,21 @@ def _encoder_problems(config: dict) -> list[str]:
     return problems
 
 
+BUILT_MODELS = ("tiny", "tiny-trained", "ssd1b-architecture")  # model.source values built here, offline
+
+
 def model_is_local(model: dict) -> bool:
     """``model.source`` names a folder on this machine (used as is, never fetched)."""
     source = model["source"]
-    return source not in ("tiny", "ssd1b-architecture") and (source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().is_dir())
+    return source not in BUILT_MODELS and (source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().is_dir())
 
 
 def model_name(model: dict) -> str:
     """Folder name under resources/models for the configured model: ``<repo>@<revision>[+vae-<repo>@<rev>]``."""
     if model["source"] == "tiny":
         return f"tiny-ssd1b-seed{model.get('seed', 0)}"
+    if model["source"] == "tiny-trained":
+        return f"tiny-trained-ssd1b-seed{model.get('seed', 0)}"
     if model["source"] == "ssd1b-architecture":
         return f"ssd1b-architecture-seed{model.get('seed', 0)}"
     if model_is_local(model):
@@ -139,19 +146,41 @@ def model_dir(model: dict) -> str:
     return f"resources/models/{model_name(model)}"
 
 
-def latent_identity(model: dict) -> dict:
+def latent_identity(model: dict, trained_on: dict | None = None) -> dict:
     """What defines the weights that encode latents; :func:`braid.latents.update_cache` adds the
-    image size, dtype, preprocessing and scaling factor, and stores the whole identity."""
+    image size, dtype, preprocessing and scaling factor, and stores the whole identity.
+
+    A model trained here (``tiny-trained``) is also defined by its recipe (``model.train``) and
+    by ``trained_on``, the synthetic block's keys that decide the stimuli it learned from.
+    """
     identity = {"model": model["source"], "revision": model.get("revision"), "variant": model.get("variant"),
                 "vae": model.get("vae"), "vae_revision": model.get("vae_revision")}
-    if model["source"] in ("tiny", "ssd1b-architecture"):
+    if model["source"] in BUILT_MODELS:
         identity["seed"] = model.get("seed", 0)
+    if model["source"] == "tiny-trained":
+        identity["train"] = training_recipe(model)
+        identity["trained_on"] = dict(sorted((trained_on or {}).items()))
     return identity
 
 
-def latent_store_name(model: dict) -> str:
-    """``<model name>/<size>px-<dtype>[-<variant>]``: one cache per identity, so settings never mix."""
+def training_recipe(model: dict) -> dict:
+    """The tiny model's training recipe: ``model.train`` over :data:`braid.model_training.RECIPE_DEFAULTS`."""
+    from .model_training import RECIPE_DEFAULTS
+
+    return dict(sorted({**RECIPE_DEFAULTS, **model.get("train", {})}.items()))
+
+
+def latent_store_name(model: dict, trained_on: dict | None = None) -> str:
+    """``<model name>/<size>px-<dtype>[-<variant>]``: one cache per identity, so settings never mix.
+
+    A model trained here adds a digest of its recipe and training data (:func:`latent_identity`):
+    another recipe is another model, whose latents go to another cache.
+    """
     name = f"{model_name(model)}/{model['image_size']}px-{model['dtype']}"
+    if model["source"] == "tiny-trained":
+        identity = latent_identity(model, trained_on)
+        digest = hashlib.sha256(json.dumps([identity["train"], identity["trained_on"]], sort_keys=True).encode())
+        name += f"-{digest.hexdigest()[:8]}"
     return name + (f"-{model['variant']}" if model.get("variant") else "")
 
 

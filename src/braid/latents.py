@@ -99,16 +99,17 @@ def read_stimuli(path: str | os.PathLike, nsd_ids: np.ndarray) -> np.ndarray:
     return out
 
 
-RANDOM = "random (not a result)"
+RANDOM = "random (not a result)"  # = braid.models.RANDOM_WEIGHTS
 
 
 def model_weights(model_dir) -> str:
-    """``RANDOM`` when the model folder's manifest says its weights are random, else ``pretrained``."""
+    """What the model folder's manifest says of its weights (:data:`RANDOM`, or e.g. the tiny model
+    trained on the synthetic stimuli, ``synthetic-trained (not a result)``); ``pretrained`` otherwise."""
     from .models import MANIFEST
 
     manifest = Path(model_dir) / MANIFEST
-    if manifest.is_file() and str(json.loads(manifest.read_text()).get("weights", "")).startswith("random"):
-        return RANDOM
+    if manifest.is_file():
+        return str(json.loads(manifest.read_text()).get("weights") or "pretrained")
     return "pretrained"
 
 

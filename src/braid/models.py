@@ -7,8 +7,9 @@ so the tiny pipeline exercises exactly the code path that loads ``segmind/SSD-1B
 The tiny pipeline keeps SSD-1B's distinctive structure (resnet-only mid block,
 ``reverse_transformer_layers_per_block``, VAE ``scaling_factor`` 0.13025, two CLIP text
 encoders, ``text_time`` conditioning without aesthetic score, 8x VAE downsampling) at widths
-that run on a CPU in seconds. Its weights are random: its images are not meant to look like
-anything, only to flow through the same code.
+that run on a CPU in seconds. Built here its weights are random (``tiny``): its images are not
+meant to look like anything, only to flow through the same code; :mod:`braid.model_training`
+trains the same pipeline on the synthetic stimuli (``tiny-trained``, the demo's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .common import BraidError, atomic_output
 log = logging.getLogger(__name__)
 
 SDXL_VAE_SCALING = 0.13025
+RANDOM_WEIGHTS = "random (not a result)"  # the manifest's stamp of a model built with random weights
 
 # The SDXL VAE (stable-diffusion-xl-base-1.0/vae/config.json, which SSD-1B ships): 83,653,863
 # parameters, 8x downsampling (512 px -> 4x64x64). Used to build the real architecture with
@@ -98,10 +100,10 @@ def sdxl_components(unet_cfg: dict, vae_cfg: dict, te1_cfg: dict, te2_cfg: dict)
             "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**te2_cfg))}
 
 
-def _build_sdxl(out_dir, components: dict, info: dict, variants=(None,)) -> Path:
+def assemble_sdxl(components: dict):
+    """An SDXL img2img pipeline (SDXL base's scheduler, a byte-level CLIP tokenizer) around ``components``."""
     import tempfile
 
-    import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
     from transformers import CLIPTokenizer
 
@@ -113,18 +115,28 @@ def _build_sdxl(out_dir, components: dict, info: dict, variants=(None,)) -> Path
         Path(tok_dir, "vocab.json").write_text(json.dumps(_byte_vocab()))
         Path(tok_dir, "merges.txt").write_text("#version: 0.2\n")
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    pipe = StableDiffusionXLImg2ImgPipeline(
+    return StableDiffusionXLImg2ImgPipeline(
         **components, tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler,
         requires_aesthetics_score=False, force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
+
+
+def save_sdxl(pipe, out_dir, info: dict, weights: str = RANDOM_WEIGHTS, variants=(None,)) -> Path:
+    """Save ``pipe`` in the Hugging Face layout with a manifest stamping its ``weights``; atomically."""
+    import torch
+
     with atomic_output(out_dir) as tmp:
         for variant in variants:  # fp32 files first, then e.g. the fp16 variant's
             if variant == "fp16":
                 pipe.to(torch.float16)
             pipe.save_pretrained(tmp, variant=variant)
-        write_model_manifest(tmp, **info, weights="random (not a result)")
+        write_model_manifest(tmp, **info, weights=weights)
     log.info("wrote %s pipeline to %s", info["source"], out_dir)
     return Path(out_dir)
+
+
+def _build_sdxl(out_dir, components: dict, info: dict, variants=(None,)) -> Path:
+    return save_sdxl(assemble_sdxl(components), out_dir, info, variants=variants)
 
 
 def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
@@ -189,7 +201,7 @@ def check_model(folder: str | os.PathLike, required: str = "model_index.json") -
     """
     folder = Path(folder)
     fix = (f"run the rule {FETCH_RULE} where the network is (e.g. `snakemake --until {FETCH_RULE}` on the login "
-           "node), or point model.source at a complete local folder")
+           "node; model_train for model.source tiny-trained), or point model.source at a complete local folder")
     if not (folder / MANIFEST).is_file():
         if not (folder / required).is_file():
             raise BraidError(f"{folder}: no model here ({required} is missing); {fix}")

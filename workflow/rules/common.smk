@@ -53,6 +53,7 @@ wildcard_constraints:
 
 NSD = config["nsd"]
 SYNTHETIC_ROOT = "resources/synthetic_nsd"
+SYNTHETIC_STIMULUS_CONFIG = braid.synthetic.stimulus_config(config["synthetic"])
 FETCH_SOURCE = SYNTHETIC_ROOT if NSD["source"] == "synthetic" else NSD["source"]
 # how fetch jobs reach S3 (keywords of braid.nsd.s3_client); a dict param, compared by sorted repr
 S3_SETTINGS = {k: NSD[k] for k in ("anonymous", "endpoint_url", "profile", "region")}
@@ -60,8 +61,8 @@ MODEL_DIR = braid.config.model_dir(config["model"])
 MODEL_IS_LOCAL = braid.config.model_is_local(config["model"])
 # One latent cache per model identity (model, revision, VAE, image size, dtype, preprocessing),
 # shared by every subject and encoder; each subject's latents_encode adds the ids it lacks.
-LATENT_IDENTITY = braid.config.latent_identity(config["model"])
-LATENT_STORE = f"results/latents/{braid.config.latent_store_name(config['model'])}.zarr"
+LATENT_IDENTITY = braid.config.latent_identity(config["model"], SYNTHETIC_STIMULUS_CONFIG)
+LATENT_STORE = f"results/latents/{braid.config.latent_store_name(config['model'], SYNTHETIC_STIMULUS_CONFIG)}.zarr"
 SUBJECTS = [subject_label(s) for s in config["subjects"]]
 STRENGTHS = [braid.config.strength_label(s) for s in config["reconstruct"]["strengths"]]
 ENCODERS = braid.config.encoder_names(config)  # named encoders: trained, reconstructed, evaluated

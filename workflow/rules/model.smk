@@ -1,14 +1,36 @@
 # The diffusion model, into resources/models/<name>@<revision>: downloaded from the Hugging Face
 # hub (a local rule: it runs where the network is, e.g. the login node) or, for the demo and
-# tests, built offline as a tiny SSD-1B-shaped pipeline. Every later stage loads it from that
+# tests, built offline as a tiny SSD-1B-shaped pipeline: with random weights (tiny), or trained
+# on the synthetic stimuli (tiny-trained, a compute job of a few CPU minutes). Every later stage loads it from that
 # folder with the hub offline (HF_HUB_OFFLINE=1 in their jobs). A model.source that is a local
 # folder is used as it is: no rule writes it.
 
-localrules:
-    model_fetch,
+if config["model"]["source"] == "tiny-trained":
 
+    rule model_train:
+        """Train the tiny SSD-1B-shaped pipeline on the synthetic stimuli (braid.model_training)."""
+        input:
+            stimuli=f"{SYNTHETIC_ROOT}/{braid.nsd.STIMULI}",
+            code=[src("model_training"), src("models")],
+        output:
+            directory(MODEL_DIR),
+        params:
+            image_size=config["model"]["image_size"],
+            recipe=as_json(braid.config.training_recipe(config["model"])),
+            seed=config["model"]["seed"],
+        threads: 2
+        log:
+            "logs/model/train.log",
+        conda:
+            "../../envs/braid.yaml"
+        script:
+            "../../scripts/model_train.py"
 
-if not MODEL_IS_LOCAL:
+elif not MODEL_IS_LOCAL:
+
+    localrules:
+        model_fetch,
+
 
     rule model_fetch:
         output:

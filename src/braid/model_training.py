@@ -1,0 +1,226 @@
+"""A tiny SSD-1B-shaped pipeline that has learned the synthetic world (``model.source: tiny-trained``).
+
+The demo cannot download SSD-1B, and a pipeline with random weights turns every latent into
+coloured noise: nobody can tell a working reconstruction from a broken one. This module
+trains the tiny pipeline of :mod:`braid.models` offline, on a CPU, in minutes, on the synthetic
+stimuli (all of them: it plays the pretrained model, which has seen COCO, NSD's images
+included), then saves it in the Hugging Face layout, so that every stage loads it through the
+same ``from_pretrained`` path as the real model.
+
+Recipe (``model.train`` in the config; the same recipe, seed and stimuli give the same weights
+on the same machine and software):
+
+1. **VAE**: the SSD-1B-shaped tiny ``AutoencoderKL`` learns to reconstruct the stimuli at
+   ``model.image_size`` (preprocessed exactly as the latents stage does) from a *sample* of its
+   posterior, with mean squared error plus ``kl_weight`` times the KL term per pixel (the LDM
+   recipe without the perceptual and adversarial losses). Adam with a one-cycle learning rate.
+2. **Latent scale**: the VAE's latent scale is arbitrary; BRAID keeps SDXL's ``scaling_factor``
+   (0.13025) and instead rescales the trained VAE so that its latent means have the standard
+   deviation 1 / 0.13025 over the stimuli, as SDXL's have over its data: the encoder's mean
+   output is multiplied by ``c`` (its log-variance shifted by 2 ln c) and the decoder's input
+   divided by ``c``. Both are 1x1 convolutions, so the decoder of the rescaled latents is
+   exactly the trained one. Scaled latents then have unit variance, which the noise schedule
+   assumes, and a lost ``scaling_factor`` changes images by a factor of 7.7, not unnoticed.
+3. **UNet**: a denoiser of the scaled latents with the epsilon objective and the pipeline's
+   own noise schedule (``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``, ``a_t`` the scheduler's
+   ``alphas_cumprod``, t uniform over its 1,000 steps), conditioned as img2img conditions it:
+   the empty prompt through both text encoders and the time ids (size, crop, target size).
+
+The manifest records the recipe, the training time and the VAE's reconstruction PSNR/SSIM on
+the stimuli (skimage), and stamps the weights ``synthetic-trained (not a result)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import BraidError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "synthetic-trained (not a result)"  # the manifest's stamp: every number from it is a demo's
+RECIPE_DEFAULTS = dict(vae_steps=700, unet_steps=1000, batch_size=16, vae_lr=3e-3, unet_lr=2e-3, kl_weight=1e-3)
+
+
+def read_training_images(stimuli_path) -> np.ndarray:
+    """Every stimulus of an NSD-format stimuli HDF5 (``imgBrick``), uint8 (n, H, W, 3)."""
+    import h5py
+
+    try:
+        with h5py.File(stimuli_path, "r") as f:
+            return f["imgBrick"][:]
+    except (OSError, KeyError) as err:
+        raise BraidError(f"{stimuli_path}: cannot read the stimuli to train the tiny model on ({err}); rerun the "
+                         "rule nsd_synthetic_stimuli") from err
+
+
+def rescale_latents(vae, factor: float) -> None:
+    """Multiply ``vae``'s latent means by ``factor`` in place, leaving its decoder's images unchanged.
+
+    The encoder's ``quant_conv`` gives the posterior's mean and log-variance channels: the mean
+    rows are scaled by ``factor`` and the log-variance shifted by ``2 ln factor`` (the same
+    distribution, rescaled); the decoder's ``post_quant_conv`` divides its input by ``factor``.
+    """
+    import torch
+
+    c = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[:c] *= factor
+        vae.quant_conv.bias[:c] *= factor
+        vae.quant_conv.bias[c:] += 2 * math.log(factor)
+        vae.post_quant_conv.weight /= factor
+
+
+def _one_cycle(params, lr: float, steps: int):
+    import torch
+
+    opt = torch.optim.Adam(params, lr=lr)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+
+
+def train_vae(vae, x, steps: int, batch_size: int, lr: float, kl_weight: float, generator, progress=None) -> float:
+    """Fit ``vae`` to images ``x`` ((n, 3, H, W) in [-1, 1]); return the last step's loss."""
+    import torch
+    import torch.nn.functional as F
+
+    vae.train()
+    opt, sched = _one_cycle(vae.parameters(), lr, steps)
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        xb = x[torch.randint(0, len(x), (batch_size,), generator=generator)]
+        posterior = vae.encode(xb).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        loss = F.mse_loss(recon, xb) + kl_weight * posterior.kl().mean() / xb[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress.update(1)
+    vae.eval()
+    return float(loss.detach())
+
+
+def encode_means(vae, x, batch_size: int = 64):
+    """The posterior means of images ``x`` (unscaled)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([vae.encode(x[i : i + batch_size]).latent_dist.mean for i in range(0, len(x), batch_size)])
+
+
+def img2img_conditioning(pipe, size: int, prompt: str = ""):
+    """What img2img feeds the UNet besides latents and time for ``prompt`` at ``size`` px (no guidance):
+    the prompt embeddings, and ``added_cond_kwargs`` (pooled text embedding, time ids)."""
+    import torch
+
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, device="cpu", num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+    # SDXL's time ids without aesthetic score: original size, crop top-left, target size
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.dtype)
+    return embeds, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def train_unet(unet, latents, embeds, added: dict, alphas_cumprod, steps: int, batch_size: int, lr: float, generator,
+               progress=None) -> float:
+    """Fit ``unet`` to predict the noise added to scaled ``latents`` at uniform timesteps; return the last loss."""
+    import torch
+    import torch.nn.functional as F
+
+    unet.train()
+    opt, sched = _one_cycle(unet.parameters(), lr, steps)
+    a = alphas_cumprod.float()
+    cond = embeds.expand(batch_size, -1, -1)
+    added = {k: v.expand(batch_size, -1) for k, v in added.items()}
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        x0 = latents[torch.randint(0, len(latents), (batch_size,), generator=generator)]
+        t = torch.randint(0, len(a), (batch_size,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        at = a[t].view(-1, 1, 1, 1)
+        xt = at.sqrt() * x0 + (1 - at).sqrt() * noise
+        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress.update(1)
+    unet.eval()
+    return float(loss.detach())
+
+
+def reconstruction_quality(vae, x) -> dict:
+    """Mean PSNR (dB) and SSIM (skimage, images in [0, 1]) of ``vae``'s reconstructions of ``x`` from latent means."""
+    import torch
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    with torch.no_grad():
+        recon = torch.cat([vae.decode(vae.encode(x[i : i + 64]).latent_dist.mean).sample for i in range(0, len(x), 64)])
+    a = ((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    b = ((recon + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    psnr = [peak_signal_noise_ratio(p, q, data_range=1.0) for p, q in zip(a, b)]
+    ssim = [structural_similarity(p, q, channel_axis=-1, data_range=1.0) for p, q in zip(a, b)]
+    return {"vae_psnr_db": round(float(np.mean(psnr)), 3), "vae_ssim": round(float(np.mean(ssim)), 4)}
+
+
+def train_tiny_sdxl(stimuli_path, out_dir: str | os.PathLike, image_size: int, seed: int = 0,
+                    recipe: dict | None = None) -> dict:
+    """Train the tiny SSD-1B-shaped pipeline on every image of ``stimuli_path``; save it to ``out_dir``.
+
+    Returns the manifest (recipe, seconds, VAE PSNR/SSIM on the stimuli). The folder appears whole
+    or not at all.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from .latents import preprocess
+    from .models import (TINY_TE_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, assemble_sdxl, save_sdxl,
+                         sdxl_components)
+
+    recipe = {**RECIPE_DEFAULTS, **(recipe or {})}
+    if image_size % 8:
+        raise BraidError(f"model.image_size {image_size} is not a multiple of 8 (the VAE downsamples 8x)")
+    start = time.perf_counter()
+    images = read_training_images(stimuli_path)
+    if len(images) < 2:
+        raise BraidError(f"{stimuli_path}: {len(images)} stimuli; the tiny model needs at least 2 to learn from")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    components = sdxl_components(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TE_CONFIG, TINY_TE_CONFIG)
+    vae, unet = components["vae"], components["unet"]
+    x = preprocess(images, image_size).contiguous(memory_format=torch.channels_last)
+    vae.to(memory_format=torch.channels_last)
+    steps = recipe["vae_steps"] + recipe["unet_steps"]
+    log.info("training the tiny pipeline on %d stimuli at %d px: %d VAE and %d UNet steps", len(x), image_size,
+             recipe["vae_steps"], recipe["unet_steps"])
+    with tqdm(total=steps, desc="tiny model", unit="step", mininterval=5) as bar:
+        vae_loss = train_vae(vae, x, recipe["vae_steps"], recipe["batch_size"], recipe["vae_lr"],
+                             recipe["kl_weight"], generator, bar)
+        means = encode_means(vae, x)
+        rescale_latents(vae, 1.0 / (vae.config.scaling_factor * float(means.std())))
+        latents = encode_means(vae, x) * vae.config.scaling_factor  # unit variance, as img2img receives them
+        pipe = assemble_sdxl(components)
+        embeds, added = img2img_conditioning(pipe, image_size)
+        unet_loss = train_unet(unet, latents, embeds, added, pipe.scheduler.alphas_cumprod, recipe["unet_steps"],
+                               recipe["batch_size"], recipe["unet_lr"], generator, bar)
+    vae.to(memory_format=torch.contiguous_format)
+    quality = reconstruction_quality(vae, x.contiguous())
+    seconds = round(time.perf_counter() - start, 1)
+    for name, loss in (("VAE", vae_loss), ("UNet", unet_loss)):
+        if not math.isfinite(loss):
+            raise BraidError(f"training the tiny model's {name} diverged (loss {loss}); lower model.train's learning rate")
+    info = {"source": "tiny-trained", "seed": seed, "image_size": image_size, "recipe": recipe,
+            "n_images": int(len(x)), "seconds": seconds, "final_loss": {"vae": vae_loss, "unet": unet_loss},
+            "latent_std": float(latents.std()), **quality}
+    save_sdxl(pipe, out_dir, info, weights=WEIGHTS)
+    log.info("tiny pipeline trained in %.0f s: VAE reconstruction PSNR %.2f dB, SSIM %.3f on the %d stimuli", seconds,
+             quality["vae_psnr_db"], quality["vae_ssim"], len(x))
+    return info
