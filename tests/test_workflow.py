@@ -96,7 +96,8 @@ def test_outputs_and_planted_signal_recovered(run):
     for path in ["results/summary.png", "results/subj01/mlp/loss.png", "results/subj01/grid-strength-0.3.png"]:
         assert (run / path).read_bytes()[:4] == b"\x89PNG", path
     page = (run / "results" / "summary.html").read_text()
-    assert "Published (not computed here)" in page and "NOT COMPARABLE" in page and "NOT A RESULT" in page
+    assert "Published (not computed here)" in page and "NOT COMPARABLE" in page
+    assert "weights are synthetic-trained, not pretrained: NOT A RESULT" in page
     for source in sources:
         for folder in ("decode", *(f"strength-{s:g}/seed-{k}" for s in strengths for k in seeds)):
             images = list((run / "results" / "subj01" / source / folder / "images").glob("*.png"))

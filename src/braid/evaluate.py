@@ -497,8 +497,9 @@ def plot_metrics(table: pd.DataFrame, out_png) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7, frameon=False)
     title = "Every metric against img2img strength (bars: s.e.m. over test images)"
     stamps = []
-    if "weights" in table and (table["weights"] != "pretrained").any():
-        stamps.append("random model weights")
+    built = sorted({str(w).split()[0] for w in table.get("weights", []) if w != "pretrained"})
+    if built:  # random, or trained here on the synthetic stimuli
+        stamps.append(f"{' / '.join(built)} model weights")
     if "metric_weights" in table and (~table["metric_weights"].isin(["pretrained", NO_NETWORKS])).any():
         stamps.append("random metric networks (network metrics not comparable)")
     if stamps:

@@ -83,8 +83,9 @@ def html_table(summary: pd.DataFrame) -> str:
     """A standalone HTML page: BRAID's table, then the published rows, clearly apart."""
     ours = braid_table(summary)
     stamps = []
-    if "weights" in summary and (summary["weights"] != "pretrained").any():
-        stamps.append("the diffusion model's weights are random: NOT A RESULT")
+    built = sorted({str(w).split()[0] for w in summary.get("weights", []) if w != "pretrained"})
+    if built:  # random, or trained here on the synthetic stimuli
+        stamps.append(f"the diffusion model's weights are {' / '.join(built)}, not pretrained: NOT A RESULT")
     if "metric_weights" in summary and summary["metric_weights"].str.startswith("random").any():
         stamps.append("the metric networks' weights are random: AlexNet, Inception, CLIP, EffNet and SwAV columns are NOT COMPARABLE")
     percent = {c for c, (_, p) in BRAID_COLUMNS.items() if p}
