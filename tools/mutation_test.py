@@ -37,6 +37,7 @@ TESTS = {
     "scores": ["tests/test_evaluate.py", "tests/test_encoder.py", "tests/test_synthetic.py"],
     "metric_networks": ["tests/test_metric_networks.py"],
     "latents": ["tests/test_latents.py"],
+    "model_training": ["tests/test_model_training.py"],
     "reconstruct": ["tests/test_reconstruct.py"],
     "encoder": ["tests/test_encoder.py", "tests/test_frontier.py"],
     "frontier": ["tests/test_frontier.py"],

@@ -77,11 +77,25 @@ def rescale_latents(vae, factor: float) -> None:
         vae.post_quant_conv.weight /= factor
 
 
-def _one_cycle(params, lr: float, steps: int):
+def _fit(module, lr: float, steps: int, step_loss, progress=None) -> float:
+    """``steps`` Adam steps on ``step_loss()`` with a one-cycle learning rate peaking at ``lr``;
+    ``module`` in train mode meanwhile. Returns the last step's loss."""
     import torch
 
-    opt = torch.optim.Adam(params, lr=lr)
-    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    module.train()
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        loss = step_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress.update(1)
+    module.eval()
+    return float(loss.detach())
 
 
 def train_vae(vae, x, steps: int, batch_size: int, lr: float, kl_weight: float, generator, progress=None) -> float:
@@ -89,22 +103,13 @@ def train_vae(vae, x, steps: int, batch_size: int, lr: float, kl_weight: float, 
     import torch
     import torch.nn.functional as F
 
-    vae.train()
-    opt, sched = _one_cycle(vae.parameters(), lr, steps)
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
+    def step_loss():
         xb = x[torch.randint(0, len(x), (batch_size,), generator=generator)]
         posterior = vae.encode(xb).latent_dist
         recon = vae.decode(posterior.sample(generator=generator)).sample
-        loss = F.mse_loss(recon, xb) + kl_weight * posterior.kl().mean() / xb[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if progress is not None:
-            progress.update(1)
-    vae.eval()
-    return float(loss.detach())
+        return F.mse_loss(recon, xb) + kl_weight * posterior.kl().mean() / xb[0].numel()
+
+    return _fit(vae, lr, steps, step_loss, progress)
 
 
 def encode_means(vae, x, batch_size: int = 64):
@@ -134,27 +139,19 @@ def train_unet(unet, latents, embeds, added: dict, alphas_cumprod, steps: int, b
     import torch
     import torch.nn.functional as F
 
-    unet.train()
-    opt, sched = _one_cycle(unet.parameters(), lr, steps)
     a = alphas_cumprod.float()
     cond = embeds.expand(batch_size, -1, -1)
     added = {k: v.expand(batch_size, -1) for k, v in added.items()}
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
+
+    def step_loss():
         x0 = latents[torch.randint(0, len(latents), (batch_size,), generator=generator)]
         t = torch.randint(0, len(a), (batch_size,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         at = a[t].view(-1, 1, 1, 1)
         xt = at.sqrt() * x0 + (1 - at).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if progress is not None:
-            progress.update(1)
-    unet.eval()
-    return float(loss.detach())
+        return F.mse_loss(unet(xt, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample, noise)
+
+    return _fit(unet, lr, steps, step_loss, progress)
 
 
 def reconstruction_quality(vae, x) -> dict:
