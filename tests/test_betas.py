@@ -81,13 +81,14 @@ def test_split_rules():
     shared = np.isin(ids, np.arange(10))
     s = betas.split_images(ids, "shared1000", {"val": 0.1}, seed=0, shared=shared)
     assert set(s[s == "test"].index) == set(range(10)) and (s == "val").sum() == 9
-    # fractions are relative: 8:1:1 is 80/10/10
-    s = betas.split_images(ids, "seed", {"train": 8, "val": 1, "test": 1}, seed=1)
-    assert s.value_counts().to_dict() == {"train": 80, "val": 10, "test": 10}
-    s = betas.split_images(ids, "seed", {"train": 0.5, "val": 0.25, "test": 0.5}, seed=1)
-    assert s.value_counts().to_dict() == {"train": 40, "val": 20, "test": 40}
+    # fractions of the images, never renormalised: 8:1:1 and 0.5/0.25/0.5 are refused
+    for wrong in ({"train": 8, "val": 1, "test": 1}, {"train": 0.5, "val": 0.25, "test": 0.5}):
+        with pytest.raises(BraidError, match="not 1"):
+            betas.split_images(ids, "seed", wrong, seed=1)
+    s = betas.split_images(ids, "seed", {"train": 0.5, "val": 0.25, "test": 0.25}, seed=1)
+    assert s.value_counts().to_dict() == {"train": 50, "val": 25, "test": 25}
     with pytest.raises(BraidError, match="split 'test' is empty"):
-        betas.split_images(np.arange(5), "seed", {"train": 1, "val": 0.2, "test": 0.01}, seed=0)
+        betas.split_images(np.arange(5), "seed", {"train": 0.79, "val": 0.2, "test": 0.01}, seed=0)
 
 
 def test_union_of_roi_files_and_labels(mirror, tmp_path):

@@ -96,6 +96,29 @@ def test_checks_name_the_keys():
         braid.config.check(config)
 
 
+def test_a_split_that_does_not_sum_to_one_is_refused_not_renormalised():
+    config = load("config.yaml")
+    braid.config.check(config)  # 0.8 + 0.1 + 0.1
+    config["split"].update(train=0.8, val=0.1, test=0.2)
+    with pytest.raises(BraidError, match=r"split: train 0.8 \+ val 0.1 \+ test 0.2 = 1.1, not 1"):
+        braid.config.check(config)
+    config["split"].update(rule="shared1000")  # test = the shared images; only val is a fraction
+    braid.config.check(config)
+
+
+def test_roi_names_the_data_set_lacks_are_refused_listing_the_valid_ones():
+    config = load("config.yaml")  # the synthetic NSD: nsdgeneral and prf-visualrois
+    config["roi"] = {"lh.nsdgeneral": [1], "streams": [5]}
+    with pytest.raises(BraidError, match=r"roi \['streams'\]: no such ROI file in the synthetic NSD; valid names are "
+                                         r"nsdgeneral, prf-visualrois, each also with an lh. or rh. prefix"):
+        braid.config.check(config)
+    config["nsd"]["source"] = "s3://natural-scenes-dataset"  # NSD has streams, not "nsd_general"
+    braid.config.check(config)
+    config["roi"] = {"nsd_general": [1], "rh.floc-faces": [2]}
+    with pytest.raises(BraidError, match=r"roi \['nsd_general'\]: no such ROI file in NSD .*HCP_MMP1, Kastner2015, MTL"):
+        braid.config.check(config)
+
+
 def test_model_folders_are_named_by_repository_revision_and_vae(tmp_path):
     name, folder = braid.config.model_name, braid.config.model_dir
     assert name({"source": "segmind/SSD-1B"}) == "segmind--SSD-1B@main"

@@ -128,6 +128,30 @@ def roi_zyx(root, subject=1):
     return np.asarray(nib.load(root / nsd.roi_key(subject, "nsdgeneral")).dataobj).T == 1
 
 
+def test_a_truncated_hdf5_in_the_mirror_is_refused_at_fetch_naming_the_mirror_file(mirror, tmp_path):
+    """The superblock records the file's length (h5py writes it): a cut-short copy is caught before
+    anything is written, whether the fetch copies the whole object or reads the ROI's chunks."""
+    import h5py
+
+    root, _ = mirror
+    key = nsd.betas_key(1, 1)
+    cut = tmp_path / "mirror"
+    (cut / key).parent.mkdir(parents=True)
+    data = (root / key).read_bytes()
+    (cut / key).write_bytes(data[: len(data) - 1000])
+    with h5py.File(root / key, "r") as f:  # h5py's own record of the length (the superblock's end-of-file address)
+        assert f.id.get_filesize() == len(data)
+    message = rf"{cut / key}: truncated: its HDF5 superblock says the file is {len(data):,} bytes long, but it has " \
+              rf"{len(data) - 1000:,}; the local NSD mirror's copy .* is incomplete"
+    with pytest.raises(BraidError, match=message):
+        nsd.fetch(str(cut), key, tmp_path / "whole.hdf5")
+    with pytest.raises(BraidError, match=message):
+        nsd.fetch_betas_roi(str(cut), key, tmp_path / "roi.hdf5", roi_zyx(root))
+    assert not list(tmp_path.glob("*.hdf5*")) and not list(tmp_path.glob(".tmp-*"))
+    nsd.fetch(str(root), key, tmp_path / "whole.hdf5")  # the whole file passes
+    assert (tmp_path / "whole.hdf5").read_bytes() == data
+
+
 def test_roi_only_fetch_equals_whole_file_then_mask(s3_server, mirror, tmp_path):
     import h5py
 

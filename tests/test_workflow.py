@@ -324,6 +324,14 @@ def test_bad_config_stops_before_any_job(tmp_path):
     bad.write_text(yaml.safe_dump(config))
     proc = snakemake(tmp_path / "w", "-n", "--configfile", str(bad), check=False)
     assert proc.returncode != 0 and "strengths" in proc.stdout + proc.stderr and "1.5" in proc.stdout + proc.stderr
+    config["reconstruct"]["strengths"] = [0.5]
+    config["roi"] = {"V1": [1]}  # a name NSD does not have, and a split over 1: both named, before any job
+    config["split"].update(train=0.9, val=0.1, test=0.1)
+    bad.write_text(yaml.safe_dump(config))
+    proc = snakemake(tmp_path / "w", "-n", "--configfile", str(bad), check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "roi ['V1']: no such ROI file" in text and "= 1.1, not 1" in text
+    assert not (tmp_path / "w" / "resources").exists()
 
 
 def planned_outputs(proc: subprocess.CompletedProcess) -> list[str]:

@@ -42,9 +42,9 @@ def split_images(nsd_ids: np.ndarray, rule: str, fractions: dict, seed: int, sha
     perm = rng.permutation(ids)
     out = pd.Series("train", index=ids, name="split")
     if rule == "seed":
-        total = sum(fractions[k] for k in SPLITS)
-        n_test = int(round(fractions["test"] / total * ids.size))
-        n_val = int(round(fractions["val"] / total * ids.size))
+        check_fractions(fractions)
+        n_test = int(round(fractions["test"] * ids.size))
+        n_val = int(round(fractions["val"] * ids.size))
         out[perm[:n_test]] = "test"
         out[perm[n_test : n_test + n_val]] = "val"
     elif rule == "shared1000":
@@ -60,6 +60,15 @@ def split_images(nsd_ids: np.ndarray, rule: str, fractions: dict, seed: int, sha
         if not (out == name).any():
             raise BraidError(f"split '{name}' is empty with {ids.size} images; change config split")
     return out
+
+
+def check_fractions(fractions: dict) -> None:
+    """Split fractions of rule ``seed`` are fractions of the images: they must sum to 1 (no renormalising)."""
+    total = sum(float(fractions[k]) for k in SPLITS)
+    if abs(total - 1.0) > 1e-6:
+        given = " + ".join(f"{k} {fractions[k]:g}" for k in SPLITS)
+        raise BraidError(f"config split: {given} = {total:g}, not 1; give the fractions of the images, e.g. "
+                         "train 0.9, val 0.05, test 0.05")
 
 
 NORMALISATIONS = ("session", "train", "none")

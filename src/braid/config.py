@@ -84,8 +84,32 @@ def check(config: dict) -> None:
     split = config["split"]
     if split["rule"] == "seed" and min(split["train"], split["val"], split["test"]) <= 0:
         problems.append("split.train, split.val and split.test must all be > 0 with split.rule 'seed'")
+    elif split["rule"] == "seed":
+        from .betas import check_fractions
+
+        try:
+            check_fractions(split)
+        except BraidError as err:
+            problems.append(str(err).removeprefix("config "))
+    problems += _roi_problems(config)
     if problems:
         raise BraidError("config: " + "; ".join(problems))
+
+
+def _roi_problems(config: dict) -> list[str]:
+    """``roi`` names ROI files the data set has (NSD's, or the synthetic mirror's), with or without lh./rh."""
+    from .nsd import ROI_FILES
+    from .synthetic import ROIS
+
+    synthetic = config["nsd"]["source"] == "synthetic"
+    base = ROIS if synthetic else ROI_FILES
+    valid = {f"{hemi}{name}" for name in base for hemi in ("", "lh.", "rh.")}
+    unknown = sorted(set(config["roi"]) - valid)
+    if not unknown:
+        return []
+    where = "the synthetic NSD" if synthetic else "NSD (func1pt8mm and func1mm)"
+    return [f"roi {unknown}: no such ROI file in {where}; valid names are {', '.join(base)}, each also with an "
+            "lh. or rh. prefix"]
 
 
 def _encoder_problems(config: dict) -> list[str]:

@@ -38,6 +38,34 @@ class DatasetLayout:
     filtered: bool
 
 
+def stored_end_of_file(head: bytes) -> int | None:
+    """The file size an HDF5 file's superblock records (base address + end-of-file address), from
+    its first 128 bytes; ``None`` if ``head`` is not an HDF5 superblock this module reads."""
+    if head[:8] != SIGNATURE or len(head) < 64:
+        return None
+    version = head[8]
+    if version in (0, 1):
+        so = head[13]
+        pos = 24 + (4 if version == 1 else 0)  # base, free-space, end-of-file, driver-info addresses
+    elif version in (2, 3):
+        so = head[9]
+        pos = 12  # base, superblock extension, end-of-file, root object header addresses
+    else:
+        return None
+    base = int.from_bytes(head[pos : pos + so], "little")
+    return base + int.from_bytes(head[pos + 2 * so : pos + 3 * so], "little")
+
+
+def check_not_truncated(head: bytes, size: int, label: str, fix: str) -> None:
+    """Refuse an HDF5 file whose superblock records more bytes than it has (a cut-short copy)."""
+    from .common import BraidError
+
+    eof = stored_end_of_file(head)
+    if eof is not None and eof > size:
+        raise BraidError(f"{label}: truncated: its HDF5 superblock says the file is {eof:,} bytes long, but it has "
+                         f"{size:,}; {fix}")
+
+
 class HDF5Ranges:
     """Metadata of one HDF5 file, read lazily through ``reader``; counts the bytes it read."""
 
@@ -46,7 +74,7 @@ class HDF5Ranges:
         self.parallel = parallel
         self.metadata_bytes = 0
         self._lock = threading.Lock()
-        head = self.read(0, 128)
+        head = self.superblock = self.read(0, 128)
         if head[:8] != SIGNATURE:
             raise LayoutError("no HDF5 signature at offset 0 (user blocks are not supported)")
         self.version = head[8]

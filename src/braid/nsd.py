@@ -36,6 +36,11 @@ STIM_INFO_PKL = "nsddata/experiments/nsd/nsd_stim_info_merged.pkl"
 STIMULI = "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
 
 
+# NSD's ROI files (nsddata/ppdata/subjNN/<resolution>/roi/<name>.nii.gz; each also with an lh./rh. prefix)
+ROI_FILES = ("HCP_MMP1", "Kastner2015", "MTL", "corticalsulc", "floc-bodies", "floc-faces", "floc-places",
+             "floc-words", "nsdgeneral", "prf-eccrois", "prf-visualrois", "streams", "thalamus")
+
+
 def roi_key(subject: int, roi: str, resolution: str = "func1pt8mm") -> str:
     return f"nsddata/ppdata/{subject_label(subject)}/{resolution}/roi/{roi}.nii.gz"
 
@@ -237,15 +242,27 @@ def fetch(
     dest = Path(dest)
     if source.startswith("s3://"):
         return _fetch_s3(source, key, dest, part_size, **s3)
+    from .hdf5_ranges import check_not_truncated
+
     src = Path(source) / key
     if not src.is_file():
         raise BraidError(f"{src}: not found in the local NSD mirror (config nsd.source = {source!r})")
     size = src.stat().st_size
+    with open(src, "rb") as f:
+        check_not_truncated(f.read(128), size, str(src), truncated_fix(source))
     with atomic_output(dest) as tmp:
         shutil.copyfile(src, tmp)
         _check_size(tmp, size, key)
     log.info("copied %s (%d bytes) from %s", key, size, source)
     return size
+
+
+def truncated_fix(source: str) -> str:
+    """What to do about a cut-short source file."""
+    if source.startswith("s3://"):
+        return f"the object in {source} is incomplete: report it to the bucket's maintainers, or use another mirror"
+    return (f"the local NSD mirror's copy ({source}) is incomplete: download that file into the mirror again, or "
+            "set nsd.source to s3://natural-scenes-dataset")
 
 
 class PartialDownload:
@@ -542,7 +559,7 @@ def _fetch_sparse_locked(src, source, key, dest, name, locate, identity, what) -
     import h5py
     from tqdm import tqdm
 
-    from .hdf5_ranges import HDF5Ranges, LayoutError, coalesce
+    from .hdf5_ranges import HDF5Ranges, LayoutError, check_not_truncated, coalesce
 
     plan_path = dest.with_name(dest.name + ".part.plan.npz")
     plan = None
@@ -555,6 +572,7 @@ def _fetch_sparse_locked(src, source, key, dest, name, locate, identity, what) -
             plan = None
     if plan is None:
         meta = HDF5Ranges(src.read)
+        check_not_truncated(meta.superblock, src.size, src.label, truncated_fix(source))
         ds = meta.dataset(name)
         if ds.filtered or ds.layout not in ("chunked", "contiguous"):
             raise LayoutError(f"layout {ds.layout}, filtered {ds.filtered}")
