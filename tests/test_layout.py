@@ -135,6 +135,58 @@ def test_model_folders_are_named_by_repository_revision_and_vae(tmp_path):
     assert len(stores) == 4  # every identity its own latent cache
 
 
+def test_model_identity_is_what_names_the_weights_and_nothing_else():
+    ssd1b = {"source": "segmind/SSD-1B", "revision": "abc", "variant": "fp16", "vae": None, "vae_revision": None,
+             "seed": 0, "dtype": "float32", "image_size": 512, "latent_batch_size": 16, "compile": False}
+    identity = braid.config.model_identity(ssd1b)
+    assert identity == {"revision": "abc", "source": "segmind/SSD-1B", "vae": None, "vae_revision": None,
+                        "variant": "fp16"}
+    for how_it_runs in ({"seed": 5}, {"dtype": "bfloat16"}, {"image_size": 256}, {"latent_batch_size": 2},
+                        {"compile": True}):  # the seed builds nothing for a downloaded model
+        assert braid.config.model_identity({**ssd1b, **how_it_runs}) == identity, how_it_runs
+    for other in ({"revision": "def"}, {"variant": None}, {"vae": "madebyollin/sdxl-vae-fp16-fix"}):
+        assert braid.config.model_identity({**ssd1b, **other}) != identity, other
+    assert braid.config.model_identity({"source": "tiny", "seed": 3})["seed"] == 3  # built here: the seed matters
+
+
+def test_code_inputs_are_every_braid_module_a_script_can_run(tmp_path):
+    pkg = tmp_path / "braid"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('__version__ = "1"\n')
+    (pkg / "a.py").write_text("from .b import f\n\ndef g():\n    from . import c\n    return c\n")
+    (pkg / "b.py").write_text("from . import __version__\nimport numpy\n")
+    (pkg / "c.py").write_text("import braid.d\n")
+    (pkg / "d.py").write_text("")
+    (pkg / "unused.py").write_text("from .a import g\n")
+    script = tmp_path / "run.py"
+    script.write_text("import json\nfrom braid.a import g\nfrom braid import b\n")
+    assert braid.config.braid_imports(script, pkg) == ["a", "b"]
+    assert braid.config.code_modules(["a"], pkg) == ["__init__", "a", "b", "c", "d"]  # inside functions too
+    with pytest.raises(BraidError, match="nope.py: no such module"):
+        braid.config.code_modules(["nope"], pkg)
+    # the real library: the ROI-only fetch runs the HDF5 reader; reconstruction runs the model's decoder
+    roi = braid.config.code_modules(braid.config.braid_imports(REPO / "scripts" / "nsd_fetch_betas_roi.py"))
+    assert {"nsd", "hdf5_ranges", "common"} <= set(roi) and "evaluate" not in roi
+    assert "models" in braid.config.code_modules(["reconstruct"])
+
+
+def test_every_rule_that_runs_library_code_lists_it_as_input():
+    """Each rule's code input names its own script (``script_code("<its script>")``); only the whole-object
+    downloads, whose bytes are the source's and verified, rerun on their identity alone."""
+    downloads = {"nsd_fetch", "model_fetch", "metrics_fetch"}
+    seen = set()
+    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
+        for block in re.split(r"(?m)^(?=[ \t]*rule \w+:)", smk.read_text())[1:]:
+            name = re.match(r"\s*rule (\w+):", block).group(1)
+            script = re.search(r"scripts/(\w+)\.py", block)
+            if not script:
+                continue
+            seen.add(name)
+            codes = re.findall(r'code=script_code\("(\w+)"\)', block)
+            assert codes == ([] if name in downloads else [script.group(1)]), (name, codes)
+    assert len(seen) >= 20 and downloads <= seen
+
+
 def test_conda_env_lists_the_package_dependencies():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     env = yaml.safe_load((REPO / "envs" / "braid.yaml").read_text())

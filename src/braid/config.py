@@ -138,6 +138,47 @@ def _encoder_problems(config: dict) -> list[str]:
     return problems
 
 
+def braid_imports(path: str | Path, package_dir: str | Path | None = None) -> list[str]:
+    """The ``braid`` modules a Python file imports (``from braid.x``, ``import braid.x``, and inside the
+    library ``from .x``/``from . import x``), at module level or inside functions; read with ``ast``."""
+    import ast
+
+    folder = Path(package_dir) if package_dir else Path(__file__).parent
+    found = []
+    for node in ast.walk(ast.parse(Path(path).read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").split(".")[0] == "braid"):
+            module = (node.module or "").removeprefix("braid").lstrip(".")
+            if module:
+                found.append(module.split(".")[0])
+            else:  # from . import x / from braid import x: a module, or a name of the package's __init__
+                found += [a.name if (folder / f"{a.name}.py").is_file() else "__init__" for a in node.names]
+        elif isinstance(node, ast.Import):
+            found += [a.name.split(".")[1] for a in node.names if a.name.startswith("braid.")]
+    return sorted(set(found))
+
+
+def code_modules(names, package_dir: str | Path | None = None) -> list[str]:
+    """``names`` and every ``braid`` module they import, directly or through others (sorted names,
+    e.g. ``["common", "hdf5_ranges", "nsd"]``): the library code that running them may execute.
+
+    Snakemake tracks a rule's script but not what the script imports; the workflow lists these
+    files as each rule's inputs, so that editing a module reruns every stage that can run it.
+    """
+    folder = Path(package_dir) if package_dir else Path(__file__).parent
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = folder / f"{name}.py"
+        if not path.is_file():
+            raise BraidError(f"{path}: no such module of the braid library")
+        seen.add(name)
+        todo += braid_imports(path, folder)
+    return sorted(seen)
+
+
 BUILT_MODELS = ("tiny", "tiny-trained", "ssd1b-architecture")  # model.source values built here, offline
 
 
@@ -168,6 +209,16 @@ def model_dir(model: dict) -> str:
     if model_is_local(model):
         return str(Path(model["source"]).expanduser().resolve())
     return f"resources/models/{model_name(model)}"
+
+
+def model_identity(model: dict) -> dict:
+    """What names the weights ``model_fetch`` gets: source, revision, variant and the VAE override
+    (and the seed of a model built here); sorted. Settings of how it runs (dtype, image size,
+    batch sizes, compile) are not part of it."""
+    identity = {k: model.get(k) for k in ("revision", "source", "vae", "vae_revision", "variant")}
+    if model["source"] in BUILT_MODELS:
+        identity["seed"] = model.get("seed", 0)
+    return dict(sorted(identity.items()))
 
 
 def latent_identity(model: dict, trained_on: dict | None = None) -> dict:

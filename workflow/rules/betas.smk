@@ -6,7 +6,7 @@ rule betas_mask:
         sessions=lambda wc: list(get_session_files(wc).values()),
         rois=lambda wc: list(get_roi_files(wc).values()),
         expdesign=nsd_file(braid.nsd.EXPDESIGN),
-        code=src("betas"),
+        code=script_code("betas_mask"),
     output:
         betas=zarr_store("results/{subject}/betas.zarr"),
         trials="results/{subject}/trials.parquet",

@@ -113,9 +113,13 @@ def zarr_store(path):
     return f"{path}/zarr.json"
 
 
-def src(module):
-    """A library module as an input, so that editing it reruns the stage (scripts' imports are not tracked)."""
-    return str(Path(workflow.basedir) / "src" / "braid" / f"{module}.py")
+def script_code(script):
+    """The library code that scripts/<script>.py may run, as inputs: every braid module it imports,
+    directly or through others (braid.config.code_modules). Snakemake tracks the script, not what it
+    imports: with these inputs, editing a module reruns each stage that can run it."""
+    folder = Path(workflow.basedir) / "src" / "braid"
+    imported = braid.config.braid_imports(Path(workflow.basedir) / "scripts" / f"{script}.py", folder)
+    return [str(folder / f"{m}.py") for m in braid.config.code_modules(imported, folder)]
 
 
 def nsd_file(key):

@@ -9,7 +9,7 @@ rule encoder_train:
         latents="results/{subject}/latents.json",
         teacher=get_teacher,
         ncsnr=get_ncsnr,
-        code=[src("encoder"), src("scores")],
+        code=script_code("encoder_train"),
     output:
         model="results/{subject}/{encoder}/encoder.safetensors",
         config="results/{subject}/{encoder}/encoder.json",
@@ -38,7 +38,7 @@ rule encoder_frontier:
     input:
         predictions=expand(zarr_store("results/{{subject}}/{encoder}/predictions.zarr"), encoder=FRONTIER_ENCODERS),
         latents="results/{subject}/latents.json",
-        code=[src("frontier"), src("scores")],
+        code=script_code("encoder_frontier"),
     output:
         table="results/{subject}/frontier.csv",
         plot=report(
@@ -64,7 +64,7 @@ rule encoder_reference:
     input:
         trials="results/{subject}/trials.parquet",
         latents="results/{subject}/latents.json",
-        code=src("encoder"),
+        code=script_code("encoder_reference"),
     output:
         predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
     wildcard_constraints:

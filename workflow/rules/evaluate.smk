@@ -29,7 +29,7 @@ rule evaluate_stimuli:
         stimuli=lambda wc: stimuli_file(wc.subject),
         trials="results/{subject}/trials.parquet",
         weights=list(METRIC_WEIGHTS.values()),
-        code=[src("evaluate"), src("metric_networks")],
+        code=script_code("evaluate_stimuli"),
     output:
         zarr_store("results/{subject}/stimulus_features.zarr"),
     log:
@@ -49,7 +49,7 @@ rule evaluate_images:
         stimuli=lambda wc: stimuli_file(wc.subject),
         features=zarr_store("results/{subject}/stimulus_features.zarr"),
         weights=list(METRIC_WEIGHTS.values()),
-        code=[src("evaluate"), src("metric_networks"), src("scores")],
+        code=script_code("evaluate_images"),
     output:
         "results/{subject}/{encoder}/{run}/image_metrics.parquet",
     params:
@@ -71,7 +71,7 @@ rule evaluate_grid:
         stimuli=lambda wc: stimuli_file(wc.subject),
         trials="results/{subject}/trials.parquet",
         latents="results/{subject}/latents.json",
-        code=src("evaluate"),
+        code=script_code("evaluate_grid"),
     output:
         report(
             "results/{subject}/grid-strength-{strength}.png",
@@ -98,7 +98,7 @@ rule evaluate_oracle:
         expdesign=nsd_file(braid.nsd.EXPDESIGN),
         trials="results/{subject}/trials.parquet",
         latents="results/{subject}/latents.json",
-        code=[src("evaluate"), src("scores"), src("synthetic")],
+        code=script_code("evaluate_oracle"),
     output:
         "results/{subject}/oracle_metrics.csv",
     params:
@@ -118,7 +118,7 @@ rule evaluate_summary:
         per_image=get_image_metric_files(),
         oracle=get_oracle_metrics(),
         frontier=expand("results/{subject}/frontier.csv", subject=SUBJECTS),
-        code=[src("evaluate"), src("published")],
+        code=script_code("evaluate_summary"),
     output:
         table="results/summary.csv",
         per_image="results/metrics_per_image.parquet",

@@ -8,7 +8,7 @@ rule latents_encode:
         stimuli=lambda wc: stimuli_file(wc.subject),
         expdesign=nsd_file(braid.nsd.EXPDESIGN),
         model=MODEL_DIR,
-        code=src("latents"),
+        code=script_code("latents_encode"),
     output:
         "results/{subject}/latents.json",
     params:
@@ -30,7 +30,7 @@ rule latents_statistics:
     input:
         latents="results/{subject}/latents.json",
         trials="results/{subject}/trials.parquet",
-        code=src("latents"),
+        code=script_code("latents_statistics"),
     output:
         stats=zarr_store("results/{subject}/latent_stats.zarr"),
         plot=report(

@@ -11,7 +11,7 @@ if config["model"]["source"] == "tiny-trained":
         """Train the tiny SSD-1B-shaped pipeline on the synthetic stimuli (braid.model_training)."""
         input:
             stimuli=f"{SYNTHETIC_ROOT}/{braid.nsd.STIMULI}",
-            code=[src("model_training"), src("models")],
+            code=script_code("model_train"),
         output:
             directory(MODEL_DIR),
         params:
@@ -36,9 +36,8 @@ elif not MODEL_IS_LOCAL:
         output:
             directory(MODEL_DIR),
         params:
-            model=as_json(
-                {k: config["model"][k] for k in ("revision", "seed", "source", "vae", "vae_revision", "variant")}
-            ),
+            # the model's identity, nothing else: a download reruns only when it names other weights
+            model=as_json(braid.config.model_identity(config["model"])),
         log:
             "logs/model/fetch.log",
         conda:

@@ -14,7 +14,7 @@ localrules:
 rule nsd_synthetic_stimuli:
     """The synthetic NSD's stimuli, design and stimulus info (no model needed: a model may be trained on them)."""
     input:
-        code=src("synthetic"),
+        code=script_code("nsd_synthetic_stimuli"),
     output:
         [f"{SYNTHETIC_ROOT}/{key}" for key in braid.synthetic.STIMULUS_KEYS],
     params:
@@ -32,7 +32,7 @@ rule nsd_synthetic:
     input:
         stimuli=[f"{SYNTHETIC_ROOT}/{key}" for key in braid.synthetic.STIMULUS_KEYS],
         model=MODEL_DIR,
-        code=src("synthetic"),
+        code=script_code("nsd_synthetic"),
     output:
         [
             f"{SYNTHETIC_ROOT}/{key}"
@@ -78,7 +78,7 @@ rule nsd_fetch_betas_roi:
     input:
         rois=get_betas_roi_inputs,
         mirror=lambda wc: mirror_file(f"nsddata_betas/{wc.path}"),
-        code=src("nsd"),
+        code=script_code("nsd_fetch_betas_roi"),
     output:
         betas="resources/nsd_roi/nsddata_betas/{path}",
         manifest="resources/nsd_roi/nsddata_betas/{path}.manifest.json",
@@ -101,7 +101,7 @@ rule nsd_fetch_stimuli_rows:
     input:
         expdesign=nsd_file(braid.nsd.EXPDESIGN),
         mirror=mirror_file(braid.nsd.STIMULI),
-        code=src("nsd"),
+        code=script_code("nsd_fetch_stimuli_rows"),
     output:
         stimuli=f"resources/nsd_roi/{{subject}}/{braid.nsd.STIMULI}",
         manifest=f"resources/nsd_roi/{{subject}}/{braid.nsd.STIMULI}.manifest.json",
@@ -119,7 +119,8 @@ rule nsd_fetch_stimuli_rows:
 rule nsd_manifest:
     """Per subject: what was fetched ROI-only, bytes requested and stored, checksums."""
     input:
-        get_manifests,
+        manifests=get_manifests,
+        code=script_code("nsd_manifest"),
     output:
         "results/{subject}/fetch_manifest.csv",
     log:

@@ -7,7 +7,7 @@ rule reconstruct_decode:
     input:
         predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
         model=MODEL_DIR,
-        code=src("reconstruct"),
+        code=script_code("reconstruct_decode"),
     output:
         directory("results/{subject}/{encoder}/decode/images"),
     params:
@@ -24,7 +24,7 @@ rule reconstruct_img2img:
     input:
         predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
         model=MODEL_DIR,
-        code=src("reconstruct"),
+        code=script_code("reconstruct_img2img"),
     output:
         directory("results/{subject}/{encoder}/strength-{strength}/seed-{seed}/images"),
     params:
