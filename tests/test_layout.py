@@ -213,6 +213,16 @@ def test_snakemake_lint_is_clean():
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr, proc.stdout[-3000:]
 
 
+def test_snakefmt_leaves_the_workflow_unchanged():
+    """The catalogue's formatter (settings in pyproject.toml's [tool.snakefmt]); fix with `snakefmt Snakefile workflow/`."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow/"], capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_a_sweep_expands_to_one_encoder_per_combination():
     config = {"encoders": {"lr": {"kind": "lowrank", "rank": 4}, "net": {"kind": "mlp", "hidden": [8]},
                            "rr": {"kind": "ridge"}},

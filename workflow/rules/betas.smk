@@ -10,15 +10,15 @@ rule betas_mask:
     output:
         betas=zarr_store("results/{subject}/betas.zarr"),
         trials="results/{subject}/trials.parquet",
+    log:
+        "logs/{subject}/betas.log",
+    conda:
+        "../../envs/braid.yaml"
     params:
         sessions=lambda wc: as_json(get_session_files(wc)),
         rois=lambda wc: as_json(get_roi_files(wc)),
         roi_labels=as_json(config["roi"]),
         split=as_json(config["split"]),
         betas=as_json(config["betas"]),
-    log:
-        "logs/{subject}/betas.log",
-    conda:
-        "../../envs/braid.yaml"
     script:
         "../../scripts/betas_mask.py"

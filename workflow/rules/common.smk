@@ -37,9 +37,7 @@ validate(config, "../../config/schema.yaml")
 try:
     braid.config.check(config)
     # a sweep's values bypass the schema's encoder entry; check the encoders they make against it
-    braid.config.validate_sweep(
-        config, load_configfile(str(Path(workflow.basedir) / "config" / "schema.yaml"))
-    )
+    braid.config.validate_sweep(config, load_configfile(str(Path(workflow.basedir) / "config" / "schema.yaml")))
 except BraidError as err:
     raise WorkflowError(str(err))
 
@@ -167,7 +165,9 @@ def get_betas_roi_inputs(wildcards):
 def get_manifests(wildcards):
     if not ROI_ONLY:
         return []
-    return [f"{path}.manifest.json" for path in [*get_session_files(wildcards).values(), stimuli_file(wildcards.subject)]]
+    return [
+        f"{path}.manifest.json" for path in [*get_session_files(wildcards).values(), stimuli_file(wildcards.subject)]
+    ]
 
 
 def get_roi_files(wildcards):

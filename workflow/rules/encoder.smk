@@ -21,15 +21,15 @@ rule encoder_train:
             labels={"subject": "{subject}", "encoder": "{encoder}"},
         ),
         predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
-    params:
-        spec=lambda wc: as_json(encoder_spec(wc.encoder)),
+    log:
+        "logs/{subject}/{encoder}/train.log",
     wildcard_constraints:
         # a reference row's predictions share an encoder's path; encoder_reference makes them
         encoder=r"(?!(?:true-latent|mean-latent)/)[A-Za-z0-9_-]+",
-    log:
-        "logs/{subject}/{encoder}/train.log",
     conda:
         "../../envs/braid.yaml"
+    params:
+        spec=lambda wc: as_json(encoder_spec(wc.encoder)),
     script:
         "../../scripts/encoder_train.py"
 
@@ -47,13 +47,13 @@ rule encoder_frontier:
             category="Summary",
             labels={"subject": "{subject}", "figure": "frontier"},
         ),
-    params:
-        encoders=FRONTIER_ENCODERS,
-        reference=config["frontier"]["reference"],
     log:
         "logs/{subject}/frontier.log",
     conda:
         "../../envs/braid.yaml"
+    params:
+        encoders=FRONTIER_ENCODERS,
+        reference=config["frontier"]["reference"],
     script:
         "../../scripts/encoder_frontier.py"
 
@@ -67,10 +67,10 @@ rule encoder_reference:
         code=script_code("encoder_reference"),
     output:
         predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
-    wildcard_constraints:
-        encoder="|".join(braid.encoder.REFERENCES),
     log:
         "logs/{subject}/{encoder}/reference.log",
+    wildcard_constraints:
+        encoder="|".join(braid.encoder.REFERENCES),
     conda:
         "../../envs/braid.yaml"
     script:

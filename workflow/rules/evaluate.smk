@@ -3,6 +3,7 @@
 # is scored per image; one summary job aggregates over images and seeds, draws the figures and
 # prints the table beside the published rows; per subject and strength one grid of every row.
 
+
 localrules:
     metrics_fetch,
 
@@ -12,11 +13,11 @@ rule metrics_fetch:
     downloaded (torchvision, SwAV, the HF hub), or the same architecture with seeded random weights."""
     output:
         directory("resources/metric_weights/{weights}/{network}"),
+    log:
+        "logs/metric_weights/{weights}/{network}.log",
     wildcard_constraints:
         weights=r"pretrained|random-seed[0-9]+",
         network="|".join(braid.metric_networks.NETWORKS),
-    log:
-        "logs/metric_weights/{weights}/{network}.log",
     conda:
         "../../envs/braid.yaml"
     script:
@@ -52,14 +53,16 @@ rule evaluate_images:
         code=script_code("evaluate_images"),
     output:
         "results/{subject}/{encoder}/{run}/image_metrics.parquet",
-    params:
-        retrieval=as_json({"pool": config["evaluate"]["retrieval_pool"], "draws": config["evaluate"]["retrieval_draws"]}),
-    wildcard_constraints:
-        run=r"decode|strength-[0-9.]+/seed-[0-9]+",
     log:
         "logs/{subject}/{encoder}/{run}/evaluate.log",
+    wildcard_constraints:
+        run=r"decode|strength-[0-9.]+/seed-[0-9]+",
     conda:
         "../../envs/braid.yaml"
+    params:
+        retrieval=as_json(
+            {"pool": config["evaluate"]["retrieval_pool"], "draws": config["evaluate"]["retrieval_draws"]}
+        ),
     script:
         "../../scripts/evaluate_images.py"
 
@@ -79,12 +82,12 @@ rule evaluate_grid:
             category="Reconstructions",
             labels={"subject": "{subject}", "strength": "{strength}"},
         ),
-    params:
-        seed=SEEDS[0],
     log:
         "logs/{subject}/grid-strength-{strength}.log",
     conda:
         "../../envs/braid.yaml"
+    params:
+        seed=SEEDS[0],
     script:
         "../../scripts/evaluate_grid.py"
 
@@ -101,14 +104,14 @@ rule evaluate_oracle:
         code=script_code("evaluate_oracle"),
     output:
         "results/{subject}/oracle_metrics.csv",
-    params:
-        sessions=lambda wc: as_json(get_session_files(wc)),
-        rois=lambda wc: as_json(get_roi_files(wc)),
-        roi_labels=as_json(config["roi"]),
     log:
         "logs/{subject}/oracle.log",
     conda:
         "../../envs/braid.yaml"
+    params:
+        sessions=lambda wc: as_json(get_session_files(wc)),
+        rois=lambda wc: as_json(get_roi_files(wc)),
+        roi_labels=as_json(config["roi"]),
     script:
         "../../scripts/evaluate_oracle.py"
 

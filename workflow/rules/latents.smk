@@ -11,16 +11,16 @@ rule latents_encode:
         code=script_code("latents_encode"),
     output:
         "results/{subject}/latents.json",
+    log:
+        "logs/{subject}/latents_encode.log",
+    conda:
+        "../../envs/braid.yaml"
     params:
         store=LATENT_STORE,
         identity=as_json(LATENT_IDENTITY),
         dtype=config["model"]["dtype"],
         image_size=config["model"]["image_size"],
         variant=config["model"]["variant"],
-    log:
-        "logs/{subject}/latents_encode.log",
-    conda:
-        "../../envs/braid.yaml"
     script:
         "../../scripts/latents_encode.py"
 

@@ -14,15 +14,15 @@ if config["model"]["source"] == "tiny-trained":
             code=script_code("model_train"),
         output:
             directory(MODEL_DIR),
-        params:
-            image_size=config["model"]["image_size"],
-            recipe=as_json(braid.config.training_recipe(config["model"])),
-            seed=config["model"]["seed"],
-        threads: 2
         log:
             "logs/model/train.log",
         conda:
             "../../envs/braid.yaml"
+        threads: 2
+        params:
+            image_size=config["model"]["image_size"],
+            recipe=as_json(braid.config.training_recipe(config["model"])),
+            seed=config["model"]["seed"],
         script:
             "../../scripts/model_train.py"
 
@@ -31,16 +31,15 @@ elif not MODEL_IS_LOCAL:
     localrules:
         model_fetch,
 
-
     rule model_fetch:
         output:
             directory(MODEL_DIR),
-        params:
-            # the model's identity, nothing else: a download reruns only when it names other weights
-            model=as_json(braid.config.model_identity(config["model"])),
         log:
             "logs/model/fetch.log",
         conda:
             "../../envs/braid.yaml"
+        params:
+            # the model's identity, nothing else: a download reruns only when it names other weights
+            model=as_json(braid.config.model_identity(config["model"])),
         script:
             "../../scripts/model_fetch.py"

@@ -4,6 +4,7 @@
 # transient network faults are retried inside the job (botocore, then braid.nsd.RangeSource) and a
 # rerun resumes a partial download, while a 403/404 is deterministic and must fail once, at once.
 
+
 localrules:
     nsd_fetch,
     nsd_fetch_betas_roi,
@@ -17,12 +18,12 @@ rule nsd_synthetic_stimuli:
         code=script_code("nsd_synthetic_stimuli"),
     output:
         [f"{SYNTHETIC_ROOT}/{key}" for key in braid.synthetic.STIMULUS_KEYS],
-    params:
-        cfg=as_json(SYNTHETIC_STIMULUS_CONFIG),
     log:
         "logs/nsd/synthetic_stimuli.log",
     conda:
         "../../envs/braid.yaml"
+    params:
+        cfg=as_json(SYNTHETIC_STIMULUS_CONFIG),
     script:
         "../../scripts/nsd_synthetic_stimuli.py"
 
@@ -41,15 +42,15 @@ rule nsd_synthetic:
         ],
         meta=f"{SYNTHETIC_ROOT}/{braid.synthetic.META}",
         oracle=[f"{SYNTHETIC_ROOT}/{braid.synthetic.oracle_key(s)}" for s in config["synthetic"]["subjects"]],
+    log:
+        "logs/nsd/synthetic.log",
+    conda:
+        "../../envs/braid.yaml"
     params:
         cfg=as_json(config["synthetic"]),
         image_size=config["model"]["image_size"],
         resolution=NSD["resolution"],
         beta_version=NSD["beta_version"],
-    log:
-        "logs/nsd/synthetic.log",
-    conda:
-        "../../envs/braid.yaml"
     script:
         "../../scripts/nsd_synthetic.py"
 
@@ -60,15 +61,15 @@ rule nsd_fetch:
         lambda wc: mirror_file(wc.key),
     output:
         "resources/nsd/{key}",
+    log:
+        "logs/nsd/fetch/{key}.log",
+    wildcard_constraints:
+        key=r"nsddata(_betas|_stimuli)?/.+",
+    conda:
+        "../../envs/braid.yaml"
     params:
         source=FETCH_SOURCE,
         s3=S3_SETTINGS,
-    wildcard_constraints:
-        key=r"nsddata(_betas|_stimuli)?/.+",
-    log:
-        "logs/nsd/fetch/{key}.log",
-    conda:
-        "../../envs/braid.yaml"
     script:
         "../../scripts/nsd_fetch.py"
 
@@ -82,16 +83,16 @@ rule nsd_fetch_betas_roi:
     output:
         betas="resources/nsd_roi/nsddata_betas/{path}",
         manifest="resources/nsd_roi/nsddata_betas/{path}.manifest.json",
+    log:
+        "logs/nsd/fetch_roi/{path}.log",
+    wildcard_constraints:
+        path=r"ppdata/subj0[1-8]/.+\.hdf5",
+    conda:
+        "../../envs/braid.yaml"
     params:
         source=FETCH_SOURCE,
         s3=S3_SETTINGS,
         roi_labels=as_json(config["roi"]),
-    wildcard_constraints:
-        path=r"ppdata/subj0[1-8]/.+\.hdf5",
-    log:
-        "logs/nsd/fetch_roi/{path}.log",
-    conda:
-        "../../envs/braid.yaml"
     script:
         "../../scripts/nsd_fetch_betas_roi.py"
 
@@ -105,13 +106,13 @@ rule nsd_fetch_stimuli_rows:
     output:
         stimuli=f"resources/nsd_roi/{{subject}}/{braid.nsd.STIMULI}",
         manifest=f"resources/nsd_roi/{{subject}}/{braid.nsd.STIMULI}.manifest.json",
-    params:
-        source=lambda wc, input: fetch_source(input.mirror, braid.nsd.STIMULI),
-        s3=S3_SETTINGS,
     log:
         "logs/nsd/{subject}/fetch_stimuli_rows.log",
     conda:
         "../../envs/braid.yaml"
+    params:
+        source=lambda wc, input: fetch_source(input.mirror, braid.nsd.STIMULI),
+        s3=S3_SETTINGS,
     script:
         "../../scripts/nsd_fetch_stimuli_rows.py"
 

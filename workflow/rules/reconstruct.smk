@@ -10,12 +10,12 @@ rule reconstruct_decode:
         code=script_code("reconstruct_decode"),
     output:
         directory("results/{subject}/{encoder}/decode/images"),
-    params:
-        settings=as_json({"dtype": config["reconstruct"]["dtype"], "variant": config["model"]["variant"]}),
     log:
         "logs/{subject}/{encoder}/decode/reconstruct.log",
     conda:
         "../../envs/braid.yaml"
+    params:
+        settings=as_json({"dtype": config["reconstruct"]["dtype"], "variant": config["model"]["variant"]}),
     script:
         "../../scripts/reconstruct_decode.py"
 
@@ -27,13 +27,14 @@ rule reconstruct_img2img:
         code=script_code("reconstruct_img2img"),
     output:
         directory("results/{subject}/{encoder}/strength-{strength}/seed-{seed}/images"),
-    params:
-        settings=as_json(
-            without(config["reconstruct"], "strengths", "seeds", "batch_size") | {"variant": config["model"]["variant"]}
-        ),
     log:
         "logs/{subject}/{encoder}/strength-{strength}/seed-{seed}/reconstruct.log",
     conda:
         "../../envs/braid.yaml"
+    params:
+        settings=as_json(
+            without(config["reconstruct"], "strengths", "seeds", "batch_size")
+            | {"variant": config["model"]["variant"]}
+        ),
     script:
         "../../scripts/reconstruct_img2img.py"
