@@ -8,6 +8,7 @@ config stops the workflow before any job, with one message per problem.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -141,9 +142,16 @@ def _encoder_problems(config: dict) -> list[str]:
 def braid_imports(path: str | Path, package_dir: str | Path | None = None) -> list[str]:
     """The ``braid`` modules a Python file imports (``from braid.x``, ``import braid.x``, and inside the
     library ``from .x``/``from . import x``), at module level or inside functions; read with ``ast``."""
+    folder = Path(package_dir) if package_dir else Path(__file__).parent
+    return list(_braid_imports(str(path), str(folder), Path(path).stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=None)
+def _braid_imports(path: str, package_dir: str, mtime_ns: int) -> tuple[str, ...]:
+    """:func:`braid_imports`, parsed once per file version (the workflow asks for each rule)."""
     import ast
 
-    folder = Path(package_dir) if package_dir else Path(__file__).parent
+    folder = Path(package_dir)
     found = []
     for node in ast.walk(ast.parse(Path(path).read_text(), str(path))):
         if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").split(".")[0] == "braid"):
@@ -154,7 +162,7 @@ def braid_imports(path: str | Path, package_dir: str | Path | None = None) -> li
                 found += [a.name if (folder / f"{a.name}.py").is_file() else "__init__" for a in node.names]
         elif isinstance(node, ast.Import):
             found += [a.name.split(".")[1] for a in node.names if a.name.startswith("braid.")]
-    return sorted(set(found))
+    return tuple(sorted(set(found)))
 
 
 def code_modules(names, package_dir: str | Path | None = None) -> list[str]:
