@@ -379,6 +379,39 @@ def test_adding_a_subject_plans_only_its_jobs_and_encodes_only_its_new_images(tm
     assert len(pd.read_csv(work / "results" / "summary.csv")) == 2 * 3 * 2  # subjects x (linear + 2 references) x (decode, 0.5)
 
 
+def test_braid_works_as_a_module_of_another_workflow(tmp_path):
+    """`module braid: snakefile: <path>` + `use rule * from braid as braid_*` from another folder: the
+    DAG builds, the fetch rules stay local rules, and a job runs BRAID's script with its library."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "Snakefile").write_text(f"""import json
+from pathlib import Path
+
+configfile: "{REPO / 'config' / 'config.yaml'}"
+
+module braid:
+    snakefile: "{REPO / 'Snakefile'}"
+    config: config
+
+use rule * from braid as braid_*
+
+Path("local_rules.json").write_text(json.dumps(sorted(r.name for r in workflow.rules if r.name in workflow._localrules)))
+""")
+    work = tmp_path / "work"
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(host / "Snakefile"), "-d", str(work), "-n"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "braid_encoder_train" in proc.stdout and "braid_evaluate_summary" in proc.stdout
+    assert json.loads((work / "local_rules.json").read_text()) == [
+        "braid_metrics_fetch", "braid_nsd_fetch", "braid_nsd_fetch_betas_roi", "braid_nsd_fetch_stimuli_rows",
+        "braid_nsd_manifest"]
+    target = "resources/synthetic_nsd/nsddata/experiments/nsd/nsd_expdesign.mat"
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(host / "Snakefile"), "-d", str(work),
+                           "--cores", "1", target], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (work / target).is_file() and (work / "logs" / "nsd" / "synthetic_stimuli.log").is_file()
+
+
 def test_a_local_model_folder_is_used_as_is(run, tmp_path):
     """model.source may be a folder on this machine: no rule writes it, and jobs load from it."""
     folder = run / "resources" / "models" / "tiny-trained-ssd1b-seed0"

@@ -10,10 +10,13 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
+# BRAID's own folder (this file is workflow/rules/common.smk in it): not workflow.basedir, which
+# is the host's folder when BRAID is used as a module (`module braid: snakefile: ...`).
+BRAID_ROOT = Path(str(workflow.current_basedir)).resolve().parents[1]
 # The library lives in src/braid; make it importable here. Script jobs find it through
 # scripts/braid, a link to src/braid (Snakemake puts a script's folder on its sys.path), so that
 # a job needs no environment variable, whether it runs in .venv, a conda env or on a node.
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+sys.path.insert(0, str(BRAID_ROOT / "src"))
 
 import braid.config
 import braid.encoder
@@ -27,7 +30,7 @@ from braid.common import BraidError, subject_label, subject_number
 _replaced = braid.config.replace_collections(
     config,
     [*(load_configfile(f) for f in workflow.config_settings.configfiles), dict(workflow.config_settings.config)],
-    braid.config.collection_keys(load_configfile(str(Path(workflow.basedir) / "config" / "schema.yaml"))),
+    braid.config.collection_keys(load_configfile(str(BRAID_ROOT / "config" / "schema.yaml"))),
 )
 # The default config's sweep is over its own encoders: a config that names its encoders and no
 # sweep gets no sweep (rather than an error about encoders it never defined).
@@ -37,7 +40,7 @@ validate(config, "../../config/schema.yaml")
 try:
     braid.config.check(config)
     # a sweep's values bypass the schema's encoder entry; check the encoders they make against it
-    braid.config.validate_sweep(config, load_configfile(str(Path(workflow.basedir) / "config" / "schema.yaml")))
+    braid.config.validate_sweep(config, load_configfile(str(BRAID_ROOT / "config" / "schema.yaml")))
 except BraidError as err:
     raise WorkflowError(str(err))
 
@@ -115,8 +118,8 @@ def script_code(script):
     """The library code that scripts/<script>.py may run, as inputs: every braid module it imports,
     directly or through others (braid.config.code_modules). Snakemake tracks the script, not what it
     imports: with these inputs, editing a module reruns each stage that can run it."""
-    folder = Path(workflow.basedir) / "src" / "braid"
-    imported = braid.config.braid_imports(Path(workflow.basedir) / "scripts" / f"{script}.py", folder)
+    folder = BRAID_ROOT / "src" / "braid"
+    imported = braid.config.braid_imports(BRAID_ROOT / "scripts" / f"{script}.py", folder)
     return [str(folder / f"{m}.py") for m in braid.config.code_modules(imported, folder)]
 
 

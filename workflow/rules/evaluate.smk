@@ -4,10 +4,6 @@
 # prints the table beside the published rows; per subject and strength one grid of every row.
 
 
-localrules:
-    metrics_fetch,
-
-
 rule metrics_fetch:
     """Weights of one metric network into resources/metric_weights/<pretrained|random-seedN>/<network>:
     downloaded (torchvision, SwAV, the HF hub), or the same architecture with seeded random weights."""
@@ -18,6 +14,7 @@ rule metrics_fetch:
     wildcard_constraints:
         weights=r"pretrained|random-seed[0-9]+",
         network="|".join(braid.metric_networks.NETWORKS),
+    localrule: True
     conda:
         "../../envs/braid.yaml"
     script:

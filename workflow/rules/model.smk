@@ -28,14 +28,12 @@ if config["model"]["source"] == "tiny-trained":
 
 elif not MODEL_IS_LOCAL:
 
-    localrules:
-        model_fetch,
-
     rule model_fetch:
         output:
             directory(MODEL_DIR),
         log:
             "logs/model/fetch.log",
+        localrule: True
         conda:
             "../../envs/braid.yaml"
         params:

@@ -5,13 +5,6 @@
 # rerun resumes a partial download, while a 403/404 is deterministic and must fail once, at once.
 
 
-localrules:
-    nsd_fetch,
-    nsd_fetch_betas_roi,
-    nsd_fetch_stimuli_rows,
-    nsd_manifest,
-
-
 rule nsd_synthetic_stimuli:
     """The synthetic NSD's stimuli, design and stimulus info (no model needed: a model may be trained on them)."""
     input:
@@ -65,6 +58,7 @@ rule nsd_fetch:
         "logs/nsd/fetch/{key}.log",
     wildcard_constraints:
         key=r"nsddata(_betas|_stimuli)?/.+",
+    localrule: True
     conda:
         "../../envs/braid.yaml"
     params:
@@ -87,6 +81,7 @@ rule nsd_fetch_betas_roi:
         "logs/nsd/fetch_roi/{path}.log",
     wildcard_constraints:
         path=r"ppdata/subj0[1-8]/.+\.hdf5",
+    localrule: True
     conda:
         "../../envs/braid.yaml"
     params:
@@ -108,6 +103,7 @@ rule nsd_fetch_stimuli_rows:
         manifest=f"resources/nsd_roi/{{subject}}/{braid.nsd.STIMULI}.manifest.json",
     log:
         "logs/nsd/{subject}/fetch_stimuli_rows.log",
+    localrule: True
     conda:
         "../../envs/braid.yaml"
     params:
@@ -126,6 +122,7 @@ rule nsd_manifest:
         "results/{subject}/fetch_manifest.csv",
     log:
         "logs/{subject}/fetch_manifest.log",
+    localrule: True
     conda:
         "../../envs/braid.yaml"
     script:
