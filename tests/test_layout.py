@@ -196,6 +196,24 @@ def test_conda_env_lists_the_package_dependencies():
     assert sorted(deps_spec for deps_spec in deps if not deps_spec.startswith("snakemake")) == sorted(pip)
 
 
+def test_the_lock_file_pins_every_dependency_within_its_range():
+    """envs/requirements.lock.txt (what the tests passed with) satisfies pyproject.toml's ranges."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    lock = {}
+    for line in (REPO / "envs" / "requirements.lock.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            lock[canonicalize_name(name)] = version
+    for spec in [*project["dependencies"], *project["optional-dependencies"]["test"]]:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        assert name in lock, f"{req.name} is not pinned in envs/requirements.lock.txt"
+        assert req.specifier.contains(lock[name], prereleases=True), (spec, lock[name])
+
+
 def test_every_rule_logs_and_names_its_env():
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):
         text = smk.read_text()
