@@ -73,7 +73,8 @@ def test_the_trained_pipeline_loads_like_ssd1b_and_has_learned_the_stimuli(train
     torch.manual_seed(0)
     untrained = AutoencoderKL(**TINY_VAE_CONFIG).eval()  # the same initial weights (seed 0)
     learned, chance = _vae_psnr(pipe.vae, images), _vae_psnr(untrained, images)
-    assert learned > chance + 2.5, (learned, chance)  # dB, after a short recipe
+    # measured 14.4 vs 11.0 dB; untrained weights are the same initialisation, so no learning gives +0
+    assert learned > chance + 1.5, (learned, chance)  # dB, after a short recipe
     assert manifest["vae_psnr_db"] == pytest.approx(learned, abs=0.3)  # the manifest reports what it measured
     # the scaled latent means have unit variance over the stimuli (SDXL's scale, rescaled VAE)
     x = torch.from_numpy(images[:, ::13, ::13][:, :32, :32].copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -110,7 +111,7 @@ def test_the_trained_unet_predicts_the_noise_better_than_untrained(trained):
             pred = unet(xt, t, encoder_hidden_states=embeds.expand(len(z0), -1, -1),
                         added_cond_kwargs={k: v.expand(len(z0), -1) for k, v in added.items()}).sample
         errors[name] = float(((pred - noise) ** 2).mean())
-    assert errors["trained"] < 0.8 * errors["untrained"] and errors["trained"] < 0.9, errors
+    assert errors["trained"] < 0.5 * errors["untrained"] and errors["trained"] < 0.6, errors  # measured 0.18 vs 1.19
 
 
 def test_the_same_seed_gives_the_same_model_and_bad_stimuli_are_named(trained, tmp_path):
