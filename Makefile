@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/snakemake --profile profiles/local --cores $(CORES)
 	@echo
-	@echo "BRAID demo finished: metrics in results/summary.csv, figures in results/summary.png and"
-	@echo "results/<subject>/<encoder>/{loss.png,strength-*/grid.png}, reconstructions in"
-	@echo "results/<subject>/<encoder>/strength-*/images/, logs in logs/."
+	@echo "BRAID demo finished: metrics in results/summary.csv and summary.html, figures in results/summary.png,"
+	@echo "results/<subject>/grid-strength-*.png (look here first) and frontier.png, results/<subject>/<encoder>/loss.png;"
+	@echo "reconstructions in results/<subject>/<source>/{decode,strength-*/seed-*}/images/, logs in logs/."
+	@echo "make report writes report.html, the page to open first."
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
