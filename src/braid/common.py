@@ -141,6 +141,7 @@ def snakemake_job(smk, offline: bool = True) -> Iterator[None]:
 
     logfile = smk.log[0] if len(smk.log) else None
     setup_logging(logfile)
+    use_threads(int(getattr(smk, "threads", 1) or 1))
     log.info("==== rule %s, attempt %s, on %s (pid %d): wildcards %s", smk.rule, getattr(smk, "attempt", 1),
              socket.gethostname(), os.getpid(), dict(smk.wildcards.items()))
     try:
@@ -151,6 +152,15 @@ def snakemake_job(smk, offline: bool = True) -> Iterator[None]:
     except Exception:
         log.exception("rule %s failed", smk.rule)
         raise
+
+
+def use_threads(n: int) -> None:
+    """Tell torch (and OpenMP/BLAS libraries loaded later) to use the job's ``threads``: on a
+    SLURM node that is --cpus-per-task; torch would otherwise start one thread per core it sees."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
 
 
 def resolve_device(name: str = "auto") -> str:

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 BUCKET = "natural-scenes-dataset"
 PART_SIZE = 16 * 2**20  # ranged parts of whole-object downloads
 TRIALS_PER_SESSION = 750
+# nsdgeneral > 0 at 1.8 mm (the MindEye/MedARC counts): sizes jobs before the ROI files are fetched
+NSDGENERAL_VOXELS = {1: 15724, 2: 14278, 3: 15226, 4: 13153, 5: 13039, 6: 17907, 7: 12682, 8: 14386}
 SESSIONS = {1: 40, 2: 40, 3: 32, 4: 30, 5: 40, 6: 32, 7: 40, 8: 30}
 
 EXPDESIGN = "nsddata/experiments/nsd/nsd_expdesign.mat"

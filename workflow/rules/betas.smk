@@ -14,6 +14,10 @@ rule betas_mask:
         "logs/{subject}/betas.log",
     conda:
         "../../envs/braid.yaml"
+    threads: 2
+    resources:
+        mem_mb=mem_betas_mask,
+        runtime=120,
     params:
         sessions=lambda wc: as_json(get_session_files(wc)),
         rois=lambda wc: as_json(get_roi_files(wc)),

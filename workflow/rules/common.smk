@@ -22,6 +22,7 @@ import braid.config
 import braid.encoder
 import braid.metric_networks
 import braid.nsd
+import braid.resources
 import braid.synthetic
 from braid.common import BraidError, subject_label, subject_number
 
@@ -43,6 +44,12 @@ try:
     braid.config.validate_sweep(config, load_configfile(str(BRAID_ROOT / "config" / "schema.yaml")))
 except BraidError as err:
     raise WorkflowError(str(err))
+
+
+# the image every job runs in under --sdm apptainer (envs/braid.def); none by default
+if config["container"]:
+
+    container: config["container"]
 
 
 wildcard_constraints:
@@ -216,3 +223,96 @@ def get_final_outputs():
         *expand("results/{subject}/frontier.png", subject=SUBJECTS),
         *expand("results/{subject}/grid-strength-{strength}.png", subject=SUBJECTS, strength=STRENGTHS),
     ]
+
+
+# Resources: threads, mem_mb and runtime per rule, sized from what the job will hold
+# (braid.resources); `gpu` for the rules that use a GPU (none when config device is "cpu").
+# A profile's set-threads / set-resources override them; on SLURM, threads become
+# --cpus-per-task, mem_mb --mem, runtime (minutes) -t and gpu --gpus. Memory is measured from the
+# inputs when the job is scheduled (they exist by then) and estimated from the config before
+# (what a dry run shows). Each retry asks for `attempt` times the memory.
+GPU = 0 if config["device"] == "cpu" else 1
+LATENT_DIM = 4 * (config["model"]["image_size"] // 8) ** 2
+if NSD["source"] == "synthetic":
+    TRIALS_PER_SESSION = config["synthetic"]["trials_per_session"]
+    _volume = config["synthetic"]["volume"]
+    VOXELS_ESTIMATE = {
+        s: round(_volume[0] * _volume[1] * _volume[2] * config["synthetic"]["roi_fraction"]) for s in range(1, 9)
+    }
+else:
+    TRIALS_PER_SESSION = braid.nsd.TRIALS_PER_SESSION
+    VOXELS_ESTIMATE = braid.nsd.NSDGENERAL_VOXELS
+# weights a job loads (whole pipeline "", or its VAE), until the model is on disk (then measured):
+# the tiny models are a few MB; SSD-1B's fp16 files are about 4.5 GB, SDXL's VAE 0.2-0.35 GB
+if config["model"]["source"] in ("tiny", "tiny-trained"):
+    MODEL_BYTES_ESTIMATE = {"": 200 * 2**20, "vae": 200 * 2**20}
+else:
+    MODEL_BYTES_ESTIMATE = {"": 5 * 2**30, "vae": 400 * 2**20}
+METRIC_BYTES_ESTIMATE = 2 * 2**30
+
+
+def mem_betas_mask(wildcards, attempt):
+    sessions = get_session_files(wildcards)
+    voxels = (
+        braid.resources.roi_voxels(get_roi_files(wildcards), config["roi"])
+        or VOXELS_ESTIMATE[subject_number(wildcards.subject)]
+    )
+    trials = braid.resources.session_trials(next(iter(sessions.values()))) or TRIALS_PER_SESSION
+    average = config["betas"]["trials"] != "single"
+    return braid.resources.betas_mask_mb(len(sessions), trials, voxels, average) * attempt
+
+
+def mem_encoder_train(wildcards, attempt):
+    shape = braid.resources.zarr_shape(f"results/{wildcards.subject}/betas.zarr/betas")
+    trials, voxels = shape or (
+        len(config["sessions"]) * TRIALS_PER_SESSION,
+        VOXELS_ESTIMATE[subject_number(wildcards.subject)],
+    )
+    sp = encoder_spec(wildcards.encoder)
+    n_in = min(sp["k"], voxels) if sp["voxels"] != "all" and sp["k"] else voxels
+    if sp["kind"] in ("ridge", "lowrank"):
+        return braid.resources.ridge_path_mb(trials, n_in, LATENT_DIM) * attempt
+    n_params = braid.resources.encoder_parameters(braid.encoder.architecture(sp), n_in, LATENT_DIM)
+    return braid.resources.encoder_train_mb(trials, voxels, LATENT_DIM, n_params) * attempt
+
+
+def model_bytes(subfolder=""):
+    found = braid.resources.weights_bytes(Path(MODEL_DIR) / subfolder, config["model"]["variant"])
+    return MODEL_BYTES_ESTIMATE[subfolder] if found is None else found
+
+
+def mem_model_job(subfolder="", batch=1):
+    """mem_mb of a job that loads the model (or its `subfolder`) and holds `batch` images."""
+
+    def mem(wildcards, attempt):
+        return braid.resources.model_job_mb(model_bytes(subfolder), batch, config["model"]["image_size"]) * attempt
+
+    return mem
+
+
+def mem_metrics(wildcards, attempt):
+    """The metric networks' weights, and a batch of 512-pixel images for them."""
+    found = [braid.resources.weights_bytes(path) for path in METRIC_WEIGHTS.values()]
+    weights = METRIC_BYTES_ESTIMATE if None in found else sum(found)
+    return braid.resources.model_job_mb(weights, config["evaluate"]["batch_size"], 512) * attempt
+
+
+def start_slurm_checks():
+    """Under the SLURM executor: refuse jobs that no node can run, before submitting any, and
+    watch this run's pending jobs for ones SLURM will never start (braid.slurm)."""
+    if getattr(workflow.executor_plugin, "name", None) != "slurm":
+        return
+    import braid.slurm
+
+    try:
+        partitions = braid.slurm.cluster_partitions()
+        jobs = [job for job in workflow.dag.needrun_jobs() if not job.is_local]
+        # memory sized from inputs not yet written is an estimate: SLURM judges it at submission
+        braid.slurm.preflight(jobs, partitions, check_memory=lambda job: all(Path(f).exists() for f in job.input))
+    except BraidError as err:
+        raise WorkflowError(str(err))
+    braid.slurm.Watchdog(Path.cwd(), report=logger.error).start()
+
+
+onstart:
+    start_slurm_checks()

@@ -28,6 +28,11 @@ rule encoder_train:
         encoder=r"(?!(?:true-latent|mean-latent)/)[A-Za-z0-9_-]+",
     conda:
         "../../envs/braid.yaml"
+    threads: 8
+    resources:
+        mem_mb=mem_encoder_train,
+        runtime=720,
+        gpu=GPU,
     params:
         spec=lambda wc: as_json(encoder_spec(wc.encoder)),
     script:

@@ -34,6 +34,11 @@ rule evaluate_stimuli:
         "logs/{subject}/stimulus_features.log",
     conda:
         "../../envs/braid.yaml"
+    threads: 4
+    resources:
+        mem_mb=mem_metrics,
+        runtime=120,
+        gpu=GPU,
     script:
         "../../scripts/evaluate_stimuli.py"
 
@@ -56,6 +61,11 @@ rule evaluate_images:
         run=r"decode|strength-[0-9.]+/seed-[0-9]+",
     conda:
         "../../envs/braid.yaml"
+    threads: 4
+    resources:
+        mem_mb=mem_metrics,
+        runtime=120,
+        gpu=GPU,
     params:
         retrieval=as_json(
             {"pool": config["evaluate"]["retrieval_pool"], "draws": config["evaluate"]["retrieval_draws"]}

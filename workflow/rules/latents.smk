@@ -15,6 +15,11 @@ rule latents_encode:
         "logs/{subject}/latents_encode.log",
     conda:
         "../../envs/braid.yaml"
+    threads: 8
+    resources:
+        mem_mb=mem_model_job("vae", config["model"]["latent_batch_size"]),
+        runtime=240,
+        gpu=GPU,
     params:
         store=LATENT_STORE,
         identity=as_json(LATENT_IDENTITY),

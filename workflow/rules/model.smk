@@ -18,7 +18,10 @@ if config["model"]["source"] == "tiny-trained":
             "logs/model/train.log",
         conda:
             "../../envs/braid.yaml"
-        threads: 2
+        threads: 4
+        resources:
+            mem_mb=4096,
+            runtime=30,
         params:
             image_size=config["model"]["image_size"],
             recipe=as_json(braid.config.training_recipe(config["model"])),

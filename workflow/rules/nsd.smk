@@ -39,6 +39,9 @@ rule nsd_synthetic:
         "logs/nsd/synthetic.log",
     conda:
         "../../envs/braid.yaml"
+    resources:
+        mem_mb=mem_model_job("vae", config["model"]["latent_batch_size"]),
+        runtime=30,
     params:
         cfg=as_json(config["synthetic"]),
         image_size=config["model"]["image_size"],

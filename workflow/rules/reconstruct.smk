@@ -14,6 +14,11 @@ rule reconstruct_decode:
         "logs/{subject}/{encoder}/decode/reconstruct.log",
     conda:
         "../../envs/braid.yaml"
+    threads: 4
+    resources:
+        mem_mb=mem_model_job("vae", config["reconstruct"]["batch_size"]),
+        runtime=60,
+        gpu=GPU,
     params:
         settings=as_json({"dtype": config["reconstruct"]["dtype"], "variant": config["model"]["variant"]}),
     script:
@@ -31,6 +36,11 @@ rule reconstruct_img2img:
         "logs/{subject}/{encoder}/strength-{strength}/seed-{seed}/reconstruct.log",
     conda:
         "../../envs/braid.yaml"
+    threads: 8
+    resources:
+        mem_mb=mem_model_job("", config["reconstruct"]["batch_size"]),
+        runtime=480,
+        gpu=GPU,
     params:
         settings=as_json(
             without(config["reconstruct"], "strengths", "seeds", "batch_size")
