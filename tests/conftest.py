@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import socket
+import subprocess
 
 import pytest
 
@@ -168,3 +171,22 @@ def fault_proxy(s3_server):
         yield proxy
     finally:
         proxy.close()
+
+
+@pytest.fixture()
+def slurm_cluster():
+    """A SLURM cluster answering on this machine (.ci/slurm_up.sh starts one). Where none runs the
+    test is skipped, except in CI (BRAID_REQUIRE_SLURM=1, set by .ci/run), where it fails with why."""
+    why = None
+    if not shutil.which("sinfo"):
+        why = "no sinfo on PATH"
+    else:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+        if proc.returncode != 0 or not proc.stdout.strip():
+            why = f"sinfo failed: {proc.stderr.strip() or 'no nodes'}"
+    if why is None:
+        return
+    if os.environ.get("BRAID_REQUIRE_SLURM") == "1":
+        pytest.fail(f"SLURM is required here (BRAID_REQUIRE_SLURM=1) but not usable: {why}; "
+                    "run .ci/slurm_up.sh as root and see /var/log/slurm/")
+    pytest.skip(f"no SLURM here ({why}); .ci/slurm_up.sh (as root) sets one up")

@@ -421,3 +421,105 @@ def test_a_local_model_folder_is_used_as_is(run, tmp_path):
     rules = planned_rules(plan)
     assert not {"model_fetch", "model_train"} & rules and "latents_encode" in rules  # another identity: another cache
     assert str(folder) in plan.stdout  # the folder is an input of the jobs that load the model
+
+
+# ---- on a real SLURM (.ci/slurm_up.sh), through profiles/slurm ---------------------------------
+
+SLURM_SMALL = REPO / "tests" / "data" / "slurm_small.yaml"
+GPU_RULES = {"latents_encode", "encoder_train", "reconstruct_decode", "reconstruct_img2img", "evaluate_stimuli",
+             "evaluate_images"}
+
+
+def with_fetched(run: Path, work: Path) -> Path:
+    """A working directory holding what `run` fetched and built under resources/ (data, model,
+    metric weights), with Snakemake's records of it: only the results are left to compute."""
+    for part in ("resources", ".snakemake/metadata"):
+        shutil.copytree(run / part, work / part)
+    return work
+
+
+def slurm_jobs(run_id: str) -> list[dict]:
+    """SLURM's records of the jobs of one Snakemake run (its run id is every job's name)."""
+    fields = ["JobID", "Comment", "State", "Partition", "tres-per-job", "NumCPUs"]
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-n", run_id, "-O", ",".join(f"{f}:|" for f in fields)],
+                         capture_output=True, text=True, check=True).stdout
+    return [dict(zip(fields, (v.strip() for v in line.split("|")))) for line in out.splitlines() if line.strip()]
+
+
+def test_the_slurm_profile_runs_the_workflow_through_sbatch(run, tmp_path, slurm_cluster):
+    """profiles/slurm unchanged (partitions cpu and gpu, squeue status) on a real single-node
+    SLURM without accounting: every compute job goes through sbatch, the GPU rules ask for a GPU
+    in the gpu partition, and the results equal a local run's."""
+    threads = str(min(2, os.cpu_count() or 1))  # the same thread counts in both runs
+    local = with_fetched(run, tmp_path / "local")
+    cluster = with_fetched(run, tmp_path / "cluster")
+    snakemake(local, "--cores", threads, "--configfile", str(SLURM_SMALL))
+    proc = snakemake(cluster, "--profile", str(REPO / "profiles" / "slurm"), "--configfile", str(SLURM_SMALL),
+                     "--max-threads", threads)
+    run_id = re.search(r"SLURM run ID: (\S+)", proc.stdout + proc.stderr).group(1)
+    jobs = slurm_jobs(run_id)
+    rules = {re.match(r"rule_(.+?)_wildcards_", j["Comment"]).group(1) for j in jobs}
+    assert rules == GPU_RULES | {"betas_mask", "latents_statistics", "encoder_reference", "encoder_frontier",
+                                 "evaluate_grid", "evaluate_oracle", "evaluate_summary"}
+    assert all(j["State"] == "COMPLETED" for j in jobs), jobs
+    for job in jobs:
+        gpu_rule = any(job["Comment"].startswith(f"rule_{r}_wildcards_") for r in GPU_RULES)
+        assert (job["Partition"], "gpu:1" in job["tres-per-job"]) == (("gpu", True) if gpu_rule else ("cpu", False)), job
+    assert (cluster / "results" / "summary.csv").read_bytes() == (local / "results" / "summary.csv").read_bytes()
+
+
+def test_a_job_no_node_can_run_stops_the_run_before_submission(run, tmp_path, slurm_cluster):
+    """profiles/slurm with two impossible requests added (a test profile beside it): the run
+    stops before submitting anything, naming each rule and resource."""
+    from braid.slurm import cluster_partitions
+
+    node = cluster_partitions()["gpu"]
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    profile["set-threads"] = {"encoder_train": node.cpus + 1}
+    profile["set-resources"]["betas_mask"] = {"mem_mb": node.mem_mb * 2}
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
+    work = with_fetched(run, tmp_path / "w")
+    proc = snakemake(work, "--profile", str(tmp_path / "profile"), "--configfile", str(SLURM_SMALL), check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"rule encoder_train: asks for {node.cpus + 1} CPUs (threads / cpus_per_task), but the largest node of " \
+           f"partition 'gpu' has {node.cpus} CPUs" in text
+    assert f"rule betas_mask: asks for {node.mem_mb * 2} MB (mem_mb), but the largest node of partition 'cpu'" in text
+    assert "SLURM jobid" not in text  # nothing was submitted
+    assert not (work / "results").exists()
+
+
+def declared_resources(proc: subprocess.CompletedProcess) -> dict[str, dict]:
+    """rule -> {threads, and each resource}, from a dry run's job blocks (first job of each rule)."""
+    found: dict[str, dict] = {}
+    for block in re.split(r"\n(?=\[.*\]\n)|\n\n", proc.stdout + proc.stderr):
+        m = re.search(r"^(?:localrule|rule) (\w+):", block, re.M)
+        if not m or m.group(1) in found:
+            continue
+        entry = {"threads": 1}
+        t = re.search(r"^\s+threads: (\d+)", block, re.M)
+        if t:
+            entry["threads"] = int(t.group(1))
+        r = re.search(r"^\s+resources: (.*)$", block, re.M)
+        if r:
+            entry.update(kv.split("=", 1) for kv in r.group(1).split(", "))
+        found[m.group(1)] = entry
+    return found
+
+
+def test_rules_declare_threads_memory_and_a_gpu_for_the_gpu_rules(tmp_path):
+    rules = declared_resources(snakemake(tmp_path, "-n", "--cores", "64"))
+    for rule in GPU_RULES:
+        assert rules[rule]["gpu"] == "1", (rule, rules[rule])
+        assert rules[rule]["threads"] >= 4 and int(rules[rule]["mem_mb"]) >= 1024 and int(rules[rule]["runtime"]) > 0
+    for rule, entry in rules.items():
+        if rule not in GPU_RULES:
+            assert "gpu" not in entry, (rule, entry)
+    assert rules["betas_mask"]["threads"] == 2 and int(rules["betas_mask"]["mem_mb"]) >= 1024
+    # device: cpu asks for no GPU anywhere
+    rules = declared_resources(snakemake(tmp_path, "-n", "--cores", "64", "--config", "device=cpu"))
+    assert {entry.get("gpu", "0") for entry in rules.values()} == {"0"}
+    # --max-threads caps every rule, as it does on a cluster
+    rules = declared_resources(snakemake(tmp_path, "-n", "--cores", "64", "--max-threads", "2"))
+    assert max(entry["threads"] for entry in rules.values()) == 2
