@@ -187,13 +187,24 @@ def test_every_rule_that_runs_library_code_lists_it_as_input():
     assert len(seen) >= 20 and downloads <= seen
 
 
-def test_conda_env_lists_the_package_dependencies():
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+def test_conda_env_pins_each_package_dependency_at_the_locked_version():
+    """envs/braid.yaml (--sdm conda): every dependency of pyproject.toml but snakemake, each at
+    the version of envs/requirements.lock.txt, which lies in pyproject.toml's range."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    deps = {canonicalize_name(Requirement(d).name): Requirement(d)
+            for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
     env = yaml.safe_load((REPO / "envs" / "braid.yaml").read_text())
-    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    names = lambda specs: {re.split(r"[<>=\[ ]", s)[0].lower() for s in specs}  # noqa: E731
-    assert names(deps) - {"snakemake"} == names(pip)
-    assert sorted(deps_spec for deps_spec in deps if not deps_spec.startswith("snakemake")) == sorted(pip)
+    pip = [Requirement(d) for d in next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))]
+    lock = dict(line.split("==") for line in (REPO / "envs" / "requirements.lock.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    lock = {canonicalize_name(k): v for k, v in lock.items()}
+    assert {canonicalize_name(r.name) for r in pip} == set(deps) - {"snakemake"}
+    for req in pip:
+        name = canonicalize_name(req.name)
+        assert str(req.specifier) == f"=={lock[name]}", (str(req), lock[name])
+        assert deps[name].specifier.contains(lock[name], prereleases=True), (str(deps[name]), lock[name])
 
 
 def test_the_lock_file_pins_every_dependency_within_its_range():
