@@ -184,6 +184,21 @@ def test_frontier_scores_every_encoder_and_each_beats_the_mean_predictor(run):
     assert (run / "results" / "subj01" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_every_job_leaves_its_wall_time_and_peak_memory(run):
+    """Snakemake's benchmark record per job (logs/benchmark/<rule>/...), gathered per rule by braid.jobstats."""
+    from braid import jobstats
+
+    table = jobstats.by_rule(jobstats.jobs(run)).set_index("rule")
+    for rule in ("betas_mask", "latents_encode", "encoder_train", "reconstruct_img2img", "evaluate_images",
+                 "model_train", "nsd_fetch_betas_roi", "evaluate_summary"):
+        assert table.loc[rule, "jobs"] >= 1 and table.loc[rule, "total_s"] > 0, rule
+    # a job that loads torch and a model holds well over 100 MB; the records are of the job, not of snakemake
+    assert table.loc["encoder_train", "max_rss_mb"] > 100
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    runs = 1 + len(config["reconstruct"]["strengths"]) * len(config["reconstruct"]["seeds"])
+    assert table.loc["evaluate_images", "jobs"] == runs * (len(config["encoders"]) + 2) * len(config["subjects"])
+
+
 def test_second_run_has_nothing_to_do(run):
     proc = snakemake(run, "-n")
     assert planned_rules(proc) == set(), proc.stdout[-3000:]
@@ -458,7 +473,7 @@ def test_the_slurm_profile_runs_the_workflow_through_sbatch(run, tmp_path, slurm
                      "--max-threads", threads)
     run_id = re.search(r"SLURM run ID: (\S+)", proc.stdout + proc.stderr).group(1)
     jobs = slurm_jobs(run_id)
-    rules = {re.match(r"rule_(.+?)_wildcards_", j["Comment"]).group(1) for j in jobs}
+    rules = {re.match(r"rule_(.+?)(?:_wildcards_|$)", j["Comment"]).group(1) for j in jobs}  # summary: no wildcards
     assert rules == GPU_RULES | {"betas_mask", "latents_statistics", "encoder_reference", "encoder_frontier",
                                  "evaluate_grid", "evaluate_oracle", "evaluate_summary"}
     assert all(j["State"] == "COMPLETED" for j in jobs), jobs
