@@ -12,6 +12,8 @@ rule betas_mask:
         trials="results/{subject}/trials.parquet",
     log:
         "logs/{subject}/betas.log",
+    benchmark:
+        "logs/benchmark/betas_mask/{subject}/betas.tsv"
     conda:
         "../../envs/braid.yaml"
     threads: 2

@@ -23,6 +23,8 @@ rule encoder_train:
         predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
     log:
         "logs/{subject}/{encoder}/train.log",
+    benchmark:
+        "logs/benchmark/encoder_train/{subject}/{encoder}/train.tsv"
     wildcard_constraints:
         # a reference row's predictions share an encoder's path; encoder_reference makes them
         encoder=r"(?!(?:true-latent|mean-latent)/)[A-Za-z0-9_-]+",
@@ -54,6 +56,8 @@ rule encoder_frontier:
         ),
     log:
         "logs/{subject}/frontier.log",
+    benchmark:
+        "logs/benchmark/encoder_frontier/{subject}/frontier.tsv"
     conda:
         "../../envs/braid.yaml"
     params:
@@ -74,6 +78,8 @@ rule encoder_reference:
         predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
     log:
         "logs/{subject}/{encoder}/reference.log",
+    benchmark:
+        "logs/benchmark/encoder_reference/{subject}/{encoder}/reference.tsv"
     wildcard_constraints:
         encoder="|".join(braid.encoder.REFERENCES),
     conda:

@@ -11,6 +11,8 @@ rule metrics_fetch:
         directory("resources/metric_weights/{weights}/{network}"),
     log:
         "logs/metric_weights/{weights}/{network}.log",
+    benchmark:
+        "logs/benchmark/metrics_fetch/metric_weights/{weights}/{network}.tsv"
     wildcard_constraints:
         weights=r"pretrained|random-seed[0-9]+",
         network="|".join(braid.metric_networks.NETWORKS),
@@ -32,6 +34,8 @@ rule evaluate_stimuli:
         zarr_store("results/{subject}/stimulus_features.zarr"),
     log:
         "logs/{subject}/stimulus_features.log",
+    benchmark:
+        "logs/benchmark/evaluate_stimuli/{subject}/stimulus_features.tsv"
     conda:
         "../../envs/braid.yaml"
     threads: 4
@@ -57,6 +61,8 @@ rule evaluate_images:
         "results/{subject}/{encoder}/{run}/image_metrics.parquet",
     log:
         "logs/{subject}/{encoder}/{run}/evaluate.log",
+    benchmark:
+        "logs/benchmark/evaluate_images/{subject}/{encoder}/{run}/evaluate.tsv"
     wildcard_constraints:
         run=r"decode|strength-[0-9.]+/seed-[0-9]+",
     conda:
@@ -91,6 +97,8 @@ rule evaluate_grid:
         ),
     log:
         "logs/{subject}/grid-strength-{strength}.log",
+    benchmark:
+        "logs/benchmark/evaluate_grid/{subject}/grid-strength-{strength}.tsv"
     conda:
         "../../envs/braid.yaml"
     params:
@@ -113,6 +121,8 @@ rule evaluate_oracle:
         "results/{subject}/oracle_metrics.csv",
     log:
         "logs/{subject}/oracle.log",
+    benchmark:
+        "logs/benchmark/evaluate_oracle/{subject}/oracle.tsv"
     conda:
         "../../envs/braid.yaml"
     params:
@@ -137,6 +147,8 @@ rule evaluate_summary:
         frontier="results/frontier_metrics.csv",
     log:
         "logs/summary.log",
+    benchmark:
+        "logs/benchmark/evaluate_summary/summary.tsv"
     conda:
         "../../envs/braid.yaml"
     script:

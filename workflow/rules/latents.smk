@@ -13,6 +13,8 @@ rule latents_encode:
         "results/{subject}/latents.json",
     log:
         "logs/{subject}/latents_encode.log",
+    benchmark:
+        "logs/benchmark/latents_encode/{subject}/latents_encode.tsv"
     conda:
         "../../envs/braid.yaml"
     threads: 8
@@ -46,6 +48,8 @@ rule latents_statistics:
         ),
     log:
         "logs/{subject}/latents_statistics.log",
+    benchmark:
+        "logs/benchmark/latents_statistics/{subject}/latents_statistics.tsv"
     conda:
         "../../envs/braid.yaml"
     script:

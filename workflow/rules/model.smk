@@ -16,6 +16,8 @@ if config["model"]["source"] == "tiny-trained":
             directory(MODEL_DIR),
         log:
             "logs/model/train.log",
+        benchmark:
+            "logs/benchmark/model_train/model/train.tsv"
         conda:
             "../../envs/braid.yaml"
         threads: 4
@@ -36,6 +38,8 @@ elif not MODEL_IS_LOCAL:
             directory(MODEL_DIR),
         log:
             "logs/model/fetch.log",
+        benchmark:
+            "logs/benchmark/model_fetch/model/fetch.tsv"
         localrule: True
         conda:
             "../../envs/braid.yaml"

@@ -13,6 +13,8 @@ rule nsd_synthetic_stimuli:
         [f"{SYNTHETIC_ROOT}/{key}" for key in braid.synthetic.STIMULUS_KEYS],
     log:
         "logs/nsd/synthetic_stimuli.log",
+    benchmark:
+        "logs/benchmark/nsd_synthetic_stimuli/nsd/synthetic_stimuli.tsv"
     conda:
         "../../envs/braid.yaml"
     params:
@@ -37,6 +39,8 @@ rule nsd_synthetic:
         oracle=[f"{SYNTHETIC_ROOT}/{braid.synthetic.oracle_key(s)}" for s in config["synthetic"]["subjects"]],
     log:
         "logs/nsd/synthetic.log",
+    benchmark:
+        "logs/benchmark/nsd_synthetic/nsd/synthetic.tsv"
     conda:
         "../../envs/braid.yaml"
     resources:
@@ -59,6 +63,8 @@ rule nsd_fetch:
         "resources/nsd/{key}",
     log:
         "logs/nsd/fetch/{key}.log",
+    benchmark:
+        "logs/benchmark/nsd_fetch/nsd/fetch/{key}.tsv"
     wildcard_constraints:
         key=r"nsddata(_betas|_stimuli)?/.+",
     localrule: True
@@ -82,6 +88,8 @@ rule nsd_fetch_betas_roi:
         manifest="resources/nsd_roi/nsddata_betas/{path}.manifest.json",
     log:
         "logs/nsd/fetch_roi/{path}.log",
+    benchmark:
+        "logs/benchmark/nsd_fetch_betas_roi/nsd/fetch_roi/{path}.tsv"
     wildcard_constraints:
         path=r"ppdata/subj0[1-8]/.+\.hdf5",
     localrule: True
@@ -106,6 +114,8 @@ rule nsd_fetch_stimuli_rows:
         manifest=f"resources/nsd_roi/{{subject}}/{braid.nsd.STIMULI}.manifest.json",
     log:
         "logs/nsd/{subject}/fetch_stimuli_rows.log",
+    benchmark:
+        "logs/benchmark/nsd_fetch_stimuli_rows/nsd/{subject}/fetch_stimuli_rows.tsv"
     localrule: True
     conda:
         "../../envs/braid.yaml"
@@ -125,6 +135,8 @@ rule nsd_manifest:
         "results/{subject}/fetch_manifest.csv",
     log:
         "logs/{subject}/fetch_manifest.log",
+    benchmark:
+        "logs/benchmark/nsd_manifest/{subject}/fetch_manifest.tsv"
     localrule: True
     conda:
         "../../envs/braid.yaml"

@@ -12,6 +12,8 @@ rule reconstruct_decode:
         directory("results/{subject}/{encoder}/decode/images"),
     log:
         "logs/{subject}/{encoder}/decode/reconstruct.log",
+    benchmark:
+        "logs/benchmark/reconstruct_decode/{subject}/{encoder}/decode/reconstruct.tsv"
     conda:
         "../../envs/braid.yaml"
     threads: 4
@@ -34,6 +36,8 @@ rule reconstruct_img2img:
         directory("results/{subject}/{encoder}/strength-{strength}/seed-{seed}/images"),
     log:
         "logs/{subject}/{encoder}/strength-{strength}/seed-{seed}/reconstruct.log",
+    benchmark:
+        "logs/benchmark/reconstruct_img2img/{subject}/{encoder}/strength-{strength}/seed-{seed}/reconstruct.tsv"
     conda:
         "../../envs/braid.yaml"
     threads: 8
