@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 BUCKET = "natural-scenes-dataset"
 PART_SIZE = 16 * 2**20  # ranged parts of whole-object downloads
+PART_PARALLEL = 8  # parts in flight at once
+RANGE_PARALLEL = 64  # ranged GETs in flight at once for ROI-only / row-only fetches and their chunk index
+# (benchmarks/fetch_link.py: 64 beat 16, 32 and 128 over simulated 20 ms and 60 ms links)
+GAP_CHUNKS = 4  # ROI chunks fewer than this many chunks apart are fetched in one request
 TRIALS_PER_SESSION = 750
 # nsdgeneral > 0 at 1.8 mm (the MindEye/MedARC counts): sizes jobs before the ROI files are fetched
 NSDGENERAL_VOXELS = {1: 15724, 2: 14278, 3: 15226, 4: 13153, 5: 13039, 6: 17907, 7: 12682, 8: 14386}
@@ -224,6 +228,7 @@ def s3_client(endpoint_url: str | None = None, region: str = "us-east-2", anonym
         region_name=region,
         retries={"max_attempts": 8, "mode": "adaptive"},
         signature_version=UNSIGNED if anonymous else None,
+        max_pool_connections=max(RANGE_PARALLEL, PART_PARALLEL),  # one kept-alive connection per thread
     )
     session = boto3.Session(profile_name=profile) if profile and not anonymous else boto3.Session()
     return session.client("s3", endpoint_url=endpoint_url or None, config=cfg)
@@ -370,7 +375,7 @@ def _download_whole(src, key, dest, part_size, lengths) -> None:
         todo = download.todo()
         if len(todo) < n_parts:
             log.info("%s: resuming, %d of %d parts already here", key, n_parts - len(todo), n_parts)
-        with ThreadPoolExecutor(8) as pool, tqdm(total=src.size, initial=src.size - sum(lengths[i] for i in todo),
+        with ThreadPoolExecutor(PART_PARALLEL) as pool, tqdm(total=src.size, initial=src.size - sum(lengths[i] for i in todo),
                                                  unit="B", unit_scale=True, desc=key.rsplit("/", 1)[-1],
                                                  mininterval=2) as bar:
             def one(i):
@@ -573,7 +578,7 @@ def _fetch_sparse_locked(src, source, key, dest, name, locate, identity, what) -
         except Exception:  # noqa: BLE001 - an unreadable plan is made again
             plan = None
     if plan is None:
-        meta = HDF5Ranges(src.read)
+        meta = HDF5Ranges(src.read, parallel=RANGE_PARALLEL)
         check_not_truncated(meta.superblock, src.size, src.label, truncated_fix(source))
         ds = meta.dataset(name)
         if ds.filtered or ds.layout not in ("chunked", "contiguous"):
@@ -596,7 +601,7 @@ def _fetch_sparse_locked(src, source, key, dest, name, locate, identity, what) -
         todo = download.todo()
         if len(todo) < len(runs):
             log.info("%s: resuming, %d of %d runs already here", key, len(runs) - len(todo), len(runs))
-        with ThreadPoolExecutor(16) as pool, tqdm(total=sum(runs[k][1] for k in todo), unit="B", unit_scale=True,
+        with ThreadPoolExecutor(RANGE_PARALLEL) as pool, tqdm(total=sum(runs[k][1] for k in todo), unit="B", unit_scale=True,
                                                   desc=key.rsplit("/", 1)[-1], mininterval=2) as bar:
             def one(k):
                 data = src.read(runs[k][0], runs[k][1])
@@ -632,7 +637,7 @@ def _fetch_sparse_locked(src, source, key, dest, name, locate, identity, what) -
     return entry
 
 
-def fetch_betas_roi(source: str, key: str, dest, mask_zyx: np.ndarray, gap_chunks: int = 4, **s3) -> dict:
+def fetch_betas_roi(source: str, key: str, dest, mask_zyx: np.ndarray, gap_chunks: int | None = None, **s3) -> dict:
     """Fetch only the chunks of the ROI's voxels of one betas file into a sparse local HDF5.
 
     ``dest`` gets ``/betas`` with the source's shape, dtype and chunking, so that masking it
@@ -653,7 +658,7 @@ def fetch_betas_roi(source: str, key: str, dest, mask_zyx: np.ndarray, gap_chunk
         return coords, meta.chunk_addresses(ds, coords), ds.chunk_shape
 
     return _fetch_sparse(source, key, dest, "betas", locate, np.packbits(mask_zyx).tobytes() + str(mask_zyx.shape).encode(),
-                         gap_chunks, "roi", **s3)
+                         GAP_CHUNKS if gap_chunks is None else gap_chunks, "roi", **s3)
 
 
 def fetch_stimuli_rows(source: str, key: str, dest, nsd_ids: np.ndarray, **s3) -> dict:

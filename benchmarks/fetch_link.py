@@ -1,0 +1,139 @@
+"""Benchmark: ROI-only vs whole-object fetching of one real-size betas session over simulated links.
+
+    npm install --prefix /tmp/s3rver s3rver@3
+    .venv/bin/python benchmarks/fetch_link.py [--s3rver /tmp/s3rver/node_modules/.bin/s3rver] [--workdir DIR]
+
+A shaping proxy (benchmarks/shaping_proxy.py: latency added to every request, one shared
+bandwidth for all response bodies) sits between BRAID and an S3 server on loopback (s3rver,
+which serves byte ranges from disk; moto re-reads the whole object for every ranged GET). The
+object is a synthetic session of subj01's real size, (750, 83, 104, 81) int16 in NSD's
+(750, 1, 1, 1) chunks, and the ROI has 15,724 voxels (subj01's nsdgeneral count). For each link
+it times the whole-object fetch (the baseline: BRAID's ranged parallel parts, nsd.fetch) and the
+ROI-only fetch (nsd.fetch_betas_roi) with BRAID's settings, then the ROI-only fetch over a grid
+of concurrency x merge gap, and prints wall-time ratios whole / ROI-only (goal >= 5 on both
+links). It also measures the proxy's own ceiling without shaping: on a slow machine the proxy,
+not the simulated link, may limit the whole-object fetch, which flatters ROI-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from betas_masking import make_session, roi_mask_zyx  # noqa: E402
+from shaping_proxy import ShapingProxy  # noqa: E402
+
+from braid import nsd  # noqa: E402
+from braid.betas import read_session  # noqa: E402
+
+LINKS = [("20 ms, 100 MB/s", 0.020, 100e6), ("60 ms, 1 GB/s", 0.060, 1e9)]
+
+
+def start_s3rver(binary: str, root: Path) -> tuple[subprocess.Popen, str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--directory", str(root), "--address", "127.0.0.1", "--port", str(port),
+                             "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, endpoint
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{binary} did not start")
+
+
+def timed(fn, *args, **kw):
+    t = time.perf_counter()
+    out = fn(*args, **kw)
+    return time.perf_counter() - t, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--s3rver", default=shutil.which("s3rver") or "/tmp/s3rver/node_modules/.bin/s3rver")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--grid", action="store_true", help="also sweep concurrency x merge gap")
+    ap.add_argument("--parallel", type=int, nargs="+", default=[16, 32, 64, 128], help="concurrencies of the sweep")
+    ap.add_argument("--gaps", type=int, nargs="+", default=[0, 4, 16, 64, 128, 256, 512],
+                    help="merge gaps of the sweep, in chunks")
+    args = ap.parse_args()
+    import boto3
+
+    key = nsd.betas_key(1, 1)
+    mask = roi_mask_zyx()
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        (tmp / "s3").mkdir()
+        server, upstream = start_s3rver(args.s3rver, tmp / "s3")
+        try:
+            local = tmp / "source.hdf5"
+            make_session(local)
+            admin = boto3.client("s3", endpoint_url=upstream, region_name="us-east-2",
+                                 aws_access_key_id="S3RVER", aws_secret_access_key="S3RVER")
+            admin.create_bucket(Bucket=nsd.BUCKET)
+            admin.upload_file(str(local), nsd.BUCKET, key, ExtraArgs={"ACL": "public-read"})
+            local.unlink()
+            size = admin.head_object(Bucket=nsd.BUCKET, Key=key)["ContentLength"]
+            print(f"object {size / 1e9:.3f} GB; ROI {int(mask.sum())} voxels; "
+                  f"BRAID: {nsd.RANGE_PARALLEL} parallel ranges, merge gap {nsd.GAP_CHUNKS} chunks, "
+                  f"whole object in {nsd.PART_SIZE >> 20} MB parts x {nsd.PART_PARALLEL}")
+
+            proxy = ShapingProxy(upstream)
+            ceiling_s, _ = timed(nsd.fetch, f"s3://{nsd.BUCKET}", key, tmp / "w.hdf5", endpoint_url=proxy.endpoint)
+            proxy.close()
+            (tmp / "w.hdf5").unlink()
+            print(f"proxy ceiling, no shaping: whole object {ceiling_s:.2f} s = {size / ceiling_s / 1e6:.0f} MB/s")
+
+            results = []
+            for name, latency, bandwidth in LINKS:
+                proxy = ShapingProxy(upstream, latency, bandwidth)
+                s3 = {"endpoint_url": proxy.endpoint}
+                whole_s, _ = timed(nsd.fetch, f"s3://{nsd.BUCKET}", key, tmp / "whole.hdf5", **s3)
+                proxy.requests = 0
+                roi_s, entry = timed(nsd.fetch_betas_roi, f"s3://{nsd.BUCKET}", key, tmp / "roi.hdf5", mask, **s3)
+                same = np.array_equal(read_session(tmp / "roi.hdf5", mask), read_session(tmp / "whole.hdf5", mask))
+                ratio = whole_s / roi_s
+                results.append((name, ratio))
+                print(f"\n{name}: whole {whole_s:6.2f} s (baseline) | ROI-only {roi_s:5.2f} s, "
+                      f"{entry['requests']} requests, {(entry['bytes_metadata'] + entry['bytes_data']) / 1e6:.1f} MB "
+                      f"| whole / ROI-only = {ratio:.1f}x (goal >= 5) | ROI values identical: {same}")
+                (tmp / "roi.hdf5").unlink()
+                if args.grid:
+                    saved = nsd.RANGE_PARALLEL
+                    for parallel in args.parallel:
+                        nsd.RANGE_PARALLEL = parallel
+                        for gap in args.gaps:
+                            t, e = timed(nsd.fetch_betas_roi, f"s3://{nsd.BUCKET}", key, tmp / "roi.hdf5", mask,
+                                         gap_chunks=gap, **s3)
+                            (tmp / "roi.hdf5").unlink()
+                            print(f"   parallel {parallel:3d} gap {gap:3d}: {t:5.2f} s, {e['requests']:5d} requests, "
+                                  f"{(e['bytes_metadata'] + e['bytes_data']) / 1e6:6.1f} MB, whole / ROI = {whole_s / t:5.1f}x")
+                    nsd.RANGE_PARALLEL = saved
+                (tmp / "whole.hdf5").unlink()
+                proxy.close()
+            print("\nsummary (whole-object wall time / ROI-only wall time):")
+            for name, ratio in results:
+                print(f"  {name:18s} {ratio:5.1f}x  {'met' if ratio >= 5 else 'NOT met'} (goal >= 5)")
+        finally:
+            server.terminate()
+            server.wait()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    main()
