@@ -175,3 +175,22 @@ def zarr_betas(path):
     import zarr
 
     return np.asarray(zarr.open_group(path, mode="r")["betas"][:], np.float64)
+
+
+def test_a_design_longer_than_the_betas_written(synthetic_cfg):
+    """design_sessions: NSD's design spans 40 sessions while a rehearsal writes betas for a few;
+    the design keeps its length, each image at most three times, and only the written sessions' keys."""
+    import numpy as np
+
+    from braid import nsd
+    from braid.synthetic import keys, make_design
+
+    cfg = {**synthetic_cfg, "sessions": 1, "design_sessions": 3, "images_per_subject": 60}
+    design = make_design(cfg, np.random.default_rng(0))
+    order = design["masterordering"].ravel()
+    assert order.size == 3 * cfg["trials_per_session"]
+    assert np.bincount(order).max() <= 3 and order.min() >= 1 and order.max() <= 60
+    betas = [k for k in keys(cfg) if k.endswith(".hdf5") and "betas_session" in k]
+    assert betas == [nsd.betas_key(s, 1) for s in cfg["subjects"]]
+    assert make_design({**cfg, "design_sessions": None}, np.random.default_rng(0))["masterordering"].size == \
+        cfg["trials_per_session"]

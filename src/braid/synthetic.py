@@ -68,8 +68,8 @@ def oracle_key(subject: int) -> str:
 # what generate_stimuli writes (no model needed); the rest depends on the model's latents
 STIMULUS_KEYS = (nsd.EXPDESIGN, nsd.STIM_INFO, nsd.STIM_INFO_PKL, nsd.STIMULI)
 # the keys of the synthetic block that decide those files (a change of noise or volume leaves them be)
-STIMULUS_CONFIG_KEYS = ("extra_images", "images_per_subject", "seed", "sessions", "shared_images", "subjects",
-                        "trials_per_session")
+STIMULUS_CONFIG_KEYS = ("design_sessions", "extra_images", "images_per_subject", "seed", "sessions", "shared_images",
+                        "subjects", "trials_per_session")
 
 
 def stimulus_config(cfg: dict) -> dict:
@@ -130,7 +130,8 @@ def make_stimuli(n: int, rng: np.random.Generator) -> np.ndarray:
 def make_design(cfg: dict, rng: np.random.Generator) -> dict:
     """Image assignment and trial order, 1-based as NSD stores them."""
     subjects = sorted(cfg["subjects"])
-    n_trials = cfg["sessions"] * cfg["trials_per_session"]
+    # the design may be longer than the betas written (NSD's 40 sessions, betas for the first few)
+    n_trials = max(cfg.get("design_sessions") or 0, cfg["sessions"]) * cfg["trials_per_session"]
     per_subject = cfg["images_per_subject"]
     n_shared = cfg["shared_images"]
     if n_shared > per_subject:
