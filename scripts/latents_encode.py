@@ -10,8 +10,8 @@ from braid.nsd import ExpDesign
 with snakemake_job(snakemake):
     p = snakemake.params
     design = ExpDesign.load(snakemake.input.expdesign)
-    ids = design.subjectim[subject_number(snakemake.wildcards.subject) - 1]
-    ids = ids[ids > 0] - 1  # 1-based 73k ids -> 0-based nsd ids; 0 = no image
+    # 0-based nsd ids of the images the subject's configured trials show
+    ids = design.shown_ids(subject_number(snakemake.wildcards.subject), **json.loads(p.shown))
     model = snakemake.config["model"]
     result = update_cache(
         snakemake.input.stimuli,

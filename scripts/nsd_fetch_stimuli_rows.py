@@ -7,7 +7,7 @@ from braid.nsd import STIMULI, ExpDesign, fetch_stimuli_rows
 with snakemake_job(snakemake):
     p = snakemake.params
     design = ExpDesign.load(snakemake.input.expdesign)
-    ids = design.subjectim[subject_number(snakemake.wildcards.subject) - 1]
-    entry = fetch_stimuli_rows(p.source, STIMULI, snakemake.output.stimuli, ids[ids > 0] - 1, **p.s3)
+    ids = design.shown_ids(subject_number(snakemake.wildcards.subject), **json.loads(p.shown))
+    entry = fetch_stimuli_rows(p.source, STIMULI, snakemake.output.stimuli, ids, **p.s3)
     with atomic_output(snakemake.output.manifest) as tmp:
         tmp.write_text(json.dumps(entry, indent=1))

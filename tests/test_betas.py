@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from scipy.io import loadmat
 
 from braid import betas, nsd
 from braid.common import BraidError
@@ -59,6 +60,27 @@ def test_session_zscore(mirror, tmp_path):
     raw = peers_masking(root, 1, 2)
     np.testing.assert_allclose(x[60:], (raw - raw.mean(0)) / raw.std(0), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(x[:60].mean(0), 0, atol=1e-5)
+
+
+def test_session_trials_keeps_the_first_trials_of_each_session(mirror, tmp_path):
+    """session_trials: the first N trials of each session, z-scored over those N (peers' arrays)."""
+    root, _ = mirror
+    table = betas.build(
+        subject=1, session_files={s: root / nsd.betas_key(1, s) for s in (1, 2)},
+        roi_files={"nsdgeneral": root / nsd.roi_key(1, "nsdgeneral")}, roi_labels={"nsdgeneral": [1]},
+        expdesign_path=root / nsd.EXPDESIGN, out_zarr=tmp_path / "betas.zarr", out_trials=tmp_path / "trials.parquet",
+        split={"rule": "seed", "train": 0.7, "val": 0.15, "test": 0.15, "seed": 0}, session_trials=25,
+    )
+    x = zarr.open_group(tmp_path / "betas.zarr", mode="r")["betas"][:]
+    assert x.shape[0] == len(table) == 50
+    assert table["trial"].tolist() == list(range(1, 26)) * 2 and table["session"].tolist() == [1] * 25 + [2] * 25
+    for k, session in enumerate((1, 2)):
+        raw = peers_masking(root, 1, session)[:25]
+        np.testing.assert_allclose(x[25 * k : 25 * (k + 1)], (raw - raw.mean(0)) / raw.std(0), rtol=1e-4, atol=1e-4)
+    # the images are those NSD's design shows in those trials (60 trials per synthetic session)
+    design = loadmat(root / nsd.EXPDESIGN)
+    slots = design["masterordering"].ravel()[np.r_[0:25, 60:85]] - 1
+    assert table["nsd_id"].tolist() == (design["subjectim"][0, slots] - 1).tolist()
 
 
 def test_split_never_shares_an_image(mirror, tmp_path):

@@ -143,6 +143,7 @@ def build(
     normalisation: str = "session",
     dtype: str = "float32",
     trials: str = "single",
+    session_trials: int | None = None,
 ) -> pd.DataFrame:
     """Mask, scale and normalise the betas of ``session_files`` into ``out_zarr``; write ``out_trials``.
 
@@ -154,7 +155,8 @@ def build(
     trials: ``single`` keeps every trial; ``average`` averages the (normalised) repeats of each
     image, one row per image; ``average_test`` does so for the test split only (train on single
     trials, test on repeat averages, as Takagi and MindEye evaluate). At most one session is in memory at a time (plus, for
-    ``average``, one running sum per image).
+    ``average``, one running sum per image). session_trials: keep only the first N trials of each
+    session (config ``session_trials``; the normalisation statistics are those of the kept trials).
     """
     import zarr
     from tqdm import tqdm
@@ -172,8 +174,10 @@ def build(
 
     design = ExpDesign.load(expdesign_path)
     first = read_session(session_files[sessions[0]], mask_zyx)
-    per_session = first.shape[0]
-    table = design.trial_images(subject, sessions, per_session)
+    in_file = first.shape[0]
+    per_session = min(session_trials or in_file, in_file)
+    table = design.trial_images(subject, sessions, in_file)
+    table = table[table["trial"].to_numpy() <= per_session].reset_index(drop=True)
     table["split"] = split_images(
         table["nsd_id"].to_numpy(), split["rule"], split, split["seed"], table["shared1000"].to_numpy()
     ).reindex(table["nsd_id"]).to_numpy()
@@ -191,7 +195,8 @@ def build(
         train_sq = np.zeros(n_vox, np.float64)
         bar = tqdm(sessions, desc=f"{subject_label(subject)} sessions", unit="session", mininterval=2)
         for k, session in enumerate(bar):
-            x = first if k == 0 else read_session(session_files[session], mask_zyx, per_session)
+            x = first if k == 0 else read_session(session_files[session], mask_zyx, in_file)
+            x = x[:per_session]
             rows = slice(k * per_session, (k + 1) * per_session)
             bad |= ~np.isfinite(x).all(0) | (np.nanmax(np.abs(x), 0) == 0)
             x = np.nan_to_num(x)
@@ -268,6 +273,7 @@ def build(
                 "roi": {k: [int(v) for v in roi_labels[k]] for k in sorted(roi_labels)},
                 "roi_files": names,
                 "sessions": [int(s) for s in sessions],
+                "session_trials": int(per_session),
                 "trials": trials,
                 "normalisation": normalisation,
                 "units": {"session": "z-score per voxel within each session", "train": "z-score with training-split statistics",

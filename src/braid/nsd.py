@@ -146,6 +146,18 @@ class ExpDesign:
         table["repeat"] = order[table["global_trial"].to_numpy()].astype(np.int8)
         return table
 
+    def shown_ids(self, subject: int, sessions: list[int], trials_per_session: int,
+                  session_trials: int | None = None) -> np.ndarray:
+        """0-based nsd ids of the images shown in the first ``session_trials`` trials (all when None)
+        of each of ``sessions``, in the order of the subject's image list (``subjectim``)."""
+        used = min(session_trials or trials_per_session, trials_per_session)
+        slots = [self.masterordering[(int(s) - 1) * trials_per_session : (int(s) - 1) * trials_per_session + used]
+                 for s in sessions]
+        shown = np.zeros(self.subjectim.shape[1], bool)
+        shown[np.concatenate(slots) - 1] = True
+        ids = self.subjectim[int(subject) - 1]
+        return ids[shown & (ids > 0)] - 1
+
     def _repeat_order(self, subject: int) -> np.ndarray:
         ids = self.subjectim[int(subject) - 1, self.masterordering - 1]
         seen: dict[int, int] = {}

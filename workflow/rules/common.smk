@@ -242,6 +242,13 @@ if NSD["source"] == "synthetic":
 else:
     TRIALS_PER_SESSION = braid.nsd.TRIALS_PER_SESSION
     VOXELS_ESTIMATE = braid.nsd.NSDGENERAL_VOXELS
+# which images a subject's jobs fetch and encode: those its configured trials show (a param of
+# nsd_fetch_stimuli_rows and latents_encode, so that other sessions or a pilot's trials rerun them)
+SHOWN = {
+    "sessions": sorted(config["sessions"]),
+    "session_trials": config["session_trials"],
+    "trials_per_session": TRIALS_PER_SESSION,
+}
 # weights a job loads (whole pipeline "", or its VAE), until the model is on disk (then measured):
 # the tiny models are a few MB; SSD-1B's fp16 files are about 4.5 GB, SDXL's VAE 0.2-0.35 GB
 if config["model"]["source"] in ("tiny", "tiny-trained"):
@@ -265,7 +272,7 @@ def mem_betas_mask(wildcards, attempt):
 def mem_encoder_train(wildcards, attempt):
     shape = braid.resources.zarr_shape(f"results/{wildcards.subject}/betas.zarr/betas")
     trials, voxels = shape or (
-        len(config["sessions"]) * TRIALS_PER_SESSION,
+        len(config["sessions"]) * min(TRIALS_PER_SESSION, config["session_trials"] or TRIALS_PER_SESSION),
         VOXELS_ESTIMATE[subject_number(wildcards.subject)],
     )
     sp = encoder_spec(wildcards.encoder)

@@ -28,6 +28,7 @@ rule latents_encode:
         dtype=config["model"]["dtype"],
         image_size=config["model"]["image_size"],
         variant=config["model"]["variant"],
+        shown=as_json(SHOWN),
     script:
         "../../scripts/latents_encode.py"
 

@@ -122,6 +122,7 @@ rule nsd_fetch_stimuli_rows:
     params:
         source=lambda wc, input: fetch_source(input.mirror, braid.nsd.STIMULI),
         s3=S3_SETTINGS,
+        shown=as_json(SHOWN),
     script:
         "../../scripts/nsd_fetch_stimuli_rows.py"
 
