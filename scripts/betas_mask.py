@@ -19,5 +19,5 @@ with snakemake_job(snakemake):
         normalisation=settings["normalisation"],
         dtype=settings["dtype"],
         trials=settings["trials"],
-        session_trials=json.loads(p.session_trials),
+        pilot_images=json.loads(p.pilot_images),
     )

@@ -62,25 +62,29 @@ def test_session_zscore(mirror, tmp_path):
     np.testing.assert_allclose(x[:60].mean(0), 0, atol=1e-5)
 
 
-def test_session_trials_keeps_the_first_trials_of_each_session(mirror, tmp_path):
-    """session_trials: the first N trials of each session, z-scored over those N (peers' arrays)."""
+def test_a_pilot_keeps_the_trials_of_its_images(mirror, tmp_path):
+    """pilot_images: every trial of the N images shown most often, z-scored per session over those trials."""
     root, _ = mirror
     table = betas.build(
         subject=1, session_files={s: root / nsd.betas_key(1, s) for s in (1, 2)},
         roi_files={"nsdgeneral": root / nsd.roi_key(1, "nsdgeneral")}, roi_labels={"nsdgeneral": [1]},
         expdesign_path=root / nsd.EXPDESIGN, out_zarr=tmp_path / "betas.zarr", out_trials=tmp_path / "trials.parquet",
-        split={"rule": "seed", "train": 0.7, "val": 0.15, "test": 0.15, "seed": 0}, session_trials=25,
+        split={"rule": "seed", "train": 0.7, "val": 0.15, "test": 0.15, "seed": 0}, pilot_images=10,
     )
-    x = zarr.open_group(tmp_path / "betas.zarr", mode="r")["betas"][:]
-    assert x.shape[0] == len(table) == 50
-    assert table["trial"].tolist() == list(range(1, 26)) * 2 and table["session"].tolist() == [1] * 25 + [2] * 25
-    for k, session in enumerate((1, 2)):
-        raw = peers_masking(root, 1, session)[:25]
-        np.testing.assert_allclose(x[25 * k : 25 * (k + 1)], (raw - raw.mean(0)) / raw.std(0), rtol=1e-4, atol=1e-4)
-    # the images are those NSD's design shows in those trials (60 trials per synthetic session)
     design = loadmat(root / nsd.EXPDESIGN)
-    slots = design["masterordering"].ravel()[np.r_[0:25, 60:85]] - 1
-    assert table["nsd_id"].tolist() == (design["subjectim"][0, slots] - 1).tolist()
+    ids = design["subjectim"][0, design["masterordering"].ravel()[:120] - 1] - 1  # 60 trials per session
+    counts = pd.Series(ids).value_counts()
+    assert table["nsd_id"].nunique() == 10
+    assert counts[table["nsd_id"].unique()].min() >= counts.drop(table["nsd_id"].unique()).max()
+    trials = np.flatnonzero(np.isin(ids, table["nsd_id"].unique()))  # 0-based over both sessions
+    assert table["global_trial"].tolist() == trials.tolist()
+    x = zarr.open_group(tmp_path / "betas.zarr", mode="r")["betas"][:]
+    assert x.shape[0] == len(table) == trials.size
+    for session in (1, 2):
+        rows = trials[(trials // 60) == session - 1] % 60
+        raw = peers_masking(root, 1, session)[rows]
+        np.testing.assert_allclose(x[(table["session"] == session).to_numpy()], (raw - raw.mean(0)) / raw.std(0),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_split_never_shares_an_image(mirror, tmp_path):

@@ -36,17 +36,20 @@ def test_trial_images_converts_one_based_ids(tmp_path):
     assert late["global_trial"].tolist() == [2, 3] and late["repeat"].tolist() == [1, 0]
 
 
-def test_shown_ids_are_the_images_of_the_trials_used(tmp_path):
-    # subject 2's list holds 73k ids 11..15 (1-based); 3 trials per session show slots 3,1,3 | 2,5,1
-    subjectim = np.zeros((8, 5), np.int32)
-    subjectim[1] = [11, 12, 13, 14, 15]
-    write_design(tmp_path / "d.mat", [3, 1, 3, 2, 5, 1], subjectim, [11])
+def test_shown_ids_are_the_images_the_sessions_show(tmp_path):
+    # subject 2's list holds 73k ids 11..16 (1-based); 3 trials per session show slots 3,1,3 | 2,5,1
+    subjectim = np.zeros((8, 6), np.int32)
+    subjectim[1] = [11, 12, 13, 14, 15, 16]
+    write_design(tmp_path / "d.mat", [3, 1, 3, 2, 5, 1, 6, 6, 4], subjectim, [11])
     design = nsd.ExpDesign.load(tmp_path / "d.mat")
     assert design.shown_ids(2, [1], 3).tolist() == [10, 12]  # 0-based, in the list's order
     assert design.shown_ids(2, [2], 3).tolist() == [10, 11, 14]
-    assert design.shown_ids(2, [1, 2], 3).tolist() == [10, 11, 12, 14]  # slot 4 (id 14) is never shown
-    assert design.shown_ids(2, [1, 2], 3, session_trials=1).tolist() == [11, 12]  # trials 1 and 4: slots 3, 2
-    assert design.shown_ids(2, [2], 3, session_trials=99).tolist() == [10, 11, 14]
+    assert design.shown_ids(2, [1, 2], 3).tolist() == [10, 11, 12, 14]  # slots 4 and 6 are shown in session 3
+    # a pilot of 2 images keeps those shown most often (slots 1 and 3, twice each)
+    assert design.shown_ids(2, [1, 2], 3, pilot_images=2).tolist() == [10, 12]
+    # ties are broken by the list's order: slot 1 (twice), then slots 2 and 5 (once) -> slot 2
+    assert design.shown_ids(2, [2, 3], 3, pilot_images=2).tolist() == [10, 15]
+    assert design.shown_ids(2, [2], 3, pilot_images=99).tolist() == [10, 11, 14]
 
 
 def test_trial_images_errors_name_the_problem(tmp_path):

@@ -143,7 +143,7 @@ def build(
     normalisation: str = "session",
     dtype: str = "float32",
     trials: str = "single",
-    session_trials: int | None = None,
+    pilot_images: int | None = None,
 ) -> pd.DataFrame:
     """Mask, scale and normalise the betas of ``session_files`` into ``out_zarr``; write ``out_trials``.
 
@@ -155,8 +155,9 @@ def build(
     trials: ``single`` keeps every trial; ``average`` averages the (normalised) repeats of each
     image, one row per image; ``average_test`` does so for the test split only (train on single
     trials, test on repeat averages, as Takagi and MindEye evaluate). At most one session is in memory at a time (plus, for
-    ``average``, one running sum per image). session_trials: keep only the first N trials of each
-    session (config ``session_trials``; the normalisation statistics are those of the kept trials).
+    ``average``, one running sum per image). pilot_images: keep only the trials of that many images
+    (config ``pilot_images``, :meth:`braid.nsd.ExpDesign.shown_ids`; the normalisation statistics
+    are those of the kept trials).
     """
     import zarr
     from tqdm import tqdm
@@ -174,10 +175,13 @@ def build(
 
     design = ExpDesign.load(expdesign_path)
     first = read_session(session_files[sessions[0]], mask_zyx)
-    in_file = first.shape[0]
-    per_session = min(session_trials or in_file, in_file)
-    table = design.trial_images(subject, sessions, in_file)
-    table = table[table["trial"].to_numpy() <= per_session].reset_index(drop=True)
+    per_file = first.shape[0]
+    table = design.trial_images(subject, sessions, per_file)
+    if pilot_images is not None:
+        table = table[table["nsd_id"].isin(design.shown_ids(subject, sessions, per_file, pilot_images))]
+        table = table.reset_index(drop=True)
+    kept = {s: table.loc[table["session"] == s, "trial"].to_numpy() - 1 for s in sessions}  # rows of each file
+    starts = np.cumsum([0] + [len(kept[s]) for s in sessions])
     table["split"] = split_images(
         table["nsd_id"].to_numpy(), split["rule"], split, split["seed"], table["shared1000"].to_numpy()
     ).reindex(table["nsd_id"]).to_numpy()
@@ -187,7 +191,8 @@ def build(
 
     with atomic_output(out_zarr) as tmp:
         root = zarr.open_group(tmp, mode="w")
-        scratch = root.create_array("scratch", shape=(len(table), n_vox), chunks=(per_session, n_vox), dtype="float32")
+        scratch = root.create_array("scratch", shape=(len(table), n_vox), chunks=(max(1, min(per_file, len(table))), n_vox),
+                                    dtype="float32")
         bad = np.zeros(n_vox, bool)
         s_mean = np.zeros((len(sessions), n_vox), np.float32)
         s_std = np.ones((len(sessions), n_vox), np.float32)
@@ -195,9 +200,9 @@ def build(
         train_sq = np.zeros(n_vox, np.float64)
         bar = tqdm(sessions, desc=f"{subject_label(subject)} sessions", unit="session", mininterval=2)
         for k, session in enumerate(bar):
-            x = first if k == 0 else read_session(session_files[session], mask_zyx, in_file)
-            x = x[:per_session]
-            rows = slice(k * per_session, (k + 1) * per_session)
+            x = first if k == 0 else read_session(session_files[session], mask_zyx, per_file)
+            x = x[kept[session]] if pilot_images is not None else x
+            rows = slice(starts[k], starts[k + 1])
             bad |= ~np.isfinite(x).all(0) | (np.nanmax(np.abs(x), 0) == 0)
             x = np.nan_to_num(x)
             sd = x.std(0)
@@ -243,9 +248,9 @@ def build(
             rank = np.argsort(np.argsort(first))  # groups in order of their first trial
             inverse = rank[inverse]
             sums = np.zeros((first.size, int(keep.sum())), np.float32)
-            for start in range(0, len(table), per_session):
-                block = (scratch[start : start + per_session][:, keep] - shift[keep]) / scale[keep]
-                np.add.at(sums, inverse[start : start + per_session], block)
+            for start in range(0, len(table), per_file):
+                block = (scratch[start : start + per_file][:, keep] - shift[keep]) / scale[keep]
+                np.add.at(sums, inverse[start : start + per_file], block)
             counts = np.bincount(inverse)
             data = sums / counts[:, None]
             firsts = table.iloc[np.sort(first)].reset_index(drop=True)
@@ -257,9 +262,9 @@ def build(
         else:
             out = root.create_array("betas", shape=(len(table), int(keep.sum())),
                                     chunks=(min(256, len(table)), int(keep.sum())), dtype=dtype)
-            for start in range(0, len(table), per_session):
-                block = scratch[start : start + per_session][:, keep]
-                out[start : start + per_session] = ((block - shift[keep]) / scale[keep]).astype(dtype)
+            for start in range(0, len(table), per_file):
+                block = scratch[start : start + per_file][:, keep]
+                out[start : start + per_file] = ((block - shift[keep]) / scale[keep]).astype(dtype)
         del root["scratch"]
         root.create_array("voxel_ijk", data=ijk[keep].astype(np.int32))
         names = sorted(roi_volumes)
@@ -273,7 +278,7 @@ def build(
                 "roi": {k: [int(v) for v in roi_labels[k]] for k in sorted(roi_labels)},
                 "roi_files": names,
                 "sessions": [int(s) for s in sessions],
-                "session_trials": int(per_session),
+                "pilot_images": pilot_images,
                 "trials": trials,
                 "normalisation": normalisation,
                 "units": {"session": "z-score per voxel within each session", "train": "z-score with training-split statistics",

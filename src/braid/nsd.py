@@ -147,16 +147,19 @@ class ExpDesign:
         return table
 
     def shown_ids(self, subject: int, sessions: list[int], trials_per_session: int,
-                  session_trials: int | None = None) -> np.ndarray:
-        """0-based nsd ids of the images shown in the first ``session_trials`` trials (all when None)
-        of each of ``sessions``, in the order of the subject's image list (``subjectim``)."""
-        used = min(session_trials or trials_per_session, trials_per_session)
-        slots = [self.masterordering[(int(s) - 1) * trials_per_session : (int(s) - 1) * trials_per_session + used]
-                 for s in sessions]
-        shown = np.zeros(self.subjectim.shape[1], bool)
-        shown[np.concatenate(slots) - 1] = True
+                  pilot_images: int | None = None) -> np.ndarray:
+        """0-based nsd ids of the images shown in ``sessions``, in the order of the subject's image
+        list (``subjectim``). ``pilot_images``: only that many of them, those shown most often in
+        these sessions first (then in the list's order), so that a pilot keeps repeated images."""
+        slots = np.concatenate([self.masterordering[(int(s) - 1) * trials_per_session : int(s) * trials_per_session]
+                                for s in sessions]) - 1
         ids = self.subjectim[int(subject) - 1]
-        return ids[shown & (ids > 0)] - 1
+        counts = np.bincount(slots, minlength=ids.size)
+        counts[ids < 1] = 0
+        shown = np.flatnonzero(counts)
+        if pilot_images is not None and pilot_images < shown.size:
+            shown = np.sort(shown[np.argsort(-counts[shown], kind="stable")[:pilot_images]])
+        return ids[shown] - 1
 
     def _repeat_order(self, subject: int) -> np.ndarray:
         ids = self.subjectim[int(subject) - 1, self.masterordering - 1]

@@ -26,6 +26,6 @@ rule betas_mask:
         roi_labels=as_json(config["roi"]),
         split=as_json(config["split"]),
         betas=as_json(config["betas"]),
-        session_trials=as_json(config["session_trials"]),
+        pilot_images=as_json(config["pilot_images"]),
     script:
         "../../scripts/betas_mask.py"
