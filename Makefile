@@ -2,6 +2,7 @@
 #   make demo   create .venv, then run the whole workflow on the embedded synthetic default
 #   make test   create .venv, then run the test suite (unit + the real DAG end to end)
 #   make report the demo's HTML report (report.html)
+#   make rehearsal  the real configuration at real shapes on this machine (rehearsal/), before GPU hours
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.braid-installed
 CORES ?= all
 
-.PHONY: demo test report dryrun rulegraph clean
+.PHONY: demo test report dryrun rulegraph rehearsal clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,12 @@ report: $(STAMP)
 	$(BIN)/snakemake --profile profiles/local --cores $(CORES)
 	$(BIN)/snakemake --profile profiles/local --report report.html
 	@echo "report: report.html"
+
+# The full-scale rehearsal (about 40 minutes on 2 CPU cores, ~20 GB of disk; needs npm for its S3
+# server): config/nsd_ssd1b.yaml + config/rehearsal.yaml at NSD's and SSD-1B's real shapes, in rehearsal/;
+# prints each rule's peak memory and wall time, and their extrapolation to the full experiment.
+rehearsal: $(STAMP)
+	$(BIN)/python -m braid.rehearsal --cores $(CORES)
 
 dryrun: $(STAMP)
 	$(BIN)/snakemake -n --profile profiles/local

@@ -32,7 +32,8 @@ def merge(base: dict, over: dict, top: bool = True) -> dict:
     return out
 
 
-LAYERS = {"nsd_literature.yaml": ["nsd_ssd1b.yaml", "nsd_literature.yaml"]}  # presets layered over the real config
+# presets layered over the real config
+LAYERS = {"nsd_literature.yaml": ["nsd_ssd1b.yaml", "nsd_literature.yaml"], "rehearsal.yaml": ["nsd_ssd1b.yaml", "rehearsal.yaml"]}
 
 
 def load(name):
@@ -55,7 +56,7 @@ def test_collections_are_the_schemas_named_mappings_and_are_replaced():
     assert config["roi"] == {"prf-visualrois": [1, 2]}  # a copy, not the layer itself
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "nsd_ssd1b.yaml", "nsd_literature.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "nsd_ssd1b.yaml", "nsd_literature.yaml", "rehearsal.yaml"])
 def test_shipped_configs_validate_and_pass_checks(name):
     config = load(name)
     braid.config.check(config)
@@ -75,6 +76,25 @@ def test_real_config_is_the_seed_design():
     assert (config["split"]["train"], config["split"]["val"], config["split"]["test"]) == (0.9, 0.05, 0.05)
     assert len(config["sessions"]) * 750 == 7500
     assert braid.config.encoder_names(config) == ["lowrank", "mlp", "ridge", "student"]
+
+
+def test_the_rehearsal_keeps_every_real_shape_and_cuts_only_amounts():
+    real, rehearsal = load("nsd_ssd1b.yaml"), load("rehearsal.yaml")
+    same = ("resolution", "beta_version")
+    assert {k: rehearsal["nsd"][k] for k in same} == {k: real["nsd"][k] for k in same}
+    assert rehearsal["nsd"]["source"] == real["nsd"]["source"] and rehearsal["nsd"]["fetch"] == "roi"
+    assert rehearsal["nsd"]["endpoint_url"].startswith("http://127.0.0.1:")  # loopback, never AWS
+    assert rehearsal["roi"] == real["roi"] and rehearsal["subjects"] == real["subjects"]
+    assert rehearsal["model"]["source"] == "ssd1b-architecture"
+    for key in ("image_size", "variant", "dtype", "compile"):
+        assert rehearsal["model"][key] == real["model"][key], key
+    assert braid.config.encoder_names(rehearsal) == braid.config.encoder_names(real)
+    for name, encoder in real["encoders"].items():
+        cut = {k: v for k, v in rehearsal["encoders"][name].items() if k not in ("epochs",)}
+        assert cut == {k: v for k, v in encoder.items() if k != "epochs"}, name
+    assert sorted(rehearsal["evaluate"]["networks"]) == sorted(real["evaluate"]["networks"])
+    assert set(rehearsal["sweep"]) == set(real["sweep"])
+    assert rehearsal["pilot_images"] and len(rehearsal["sessions"]) < len(real["sessions"])
 
 
 def test_schema_rejects_unknown_keys_and_values():
