@@ -20,6 +20,10 @@ MB = 1 << 20
 BASE_MB = 600  # python, numpy, pandas, zarr, h5py
 TORCH_MB = 1500  # + torch (CPU), diffusers, transformers; CUDA's context is on the GPU
 MARGIN = 1.3
+# a VAE at full resolution holds this much per image pixel at its peak (activations of its
+# 128-512-channel convolutions): measured by the rehearsal at 512 px, 572 bytes encoding in
+# bfloat16 and 860 decoding; float32 encoding needs about twice the first
+VAE_BYTES_PER_PIXEL = 1024
 
 
 def _round(mb: float) -> int:
@@ -65,16 +69,19 @@ def encoder_train_mb(trials: int, n_voxels: int, latent_dim: int, n_params: int)
 
 def ridge_path_mb(trials: int, n_voxels: int, latent_dim: int) -> int:
     """braid.encoder.RidgePath in float64: the data, the Gram matrix and its eigenvectors
-    (k = min(trials, voxels), twice), the n x k and p x k factors, and k x latents coefficients."""
+    (k = min(trials, voxels), twice), the n x k and p x k factors, k x latents coefficients, and
+    the final voxels x latents weights (float64, and their float32 copy: 3.1 GB for nsdgeneral at
+    512 px, which the rehearsal found missing here)."""
     k = min(trials, n_voxels)
     floats = trials * n_voxels + 2 * k * k + trials * k + n_voxels * k + k * latent_dim + trials * latent_dim
-    return _round(TORCH_MB + 8 * floats / MB)
+    return _round(TORCH_MB + (8 * floats + 12 * n_voxels * latent_dim) / MB)
 
 
-def model_job_mb(weights_bytes: int, images: int = 0, image_size: int = 0) -> int:
+def model_job_mb(weights_bytes: int, images: int = 0, image_size: int = 0, per_pixel: int = 12) -> int:
     """A job that loads weights from disk: they pass through host memory once more while loading
-    (safetensors read, dtype cast), plus a float32 RGB batch of ``images``."""
-    return _round(TORCH_MB + (2 * weights_bytes + images * 3 * image_size**2 * 4) / MB)
+    (safetensors read, dtype cast), plus a batch of ``images``, ``per_pixel`` bytes per pixel at its
+    peak: 12 for a float32 RGB batch, :data:`VAE_BYTES_PER_PIXEL` for a VAE encoding or decoding it."""
+    return _round(TORCH_MB + (2 * weights_bytes + images * per_pixel * image_size**2) / MB)
 
 
 def weights_bytes(path: str | os.PathLike, variant: str | None = None) -> int | None:

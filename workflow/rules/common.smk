@@ -242,11 +242,11 @@ if NSD["source"] == "synthetic":
 else:
     TRIALS_PER_SESSION = braid.nsd.TRIALS_PER_SESSION
     VOXELS_ESTIMATE = braid.nsd.NSDGENERAL_VOXELS
-# which images a subject's jobs fetch and encode: those its configured trials show (a param of
-# nsd_fetch_stimuli_rows and latents_encode, so that other sessions or a pilot's trials rerun them)
+# which images a subject's jobs fetch and encode: those its configured sessions show, or a pilot's
+# (a param of nsd_fetch_stimuli_rows and latents_encode, so that other sessions or a pilot rerun them)
 SHOWN = {
     "sessions": sorted(config["sessions"]),
-    "session_trials": config["session_trials"],
+    "pilot_images": config["pilot_images"],
     "trials_per_session": TRIALS_PER_SESSION,
 }
 # weights a job loads (whole pipeline "", or its VAE), until the model is on disk (then measured):
@@ -272,7 +272,7 @@ def mem_betas_mask(wildcards, attempt):
 def mem_encoder_train(wildcards, attempt):
     shape = braid.resources.zarr_shape(f"results/{wildcards.subject}/betas.zarr/betas")
     trials, voxels = shape or (
-        len(config["sessions"]) * min(TRIALS_PER_SESSION, config["session_trials"] or TRIALS_PER_SESSION),
+        len(config["sessions"]) * TRIALS_PER_SESSION,
         VOXELS_ESTIMATE[subject_number(wildcards.subject)],
     )
     sp = encoder_spec(wildcards.encoder)
@@ -289,10 +289,12 @@ def model_bytes(subfolder=""):
 
 
 def mem_model_job(subfolder="", batch=1):
-    """mem_mb of a job that loads the model (or its `subfolder`) and holds `batch` images."""
+    """mem_mb of a job that loads the model (or its `subfolder`) and runs its VAE on `batch` images."""
 
     def mem(wildcards, attempt):
-        return braid.resources.model_job_mb(model_bytes(subfolder), batch, config["model"]["image_size"]) * attempt
+        size = config["model"]["image_size"]
+        per_pixel = braid.resources.VAE_BYTES_PER_PIXEL
+        return braid.resources.model_job_mb(model_bytes(subfolder), batch, size, per_pixel) * attempt
 
     return mem
 
