@@ -155,4 +155,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from braid.common import exit_on_sigterm
+
+    exit_on_sigterm()  # a killed run removes its 1 GB temporary folder
     main()

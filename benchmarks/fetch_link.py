@@ -135,5 +135,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from braid.common import exit_on_sigterm
+
+    exit_on_sigterm()  # a killed run removes its 2 GB temporary folder and stops s3rver
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     main()

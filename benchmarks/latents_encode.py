@@ -150,4 +150,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from braid.common import exit_on_sigterm
+
+    exit_on_sigterm()  # a killed run removes its temporary folder
     sys.exit(main())

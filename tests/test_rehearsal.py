@@ -138,3 +138,20 @@ localrule nsd_fetch:
     text = rehearsal.markdown(rehearsal.extrapolate(table.reset_index(), run, rehearsal.FULL))
     assert "UNDER-DECLARED" in [line for line in text.splitlines() if rehearsal.GRADIENT in line][0]
     assert "UNDER-DECLARED" not in [line for line in text.splitlines() if rehearsal.CLOSED_FORM in line][0]
+
+
+def test_a_killed_script_cleans_up_after_exit_on_sigterm(tmp_path):
+    """SIGTERM unwinds: the temporary folder of a benchmark or the rehearsal is removed (code 143)."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import sys, tempfile, time\nfrom braid.common import exit_on_sigterm\nexit_on_sigterm()\n"
+              f"with tempfile.TemporaryDirectory(dir={str(tmp_path)!r}) as tmp:\n"
+              "    open(tmp + '/big', 'w').write('x')\n    print(tmp, flush=True)\n    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    folder = proc.stdout.readline().strip()
+    assert folder and (tmp_path / folder).exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    assert not list(tmp_path.iterdir())

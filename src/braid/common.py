@@ -181,3 +181,15 @@ def torch_dtype(name: str):
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
     except KeyError:
         raise BraidError(f"dtype {name!r} is not one of float32, float16, bfloat16") from None
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, a scheduler's timeout) exit through Python's unwinding, code 143, so
+    that ``finally`` blocks and context managers run: temporary folders are removed and servers a
+    script started are stopped, instead of being left behind as they are by the default action."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)

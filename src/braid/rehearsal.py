@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from . import nsd, synthetic
-from .common import BraidError, atomic_output
+from .common import BraidError, atomic_output, exit_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="only print and write the table of a finished run")
     ap.add_argument("snakemake_args", nargs="*", help="more arguments for snakemake (after --)")
     args = ap.parse_args(argv)
+    exit_on_sigterm()  # a killed rehearsal stops its S3 server and removes a half-written bucket
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
