@@ -183,8 +183,10 @@ def test_roi_only_fetch_equals_whole_file_then_mask(s3_server, mirror, tmp_path)
     np.testing.assert_array_equal(read_session(tmp_path / "roi.hdf5", mask), whole.astype(np.float32) / 300)
     assert entry["mode"] == "roi" and entry["chunks"] == mask.sum()
     assert entry["bytes_ideal"] == mask.sum() * 60 * 2
-    assert entry["bytes_ideal"] <= entry["bytes_data"] <= entry["bytes_ideal"] + 4 * 60 * 2 * entry["requests"]
-    assert entry["bytes_metadata"] + entry["bytes_data"] < entry["bytes_object"]
+    # the chunk index's leaves are read in merged requests, which bring wanted chunks with them:
+    # what is fetched covers the ideal bytes, and stays well under the whole object
+    fetched = entry["bytes_metadata"] + entry["bytes_data"]
+    assert entry["bytes_ideal"] <= fetched < entry["bytes_object"] / 2
     # the manifest's checksum is that of the source's own chunk bytes
     import hashlib
 
@@ -404,3 +406,60 @@ def test_fetch_rule_fails_once_on_a_missing_key_and_keeps_each_runs_log(s3_serve
         text = (logs / name).read_text()
         assert text.count("==== rule nsd_fetch, attempt 1") == runs and text.count(message) == runs, name
     assert not (tmp_path / "w" / "resources" / "nsd" / nsd.EXPDESIGN).exists()
+
+
+def test_range_cache_merges_close_ranges_and_serves_what_it_kept():
+    from braid.hdf5_ranges import RangeCache
+
+    blob = bytes(range(256)) * 8
+    calls = []
+
+    def reader(offset, size):
+        calls.append((offset, size))
+        return blob[offset : offset + size]
+
+    cache = RangeCache(reader, parallel=4)
+    got = cache.read_many([(0, 10), (20, 10), (100, 10)], max_gap=15)
+    assert got == [blob[0:10], blob[20:30], blob[100:110]]
+    assert sorted(calls) == [(0, 30), (100, 10)]  # 10 bytes apart: one request; 70 apart: another
+    assert cache.read(5, 20) == blob[5:25] and len(calls) == 2  # inside a kept block: no request
+    assert cache.read(25, 10) == blob[25:35] and len(calls) == 3  # past its end: a request
+    cache.read_many([(500, 5)])
+    cache.read_many([(490, 40)])  # a block around the small one replaces it
+    assert cache.read(515, 10) == blob[515:525] and len(calls) == 5
+
+
+def test_merge_gap_is_the_largest_within_the_budget():
+    from braid.hdf5_ranges import merge_gap
+
+    offsets, gaps = [0, 100, 1000], (0, 50, 500, 5000)
+    # gap 0 and 50: 3 x 10 bytes; 500: [0, 110) + 10 = 120 bytes; 5000: [0, 1010) = 1010 bytes
+    assert merge_gap(offsets, 10, 29, gaps) == 0
+    assert merge_gap(offsets, 10, 119, gaps) == 50
+    assert merge_gap(offsets, 10, 120, gaps) == 500
+    assert merge_gap(offsets, 10, 1010, gaps) == 5000
+
+
+def test_a_roi_fetch_reads_the_chunk_index_in_few_requests(tmp_path):
+    """A file with NSD's layout and a deep chunk index (38,400 one-voxel chunks of 750 trials), an ROI
+    of 2.5 % of them like nsdgeneral's 2.2 %: the merged index reads cut the requests at least
+    fivefold against one per B-tree node and run, with the same values."""
+    import h5py
+
+    from braid.betas import read_session
+
+    rng = np.random.default_rng(0)
+    key = nsd.betas_key(1, 1)
+    (tmp_path / key).parent.mkdir(parents=True)
+    values = rng.integers(-3000, 3000, size=(750, 16, 40, 60), dtype=np.int16)  # 1,500-byte chunks, as NSD
+    with h5py.File(tmp_path / key, "w") as f:
+        f.create_dataset("betas", data=values, chunks=(750, 1, 1, 1))
+    mask = np.zeros(values.shape[1:], bool)
+    mask[4:12, 3:9, 5:25] = True  # 960 voxels, rows of 20 adjacent chunks
+    merged = nsd.fetch_betas_roi(str(tmp_path), key, tmp_path / "merged.hdf5", mask)
+    exact = nsd.fetch_betas_roi(str(tmp_path), key, tmp_path / "exact.hdf5", mask, gap_chunks=0)
+    expected = values[:, mask].astype(np.float32) / 300
+    np.testing.assert_array_equal(read_session(tmp_path / "merged.hdf5", mask), expected)
+    np.testing.assert_array_equal(read_session(tmp_path / "exact.hdf5", mask), expected)
+    assert exact["requests"] >= 3 * merged["requests"], (exact["requests"], merged["requests"])  # 129 vs 23 here
+    assert merged["bytes_metadata"] + merged["bytes_data"] <= merged["bytes_object"] / 4

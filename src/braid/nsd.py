@@ -554,8 +554,12 @@ def _fetch_sparse(source: str, key: str, dest, name: str, locate, want: bytes, g
     :class:`PartialDownload`, so that a failed or killed fetch continues where it stopped,
     without reading the file's metadata again. Each written chunk holds the source's exact
     bytes; the others are unallocated (read as the fill value, 0). Wanted chunks fewer than
-    ``gap_chunks`` chunks apart are fetched in one request. Returns a manifest entry (bytes and
-    requests of this run; ``resumed_runs`` were already here).
+    ``gap_chunks`` chunks apart are fetched in one request. Unless ``gap_chunks`` is 0, the file's
+    head and its chunk index are read in merged requests and kept (:class:`braid.hdf5_ranges.RangeCache`): the
+    index's leaves lie among the chunks they index, so most wanted chunks come with them and the
+    fetch takes a hundred-odd requests instead of thousands (``bytes_metadata`` then includes
+    those chunks). Returns a manifest entry (bytes and requests of this run; ``resumed_runs``
+    were already here).
     """
     from .hdf5_ranges import LayoutError
 
@@ -581,8 +585,11 @@ def _fetch_sparse_locked(src, source, key, dest, name, locate, identity, what) -
     import h5py
     from tqdm import tqdm
 
-    from .hdf5_ranges import HDF5Ranges, LayoutError, check_not_truncated, coalesce
+    from .hdf5_ranges import HDF5Ranges, LayoutError, RangeCache, check_not_truncated, coalesce
 
+    # the index is read in merged requests and kept, so that the wanted chunks near its leaves come
+    # with it (not with gap_chunks=0: exactly the wanted bytes, one request per run)
+    cache = RangeCache(src.read, parallel=RANGE_PARALLEL) if identity["gap_chunks"] else None
     plan_path = dest.with_name(dest.name + ".part.plan.npz")
     plan = None
     if plan_path.exists():
@@ -593,7 +600,7 @@ def _fetch_sparse_locked(src, source, key, dest, name, locate, identity, what) -
         except Exception:  # noqa: BLE001 - an unreadable plan is made again
             plan = None
     if plan is None:
-        meta = HDF5Ranges(src.read, parallel=RANGE_PARALLEL)
+        meta = HDF5Ranges(src.read, parallel=RANGE_PARALLEL, cache=cache, size=src.size)
         check_not_truncated(meta.superblock, src.size, src.label, truncated_fix(source))
         ds = meta.dataset(name)
         if ds.filtered or ds.layout not in ("chunked", "contiguous"):
@@ -609,7 +616,16 @@ def _fetch_sparse_locked(src, source, key, dest, name, locate, identity, what) -
     coords, addrs = plan["coords"], plan["addrs"]
     chunk_shape, dtype = tuple(int(n) for n in plan["chunk_shape"]), np.dtype(str(plan["dtype"]))
     chunk_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
-    runs = coalesce(addrs, chunk_bytes, identity["gap_chunks"] * chunk_bytes)
+    # chunks that came with the chunk index's merged reads need no request; the others go in runs
+    from_index = {}
+    if cache is not None:
+        for i, address in enumerate(addrs.tolist()):
+            block = cache.cached(address, chunk_bytes)
+            if block is not None:
+                from_index[i] = block
+    rest = np.array([i for i in range(len(addrs)) if i not in from_index], np.int64)
+    runs = [(start, length, rest[idx]) for start, length, idx in
+            coalesce(addrs[rest], chunk_bytes, identity["gap_chunks"] * chunk_bytes)] if rest.size else []
     download = PartialDownload(dest, identity, [length for _, length, _ in runs])
     finished = False
     try:
@@ -628,7 +644,7 @@ def _fetch_sparse_locked(src, source, key, dest, name, locate, identity, what) -
         digest = hashlib.sha256()
         with atomic_output(dest) as tmp, h5py.File(tmp, "w") as f:
             out = f.create_dataset(name, shape=tuple(int(n) for n in plan["shape"]), dtype=dtype, chunks=chunk_shape)
-            chunks = {}
+            chunks = dict(from_index)
             for k, (start, _, idx) in enumerate(runs):
                 blob = download.read(k)
                 for i in idx.tolist():
