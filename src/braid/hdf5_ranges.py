@@ -27,6 +27,7 @@ HEAD_BYTES = 64 * 1024  # read first, in one request: writers put the file's met
 INDEX_GAPS = (0, 16 * 1024, 64 * 1024, 128 * 1024, 256 * 1024, 1024 * 1024)
 INDEX_BUDGET = 5  # a merged leaf level may read up to this many times (leaf bytes + wanted chunks' bytes),
 INDEX_SHARE = 11  # and at most 1/11 of the file (with the rest, a ROI-only fetch stays under 10 % of the bytes)
+INDEX_MAX_BYTES = 256 * 2**20  # and at most this much, which the cache holds in memory (imgBrick is 39.6 GB)
 
 
 class LayoutError(RuntimeError):
@@ -369,7 +370,7 @@ class HDF5Ranges:
                 # merge the next level's reads when it is the leaves and they lie near the chunks
                 # they index: at most INDEX_BUDGET x what the leaves and the wanted chunks weigh
                 leaves_next = bool(nodes) and nodes[0][5] == 1
-                budget = INDEX_BUDGET * (len(nxt) * size + len(wanted) * chunk_bytes)
+                budget = min(INDEX_BUDGET * (len(nxt) * size + len(wanted) * chunk_bytes), INDEX_MAX_BYTES)
                 if self.size is not None:
                     budget = min(budget, self.size // INDEX_SHARE)
                 gap = merge_gap([n[0] for n in nxt], size, budget) if leaves_next and self.cache is not None else 0
