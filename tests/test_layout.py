@@ -20,26 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "config" / "schema.yaml")
 
 
-def merge(base: dict, over: dict, top: bool = True) -> dict:
-    """BRAID's layering of a --configfile over config/config.yaml: Snakemake's deep merge, except that
-    the collections of user-named entries (roi, encoders) are replaced as a whole."""
-    out = copy.deepcopy(base)
-    if top and "encoders" in over and "sweep" not in over:
-        out["sweep"] = {}  # the default's sweep is over the default's encoders
-    for k, v in over.items():
-        replace = top and k in ("roi", "encoders", "sweep")
-        out[k] = merge(out[k], v, False) if isinstance(v, dict) and isinstance(out.get(k), dict) and not replace else v
-    return out
-
-
 # presets layered over the real config
 LAYERS = {"nsd_literature.yaml": ["nsd_ssd1b.yaml", "nsd_literature.yaml"], "rehearsal.yaml": ["nsd_ssd1b.yaml", "rehearsal.yaml"]}
 
 
 def load(name):
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    for layer in LAYERS.get(name, [name] if name != "config.yaml" else []):
-        config = merge(config, yaml.safe_load((REPO / "config" / layer).read_text()))
+    layers = [yaml.safe_load((REPO / "config" / layer).read_text())
+              for layer in LAYERS.get(name, [name] if name != "config.yaml" else [])]
+    config = braid.config.layered(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), layers,
+                                  yaml.safe_load(Path(SCHEMA).read_text()))
     validate(config, SCHEMA)
     return config
 
@@ -54,6 +43,21 @@ def test_collections_are_the_schemas_named_mappings_and_are_replaced():
     assert config["betas"] == {"trials": "single"}  # other mappings are Snakemake's to merge
     layers[0]["roi"]["prf-visualrois"].append(3)
     assert config["roi"] == {"prf-visualrois": [1, 2]}  # a copy, not the layer itself
+
+
+def test_layered_deep_merges_mappings_and_replaces_collections():
+    schema = yaml.safe_load(Path(SCHEMA).read_text())
+    base = {"roi": {"nsdgeneral": [1]}, "encoders": {"mlp": {"lr": 1}}, "sweep": {"mlp": {"lr": [1, 2]}},
+            "nsd": {"source": "s3://a", "fetch": "roi", "retry": {"attempts": 3, "wait": 1}}, "sessions": [1, 2]}
+    layers = [{"nsd": {"retry": {"wait": 5}}, "sessions": [3]}, {"encoders": {"ridge": {}}, "nsd": {"source": "s3://b"}}]
+    out = braid.config.layered(base, layers, schema)
+    assert out["nsd"] == {"source": "s3://b", "fetch": "roi", "retry": {"attempts": 3, "wait": 5}}  # merged at depth
+    assert out["sessions"] == [3]  # lists are replaced
+    assert out["encoders"] == {"ridge": {}} and out["sweep"] == {}  # the default's sweep went with its encoders
+    assert out["roi"] == {"nsdgeneral": [1]}
+    assert base["nsd"]["source"] == "s3://a" and base["encoders"] == {"mlp": {"lr": 1}}  # inputs untouched
+    kept = braid.config.layered(base, [{"encoders": {"ridge": {}}, "sweep": {"ridge": {"alpha": [1]}}}], schema)
+    assert kept["sweep"] == {"ridge": {"alpha": [1]}}
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "nsd_ssd1b.yaml", "nsd_literature.yaml", "rehearsal.yaml"])

@@ -49,6 +49,31 @@ def replace_collections(config: dict, layers: list[dict], keys: list[str]) -> li
     return replaced
 
 
+def apply_layers(config: dict, layers: list[dict], schema: dict) -> list[str]:
+    """BRAID's rules on top of Snakemake's deep merge of ``layers`` (``--configfile``s, then ``--config``).
+
+    The collections (:func:`collection_keys`) a layer names are replaced (:func:`replace_collections`),
+    and a layer that names its encoders but no sweep gets no sweep: the default's sweep is over the
+    default's encoders. Changes ``config`` in place; returns the collections replaced.
+    """
+    replaced = replace_collections(config, layers, collection_keys(schema))
+    if "encoders" in replaced and "sweep" not in replaced:
+        config["sweep"] = {}
+    return replaced
+
+
+def layered(base: dict, layers: list[dict], schema: dict) -> dict:
+    """The config a run gets from ``base`` (config/config.yaml) and ``layers`` (its ``--configfile``s in
+    order): Snakemake's deep merge (``snakemake.utils.update_config``), then :func:`apply_layers`."""
+    from snakemake.utils import update_config
+
+    config = copy.deepcopy(base)
+    for layer in layers:
+        update_config(config, copy.deepcopy(layer))
+    apply_layers(config, layers, schema)
+    return config
+
+
 def check(config: dict) -> None:
     problems = []
     subjects, sessions = config["subjects"], config["sessions"]

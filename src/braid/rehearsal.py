@@ -43,10 +43,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import config as braid_config
 from . import nsd, synthetic
 from .common import BraidError, atomic_output, exit_on_sigterm
 
-log = logging.getLogger(__name__)
 
 SUBJECT = 1
 VOLUME = (81, 104, 83)  # subj01's func1pt8mm volume (X, Y, Z)
@@ -352,11 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
     braid_root = Path(__file__).resolve().parents[2]
-    override = _load_yaml(args.override)
-    config = _load_yaml(braid_root / "config" / "nsd_ssd1b.yaml")
-    config.update({k: v for k, v in override.items() if k not in ("nsd", "model", "reconstruct", "evaluate")})
-    for block in ("nsd", "model", "reconstruct", "evaluate"):
-        config[block] = {**config.get(block, {}), **override.get(block, {})}
+    layers = [braid_root / "config" / "nsd_ssd1b.yaml", args.override.resolve()]
+    config = braid_config.layered(_load_yaml(braid_root / "config" / "config.yaml"), [_load_yaml(p) for p in layers],
+                                  _load_yaml(braid_root / "config" / "schema.yaml"))
     endpoint = config["nsd"]["endpoint_url"]
     port = int(endpoint.rsplit(":", 1)[1].strip("/"))
     sessions = max(config["sessions"])
@@ -367,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     run = here / "run"
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(braid_root / "Snakefile"), "--directory", str(run),
            "--profile", str(braid_root / "profiles" / "local"), "--cores", str(args.cores),
-           "--configfile", str(braid_root / "config" / "nsd_ssd1b.yaml"), str(args.override.resolve())]
+           "--configfile", *map(str, layers)]
     if args.report_only:
         report(run, config, cmd)
         return 0
@@ -412,7 +410,6 @@ def report(run: Path, config: dict, snakemake: list[str]) -> pd.DataFrame:
     ``snakemake``: the run's command line; a dry run of it with ``--forceall`` tells each job's
     declared ``mem_mb`` (sized from its inputs, as on SLURM), which is set beside its measured peak.
     """
-    from . import config as braid_config
     from . import encoder, jobstats
 
     kinds = {name: encoder.spec(cfg)["kind"] for name, cfg in braid_config.all_encoders(config).items()}

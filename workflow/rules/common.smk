@@ -27,21 +27,19 @@ import braid.synthetic
 from braid.common import BraidError, subject_label, subject_number
 
 # Mappings of user-chosen names (roi, encoders) are replaced, not merged, by a --configfile or
-# --config that names them: a config gets exactly the ROIs and encoders it lists.
-_replaced = braid.config.replace_collections(
+# --config that names them: a config gets exactly the ROIs and encoders it lists. A config that
+# names its encoders and no sweep gets no sweep (the default's sweep is over the default's encoders).
+_SCHEMA = load_configfile(str(BRAID_ROOT / "config" / "schema.yaml"))
+braid.config.apply_layers(
     config,
     [*(load_configfile(f) for f in workflow.config_settings.configfiles), dict(workflow.config_settings.config)],
-    braid.config.collection_keys(load_configfile(str(BRAID_ROOT / "config" / "schema.yaml"))),
+    _SCHEMA,
 )
-# The default config's sweep is over its own encoders: a config that names its encoders and no
-# sweep gets no sweep (rather than an error about encoders it never defined).
-if "encoders" in _replaced and "sweep" not in _replaced:
-    config["sweep"] = {}
 validate(config, "../../config/schema.yaml")
 try:
     braid.config.check(config)
     # a sweep's values bypass the schema's encoder entry; check the encoders they make against it
-    braid.config.validate_sweep(config, load_configfile(str(BRAID_ROOT / "config" / "schema.yaml")))
+    braid.config.validate_sweep(config, _SCHEMA)
 except BraidError as err:
     raise WorkflowError(str(err))
 
