@@ -87,20 +87,13 @@ def write_bucket(root: str | os.PathLike, sessions: int = 2, seed: int = 0, volu
     ``volume`` and ``roi_voxels`` are subj01's; smaller ones make a quick test of the same design.
     """
     import h5py
-    from scipy.io import savemat
     from tqdm import tqdm
 
     root = Path(root)
     cfg = {**bucket_config(sessions, seed), "volume": list(volume)}
     rng = np.random.default_rng(seed)
     design = synthetic.make_design(cfg, rng)
-    with atomic_output(root / nsd.EXPDESIGN) as tmp:
-        savemat(tmp, {k: design[k] for k in ("masterordering", "subjectim", "sharedix")}, format="5")
-    info = synthetic.stim_info_table(design, [SUBJECT], rng)
-    with atomic_output(root / nsd.STIM_INFO) as tmp:
-        info.to_csv(tmp)
-    with atomic_output(root / nsd.STIM_INFO_PKL) as tmp:
-        info.to_pickle(tmp, compression=None)
+    synthetic.write_design_files(root, design, [SUBJECT], rng)
 
     # the images the written sessions show; every other row of imgBrick stays unallocated
     trials = sessions * nsd.TRIALS_PER_SESSION

@@ -261,14 +261,13 @@ def write_betas(path: Path, values: np.ndarray, mask_zyx: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def generate_stimuli(cfg: dict, out_dir: str | os.PathLike) -> dict:
-    """Write the mirror's stimuli, design and stimulus-info files (:data:`STIMULUS_KEYS`); return the design.
+def generate_stimuli(cfg: dict, out_dir: str | os.PathLike) -> None:
+    """Write the mirror's stimuli, design and stimulus-info files (:data:`STIMULUS_KEYS`).
 
     They need no model, so that a model can be trained on the stimuli (``model.source:
     tiny-trained``) before :func:`generate_betas` plants the signal in that model's latents.
     """
     import h5py
-    from scipy.io import savemat
 
     out = Path(out_dir)
     rng = np.random.default_rng(cfg["seed"])
@@ -277,6 +276,15 @@ def generate_stimuli(cfg: dict, out_dir: str | os.PathLike) -> dict:
     stimuli = make_stimuli(design["n_images"], rng)
     with atomic_output(out / nsd.STIMULI) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("imgBrick", data=stimuli, chunks=(1, IMAGE_SIZE, IMAGE_SIZE, 3))
+    write_design_files(out, design, subjects, rng)
+
+
+def write_design_files(out_dir: str | os.PathLike, design: dict, subjects: list[int], rng: np.random.Generator) -> None:
+    """Write ``design``'s experiment-design MAT file and the stimulus-info table (CSV and pickle) under
+    ``out_dir`` with the bucket's keys, as NSD keeps them."""
+    from scipy.io import savemat
+
+    out = Path(out_dir)
     with atomic_output(out / nsd.EXPDESIGN) as tmp:
         savemat(tmp, {k: design[k] for k in ("masterordering", "subjectim", "sharedix")}, format="5")
     info = stim_info_table(design, subjects, rng)
@@ -284,7 +292,6 @@ def generate_stimuli(cfg: dict, out_dir: str | os.PathLike) -> dict:
         info.to_csv(tmp)
     with atomic_output(out / nsd.STIM_INFO_PKL) as tmp:
         info.to_pickle(tmp, compression=None)
-    return design
 
 
 def generate(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.PathLike, image_size: int | None = None,
