@@ -1,7 +1,8 @@
 """Benchmark: ROI-only vs whole-object fetching of one real-size betas session over simulated links.
 
-    npm install --prefix /tmp/s3rver s3rver@3
-    .venv/bin/python benchmarks/fetch_link.py [--s3rver /tmp/s3rver/node_modules/.bin/s3rver] [--workdir DIR]
+    .venv/bin/python benchmarks/fetch_link.py [--s3rver PATH] [--workdir DIR]
+
+(s3rver, from npm, is installed under /tmp/s3rver on first use unless it is on PATH.)
 
 A shaping proxy (benchmarks/shaping_proxy.py: latency added to every request, one shared
 bandwidth for all response bodies) sits between BRAID and an S3 server on loopback (s3rver,
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,27 +34,9 @@ from shaping_proxy import ShapingProxy  # noqa: E402
 
 from braid import nsd  # noqa: E402
 from braid.betas import read_session  # noqa: E402
+from braid.rehearsal import s3rver_binary, start_s3rver  # noqa: E402
 
 LINKS = [("20 ms, 100 MB/s", 0.020, 100e6), ("60 ms, 1 GB/s", 0.060, 1e9)]
-
-
-def start_s3rver(binary: str, root: Path) -> tuple[subprocess.Popen, str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "--directory", str(root), "--address", "127.0.0.1", "--port", str(port),
-                             "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, endpoint
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"{binary} did not start")
 
 
 def timed(fn, *args, **kw):
@@ -65,7 +47,8 @@ def timed(fn, *args, **kw):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--s3rver", default=shutil.which("s3rver") or "/tmp/s3rver/node_modules/.bin/s3rver")
+    ap.add_argument("--s3rver", type=Path, default=None,
+                    help="s3rver's command (default: on PATH, else installed by npm under /tmp/s3rver)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--grid", action="store_true", help="also sweep concurrency x merge gap")
     ap.add_argument("--parallel", type=int, nargs="+", default=[16, 32, 64, 128], help="concurrencies of the sweep")
@@ -79,7 +62,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         (tmp / "s3").mkdir()
-        server, upstream = start_s3rver(args.s3rver, tmp / "s3")
+        binary = args.s3rver or (Path(shutil.which("s3rver")) if shutil.which("s3rver") else s3rver_binary(Path("/tmp/s3rver")))
+        server, upstream = start_s3rver(binary, tmp / "s3")
         try:
             local = tmp / "source.hdf5"
             make_session(local)

@@ -1,7 +1,6 @@
 """Rule latents_encode: add a subject's stimuli to the shared latent cache; write the subject's manifest."""
 import json
 
-import numpy as np
 
 from braid.common import resolve_device, snakemake_job, subject_number
 from braid.latents import update_cache, write_manifest

@@ -11,7 +11,6 @@ import pytest
 from scipy.io import loadmat
 
 from braid import nsd, synthetic
-from braid.evaluate import rowwise_pearson
 
 
 def test_every_key_is_written(mirror, synthetic_cfg):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -421,7 +420,6 @@ class Encoder:
     """A trained encoder read back from its safetensors file: network, voxels, standardiser."""
 
     def __init__(self, path, device: str = "cpu"):
-        import torch
         from safetensors import safe_open
 
         try:

@@ -21,7 +21,6 @@ machines and devices differ by similar amounts, not bit for bit.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np

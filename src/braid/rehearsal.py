@@ -153,9 +153,13 @@ def s3rver_binary(prefix: Path) -> Path:
     return binary
 
 
-def start_s3rver(binary: Path, directory: Path, port: int) -> subprocess.Popen:
+def start_s3rver(binary: Path, directory: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Serve ``directory`` with s3rver on loopback at ``port`` (a free one if None); return it and its endpoint."""
     with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", port)) == 0:
+        if port is None:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        elif s.connect_ex(("127.0.0.1", port)) == 0:
             raise BraidError(f"port {port} (nsd.endpoint_url of config/rehearsal.yaml) is in use: stop what listens "
                              "there, or change the port in config/rehearsal.yaml")
     directory.mkdir(parents=True, exist_ok=True)
@@ -164,7 +168,7 @@ def start_s3rver(binary: Path, directory: Path, port: int) -> subprocess.Popen:
     for _ in range(200):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc
+                return proc, f"http://127.0.0.1:{port}"
         if proc.poll() is not None:
             break
         time.sleep(0.1)
@@ -363,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         report(run, config, cmd)
         return 0
     t0 = time.perf_counter()
-    server = start_s3rver(s3rver_binary(here / "s3rver"), store, port)
+    server, _ = start_s3rver(s3rver_binary(here / "s3rver"), store, port)
     try:
         marker = store / BUCKET_MARKER
         if not marker.exists() or {k: v for k, v in json.loads(marker.read_text()).items() if k != "bucket"} != want:
