@@ -429,6 +429,39 @@ def test_range_cache_merges_close_ranges_and_serves_what_it_kept():
     assert cache.read(515, 10) == blob[515:525] and len(calls) == 5
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_range_cache_holds_the_union_of_what_it_fetched(seed):
+    """Blocks that overlap, touch or contain each other, fetched in any order: every byte any of them
+    brought is served from the cache, unchanged, and nothing else is."""
+    from braid.hdf5_ranges import RangeCache
+
+    rng = np.random.default_rng(seed)
+    blob = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    calls = []
+
+    def reader(offset, size):
+        calls.append((offset, size))
+        return blob[offset : offset + size]
+
+    cache = RangeCache(reader, parallel=2)
+    fetched = np.zeros(len(blob), bool)
+    for _ in range(12):
+        ranges = [(int(o), int(n)) for o, n in zip(rng.integers(0, 3900, 3), rng.integers(1, 190, 3))]
+        cache.read_many(ranges, max_gap=int(rng.integers(0, 60)))
+        for o, n in calls:
+            fetched[o : o + n] = True
+        before = len(calls)
+        for o, n in ranges:
+            assert cache.cached(o, n) == blob[o : o + n]
+        assert len(calls) == before
+    for o in range(0, len(blob), 7):
+        for n in (1, 9, 40):
+            hit = cache.cached(o, n)
+            inside = o + n <= len(blob) and fetched[o : o + n].all()
+            assert (hit is not None) == inside, (o, n)
+            assert hit is None or hit == blob[o : o + n]
+
+
 def test_merge_gap_is_the_largest_within_the_budget():
     from braid.hdf5_ranges import merge_gap
 

@@ -106,8 +106,6 @@ class RangeCache:
     def read_many(self, ranges: list[tuple[int, int]], max_gap: int = 0) -> list[bytes]:
         """The bytes of each (offset, size); those not kept are fetched in merged requests
         (ranges less than ``max_gap`` bytes apart share one), ``parallel`` at a time, and kept."""
-        import bisect
-
         out = [self.cached(o, n) for o, n in ranges]
         spans: list[list[int]] = []
         for o, n in sorted({r for r, d in zip(ranges, out) if d is None}):
@@ -120,15 +118,28 @@ class RangeCache:
                 blocks = list(pool.map(lambda sp: self._reader(sp[0], sp[1] - sp[0]), spans))
             with self._lock:
                 for (start, _), block in zip(spans, blocks):
-                    # a block inside the new one goes: lookups check the block that starts last before
-                    # an offset, which must not be a small block within a larger one
-                    lo = bisect.bisect_left(self._starts, start)
-                    hi = lo
-                    while hi < len(self._starts) and self._starts[hi] + len(self._blocks[hi]) <= start + len(block):
-                        hi += 1
-                    self._starts[lo:hi] = [start]
-                    self._blocks[lo:hi] = [block]
+                    self._keep(start, block)
         return [d if d is not None else self.read(o, n) for (o, n), d in zip(ranges, out)]
+
+    def _keep(self, start: int, block: bytes) -> None:
+        """Add a block, united with every kept block it overlaps or touches: kept blocks never overlap,
+        so the block that starts last before an offset is the only one that can hold it."""
+        import bisect
+
+        end = start + len(block)
+        lo = bisect.bisect_right(self._starts, start) - 1
+        if lo < 0 or self._starts[lo] + len(self._blocks[lo]) < start:
+            lo += 1  # the block before ends before this one starts
+        hi = bisect.bisect_right(self._starts, end)  # blocks starting at or before this one's end
+        if lo < hi:
+            if self._starts[lo] < start:
+                block = self._blocks[lo][: start - self._starts[lo]] + block
+                start = self._starts[lo]
+            last = self._starts[hi - 1] + len(self._blocks[hi - 1])
+            if last > end:
+                block = block + self._blocks[hi - 1][len(self._blocks[hi - 1]) - (last - end) :]
+        self._starts[lo:hi] = [start]
+        self._blocks[lo:hi] = [block]
 
 
 def merge_gap(offsets: list[int], size: int, budget: int, gaps=INDEX_GAPS) -> int:
