@@ -60,6 +60,27 @@ def test_roi_voxels_count_the_union_of_the_named_labels(tmp_path):
     assert resources.roi_voxels({**files, "x": str(tmp_path / "missing.nii.gz")}, {}) is None
 
 
+def test_roi_voxels_reads_each_volume_once_until_it_changes(tmp_path, monkeypatch):
+    """Snakemake asks at every scheduling pass; a rewritten ROI file is read again."""
+    import os
+
+    data = np.zeros((4, 5, 6), np.int16)
+    data[1, :, 2] = 1
+    path = tmp_path / "roi.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    loads = []
+    real_load = nib.load
+    monkeypatch.setattr(nib, "load", lambda f: loads.append(f) or real_load(f))
+    files = {"roi": str(path)}
+    assert [resources.roi_voxels(files, {"roi": [1]}) for _ in range(5)] == [5] * 5
+    assert len(loads) == 1
+    assert resources.roi_voxels(files, {"roi": [1, 2]}) == 5 and len(loads) == 2  # other labels: read again
+    data[3, 3, :] = 1
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))  # a later mtime, as a rewrite has
+    assert resources.roi_voxels(files, {"roi": [1]}) == 5 + 6 and len(loads) == 3
+
+
 def test_session_trials_reads_the_betas_shape(tmp_path):
     path = tmp_path / "betas_session01.hdf5"
     with h5py.File(path, "w") as f:

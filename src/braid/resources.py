@@ -11,6 +11,7 @@ Runtimes are not derived here: they depend on the hardware; see README's resourc
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -98,15 +99,28 @@ def weights_bytes(path: str | os.PathLike, variant: str | None = None) -> int | 
 
 def roi_voxels(roi_files: dict[str, str], labels: dict[str, list[int]]) -> int | None:
     """Voxels in the union of the ROIs (ROI name -> file; a voxel counts if its value is one of the
-    name's labels); None while a file is missing."""
+    name's labels); None while a file is missing.
+
+    Snakemake calls this for every job at each scheduling pass: the count is kept per files'
+    (path, size, mtime) and labels, so each volume is read once until it changes.
+    """
     if not roi_files or not all(Path(f).exists() for f in roi_files.values()):
         return None
+    key = []
+    for name, f in sorted(roi_files.items()):
+        stat = os.stat(f)
+        key.append((name, str(f), stat.st_size, stat.st_mtime_ns, tuple(int(v) for v in labels[name])))
+    return _roi_voxels(tuple(key))
+
+
+@functools.lru_cache(maxsize=32)
+def _roi_voxels(files: tuple) -> int:
     import nibabel as nib
     import numpy as np
 
     union = None
-    for name, f in roi_files.items():
-        part = np.isin(np.asanyarray(nib.load(f).dataobj), labels[name])
+    for _, f, _, _, labels in files:
+        part = np.isin(np.asanyarray(nib.load(f).dataobj), labels)
         union = part if union is None else (union | part)
     return int(union.sum())
 
