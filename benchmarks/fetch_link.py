@@ -1,6 +1,6 @@
 """Benchmark: ROI-only vs whole-object fetching of one real-size betas session over simulated links.
 
-    .venv/bin/python benchmarks/fetch_link.py [--s3rver PATH] [--workdir DIR]
+    .venv/bin/python benchmarks/fetch_link.py [--s3rver PATH] [--workdir DIR] [--grid] [--address-map]
 
 (s3rver, from npm, is installed under /tmp/s3rver on first use unless it is on PATH.)
 
@@ -12,8 +12,10 @@ object is a synthetic session of subj01's real size, (750, 83, 104, 81) int16 in
 it times the whole-object fetch (the baseline: BRAID's ranged parallel parts, nsd.fetch) and the
 ROI-only fetch (nsd.fetch_betas_roi) with BRAID's settings, then the ROI-only fetch over a grid
 of concurrency x merge gap, and prints wall-time ratios whole / ROI-only (goal >= 5 on both
-links). It also measures the proxy's own ceiling without shaping: on a slow machine the proxy,
-not the simulated link, may limit the whole-object fetch, which flatters ROI-only.
+links). ``--address-map`` adds an experiment BRAID does not do (:class:`KnownLayout`: every
+range known beforehand and prefetched in one round). It also measures the proxy's own ceiling
+without shaping: on a slow machine the proxy, not the simulated link, may limit the
+whole-object fetch, which flatters ROI-only.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from betas_masking import make_session, roi_mask_zyx  # noqa: E402
+from betas_masking import SHAPE, make_session, roi_mask_zyx  # noqa: E402
 from shaping_proxy import ShapingProxy  # noqa: E402
 
 from braid import nsd  # noqa: E402
@@ -45,6 +47,54 @@ def timed(fn, *args, **kw):
     return time.perf_counter() - t, out
 
 
+class KnownLayout:
+    """The ROI fetch as it would run if the file's layout were known beforehand (an experiment).
+
+    :meth:`record` runs BRAID's fetch once and notes every range it looks up (file head, chunk
+    B-tree nodes, wanted chunks). :meth:`fetch` then reads them all in one round of parallel
+    requests (ranges closer than ``gap_chunks`` chunks merged) before BRAID's own fetch runs, which
+    finds everything in its cache. This bounds what a per-file address map, kept from an earlier
+    session of the same layout, could gain.
+    """
+
+    def __init__(self):
+        self.needed: list[tuple[int, int]] = []
+
+    def _patched(self, prefetch: list[tuple[int, int]], gap_bytes: int):
+        from braid import hdf5_ranges
+
+        needed = self.needed
+
+        class Recorded(hdf5_ranges.RangeCache):
+            def __init__(self, reader, parallel=16):
+                super().__init__(reader, parallel)
+                if prefetch:
+                    super().read_many(prefetch, gap_bytes)
+
+            def cached(self, offset, size):
+                needed.append((offset, size))
+                return super().cached(offset, size)
+
+        return Recorded
+
+    def _run(self, prefetch, gap_bytes, *args, **kw) -> dict:
+        from braid import hdf5_ranges
+
+        plain = hdf5_ranges.RangeCache
+        hdf5_ranges.RangeCache = self._patched(prefetch, gap_bytes)
+        try:
+            return nsd.fetch_betas_roi(*args, **kw)
+        finally:
+            hdf5_ranges.RangeCache = plain
+
+    def record(self, *args, **kw) -> None:
+        self._run([], 0, *args, **kw)
+        self.needed[:] = sorted(set(self.needed))
+
+    def fetch(self, gap_chunks: int, *args, **kw) -> dict:
+        return self._run(list(self.needed), gap_chunks * SHAPE[0] * 2, *args, **kw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--s3rver", type=Path, default=None,
@@ -54,6 +104,9 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, nargs="+", default=[16, 32, 64, 128], help="concurrencies of the sweep")
     ap.add_argument("--gaps", type=int, nargs="+", default=[0, 4, 16, 64, 128, 256, 512],
                     help="merge gaps of the sweep, in chunks")
+    ap.add_argument("--address-map", action="store_true",
+                    help="also time an experiment BRAID does not do: the ROI fetch with every range it needs known "
+                         "from the fetch before, prefetched in one round (see address_map_fetch)")
     args = ap.parse_args()
     import boto3
 
@@ -97,6 +150,16 @@ def main() -> None:
                       f"{entry['requests']} requests, {(entry['bytes_metadata'] + entry['bytes_data']) / 1e6:.1f} MB "
                       f"| whole / ROI-only = {ratio:.1f}x (goal >= 5) | ROI values identical: {same}")
                 (tmp / "roi.hdf5").unlink()
+                if args.address_map:
+                    known = KnownLayout()
+                    known.record(f"s3://{nsd.BUCKET}", key, tmp / "roi.hdf5", mask, **s3)
+                    (tmp / "roi.hdf5").unlink()
+                    for gap in (32, 64, 128):
+                        t, e = timed(known.fetch, gap, f"s3://{nsd.BUCKET}", key, tmp / "roi.hdf5", mask, **s3)
+                        (tmp / "roi.hdf5").unlink()
+                        print(f"   address map known, prefetch gap {gap:3d} chunks: {t:5.2f} s, {e['requests']:5d} "
+                              f"requests, {(e['bytes_metadata'] + e['bytes_data']) / 1e6:6.1f} MB, "
+                              f"whole / ROI = {whole_s / t:5.1f}x")
                 if args.grid:
                     saved = nsd.RANGE_PARALLEL
                     for parallel in args.parallel:
