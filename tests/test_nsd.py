@@ -232,6 +232,21 @@ def test_stimuli_rows_only(s3_server, mirror, tmp_path):
     assert entry["chunks"] == 2 and entry["bytes_data"] == 2 * 425 * 425 * 3
 
 
+def test_a_partial_download_resumes_only_into_the_same_pieces(tmp_path):
+    """Pieces of the same count and total but other lengths (a ROI fetch resumed without its index
+    cache plans other runs) start again: a kept piece is never read back as another."""
+    identity = {"key": "k", "size": 10}
+    first = nsd.PartialDownload(tmp_path / "out", identity, [4, 6])
+    first.write(0, b"abcd")
+    first.close()
+    same = nsd.PartialDownload(tmp_path / "out", identity, [4, 6])
+    assert same.todo() == [1] and same.read(0) == b"abcd"
+    same.close()
+    other = nsd.PartialDownload(tmp_path / "out", identity, [6, 4])
+    assert other.todo() == [0, 1] and other.read(0) == bytes(6)
+    other.close()
+
+
 def test_whole_object_resumes_after_a_kill(s3_server, fault_proxy, mirror, tmp_path):
     root, _ = mirror
     key = nsd.betas_key(1, 1)

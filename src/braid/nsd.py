@@ -305,13 +305,17 @@ class PartialDownload:
         self.record = self.dest.with_name(self.dest.name + ".part.json")
         self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         self.lengths = [int(n) for n in lengths]
-        self.state = {"identity": identity, "lengths": len(lengths), "total": int(self.offsets[-1]), "done": []}
+        # the pieces themselves, not just their count and total: a ROI fetch resumed without its
+        # chunk-index cache has other runs, and a piece must never be read back as another
+        pieces = hashlib.sha256(np.asarray(self.lengths, np.int64).tobytes()).hexdigest()
+        self.state = {"identity": identity, "lengths": len(lengths), "pieces": pieces, "total": int(self.offsets[-1]),
+                      "done": []}
         if self.part.exists() and self.record.exists():
             try:
                 old = json.loads(self.record.read_text())
             except ValueError:
                 old = {}  # an unreadable record: start again
-            same = all(old.get(k) == self.state[k] for k in ("identity", "lengths", "total"))
+            same = all(old.get(k) == self.state[k] for k in ("identity", "lengths", "pieces", "total"))
             if same and self.part.stat().st_size == self.state["total"]:
                 self.state["done"] = sorted(set(old["done"]))
         if not self.state["done"]:
