@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     here = args.dir.resolve()
     store = here / "s3"
     # the bucket is written again when its generator changes (this module, or the synthetic NSD's it calls)
-    generator = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], synthetic)))
+    generator = hashlib.sha256(b"".join(Path(f).read_bytes() for f in (__file__, synthetic.__file__)))
     want = {"sessions": sessions, "seed": 0, "generator": generator.hexdigest()[:12]}
 
     run = here / "run"
