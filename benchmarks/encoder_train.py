@@ -121,7 +121,7 @@ def ridge_seconds(n: int, p: int, q: int, device: str) -> float:
 def main() -> None:
     import torch
 
-    from braid.common import resolve_device
+    from braid.device import resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=2048, help="training samples (the seed: 6750)")

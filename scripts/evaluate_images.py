@@ -2,7 +2,8 @@
 import json
 from pathlib import Path
 
-from braid.common import resolve_device, snakemake_job, store_path
+from braid.common import snakemake_job, store_path
+from braid.device import device_of
 from braid.evaluate import evaluate_images
 
 with snakemake_job(snakemake):
@@ -10,5 +11,5 @@ with snakemake_job(snakemake):
     retrieval = json.loads(snakemake.params.retrieval)
     evaluate_images(i.images, store_path(i.predictions), store_path(i.latents), i.stimuli, store_path(i.features),
                     {Path(p).name: p for p in i.weights}, snakemake.output[0], w.subject, w.encoder, w.run,
-                    pool=retrieval["pool"], draws=retrieval["draws"], device=resolve_device(snakemake.config["device"]),
+                    pool=retrieval["pool"], draws=retrieval["draws"], device=device_of(snakemake.config),
                     batch_size=snakemake.config["evaluate"]["batch_size"])

@@ -2,7 +2,8 @@
 import json
 
 
-from braid.common import resolve_device, snakemake_job, subject_number
+from braid.common import snakemake_job, subject_number
+from braid.device import device_of
 from braid.latents import update_cache, write_manifest
 from braid.nsd import ExpDesign
 
@@ -19,7 +20,7 @@ with snakemake_job(snakemake):
         p.store,
         identity=json.loads(p.identity),
         image_size=p.image_size,
-        device=resolve_device(snakemake.config["device"]),
+        device=device_of(snakemake.config),
         dtype=p.dtype,
         batch_size=model["latent_batch_size"],
         variant=p.variant,

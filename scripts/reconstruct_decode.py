@@ -1,7 +1,8 @@
 """Rule reconstruct_decode: the predicted latents of the test images through the VAE decoder alone."""
 import json
 
-from braid.common import resolve_device, snakemake_job, store_path
+from braid.common import snakemake_job, store_path
+from braid.device import device_of
 from braid.reconstruct import decode
 
 with snakemake_job(snakemake):
@@ -10,6 +11,6 @@ with snakemake_job(snakemake):
         snakemake.input.model,
         snakemake.output[0],
         params=json.loads(snakemake.params.settings),
-        device=resolve_device(snakemake.config["device"]),
+        device=device_of(snakemake.config),
         batch_size=snakemake.config["reconstruct"]["batch_size"],
     )

@@ -1,7 +1,8 @@
 """Rule reconstruct_img2img: img2img reconstructions of the test images at one strength and seed."""
 import json
 
-from braid.common import resolve_device, snakemake_job, store_path
+from braid.common import snakemake_job, store_path
+from braid.device import device_of
 from braid.reconstruct import reconstruct
 
 with snakemake_job(snakemake):
@@ -12,6 +13,6 @@ with snakemake_job(snakemake):
         strength=float(snakemake.wildcards.strength),
         seed=int(snakemake.wildcards.seed),
         params=json.loads(snakemake.params.settings),
-        device=resolve_device(snakemake.config["device"]),
+        device=device_of(snakemake.config),
         batch_size=snakemake.config["reconstruct"]["batch_size"],
     )

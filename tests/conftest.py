@@ -190,3 +190,18 @@ def slurm_cluster():
         pytest.fail(f"SLURM is required here (BRAID_REQUIRE_SLURM=1) but not usable: {why}; "
                     "run .ci/slurm_up.sh as root and see /var/log/slurm/")
     pytest.skip(f"no SLURM here ({why}); .ci/slurm_up.sh (as root) sets one up")
+
+
+@pytest.fixture()
+def failing_compiler(monkeypatch, tmp_path):
+    """torch.compile as in an image without a working C compiler: inductor's $CXX fails, and its
+    caches start empty (a kernel cached by an earlier compilation would need no compiler)."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("CXX", "/bin/false")  # read when inductor's config is imported: patched there too
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
+    torch._dynamo.reset()
+    with inductor_config.patch({"cpp.cxx": (None, "/bin/false"), "fx_graph_cache": False}):
+        yield
+    torch._dynamo.reset()

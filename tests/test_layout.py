@@ -336,3 +336,20 @@ def test_metric_weights_folders_and_reference_names():
     config["encoders"]["true-latent"] = {"kind": "ridge"}
     with pytest.raises(BraidError, match=r"encoders \['true-latent'\].*reference"):
         braid.config.check(config)
+
+
+def test_the_cuda12_lock_is_the_lock_with_torch_built_for_cuda_12():
+    """envs/requirements-cu12.lock.txt pins every package of the lock at the same version, torch and
+    torchvision as their CUDA 12.8 builds from PyTorch's index, and no CUDA 13 library."""
+    def pins(name):
+        lines = (REPO / "envs" / name).read_text().splitlines()
+        return dict(line.split("==") for line in lines if line and not line.startswith(("#", "--")))
+
+    lock, cu12 = pins("requirements.lock.txt"), pins("requirements-cu12.lock.txt")
+    cuda13 = {k for k in lock if k.startswith(("nvidia-", "cuda-")) or k == "triton"}
+    assert cuda13 and not cuda13 & set(cu12)
+    assert set(cu12) == set(lock) - cuda13
+    for name, version in cu12.items():
+        expected = f"{lock[name]}+cu128" if name in ("torch", "torchvision") else lock[name]
+        assert version == expected, (name, version, expected)
+    assert "--extra-index-url https://download.pytorch.org/whl/cu128" in (REPO / "envs" / "requirements-cu12.lock.txt").read_text()

@@ -163,17 +163,6 @@ def use_threads(n: int) -> None:
         sys.modules["torch"].set_num_threads(n)
 
 
-def resolve_device(name: str = "auto") -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is returned as is."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BraidError(f"device {name!r} was requested (config key 'device') but no CUDA GPU is visible")
-    return name
-
-
 def torch_dtype(name: str):
     import torch
 
