@@ -270,3 +270,77 @@ def test_sdxl_vae_architecture_has_the_published_parameter_count():
         vae = AutoencoderKL(**SDXL_VAE_CONFIG)
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # the 335 MB fp32 file of SDXL's VAE
     assert sum(p.numel() for m in (vae.encoder, vae.quant_conv) for p in m.parameters()) == 34_163_664
+
+
+# ---- the GPU paths, proven on the CPU: compilation, prefetched preprocessing ----------------
+
+
+def test_a_failing_compiler_leaves_the_cache_job_running_eagerly(mirror, tiny_model, tmp_path, failing_compiler,
+                                                                   caplog):
+    """model.compile with no working C compiler (inductor's $CXX fails, as in an image without gcc):
+    one warning, and the latents equal the eager job's."""
+    root, _ = mirror
+    ids = [2, 5, 9]
+    with caplog.at_level("WARNING", logger="braid.device"):
+        cache_latents(root / nsd.STIMULI, tiny_model, ids, tmp_path / "compiled.zarr", image_size=64, batch_size=2,
+                      compile=True)
+    assert caplog.text.count("torch.compile failed") == 1
+    cache_latents(root / nsd.STIMULI, tiny_model, ids, tmp_path / "eager.zarr", image_size=64, batch_size=2)
+    np.testing.assert_array_equal(LatentCache(tmp_path / "compiled.zarr").get(ids), LatentCache(tmp_path / "eager.zarr").get(ids))
+
+
+def test_a_compiled_job_compiles_once_padding_its_last_batch(mirror, tiny_model, tmp_path):
+    """5 images in batches of 2: the last batch (1 image) is padded to 2, so torch.compile builds one
+    graph, not a second for the odd shape; the padded copies are dropped and the latents equal eager."""
+    from torch._dynamo.utils import counters
+
+    root, _ = mirror
+    torch._dynamo.reset()
+    counters.clear()
+    ids = [1, 3, 4, 6, 8]
+    cache_latents(root / nsd.STIMULI, tiny_model, ids, tmp_path / "compiled.zarr", image_size=64, batch_size=2,
+                  compile=True)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    cache_latents(root / nsd.STIMULI, tiny_model, ids, tmp_path / "eager.zarr", image_size=64, batch_size=2)
+    z = LatentCache(tmp_path / "compiled.zarr")
+    assert z.ids.tolist() == ids
+    np.testing.assert_allclose(z.get(ids), LatentCache(tmp_path / "eager.zarr").get(ids), rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_stimuli_are_read_and_resized_in_the_prefetch_thread(mirror, tiny_model, tmp_path, monkeypatch):
+    """The GPU must not wait for PIL: every resize of a cache job runs in the background thread."""
+    import threading
+
+    import braid.latents as L
+
+    root, _ = mirror
+    threads = []
+    real = L.preprocess
+
+    def recording(images, size):
+        threads.append(threading.current_thread().name)
+        return real(images, size)
+
+    monkeypatch.setattr(L, "preprocess", recording)
+    monkeypatch.setattr(L, "CHUNK", 2)
+    cache_latents(root / nsd.STIMULI, tiny_model, [1, 2, 3, 4, 5], tmp_path / "c.zarr", image_size=64, batch_size=2)
+    assert len(threads) == 3 and all(name.startswith("braid-stimuli") for name in threads), threads
+
+
+def test_every_loader_runs_the_vae_in_the_same_dtype_when_its_config_omits_force_upcast(tiny_model, tmp_path):
+    """A VAE config without force_upcast: diffusers takes it as True, so float16 must run the VAE in
+    float32 in latent caching, decode-only and img2img alike."""
+    import json
+    import shutil
+
+    from braid.models import load_img2img
+
+    model = tmp_path / "no-flag"
+    shutil.copytree(tiny_model, model)
+    cfg = json.loads((model / "vae" / "config.json").read_text())
+    cfg.pop("force_upcast")
+    (model / "vae" / "config.json").write_text(json.dumps(cfg))
+    assert load_vae(model, dtype="float16").dtype == torch.float32
+    assert load_img2img(model, dtype="float16").vae.dtype == torch.float32
+    assert load_vae(model, dtype="bfloat16").dtype == torch.bfloat16

@@ -50,34 +50,54 @@ def encode_images(images: np.ndarray, vae, size: int, batch_size: int = 16) -> n
     return np.concatenate(out) if out else np.zeros((0, vae.config.latent_channels, size // 8, size // 8), np.float32)
 
 
-def encode_batches(chunks, vae, size: int, batch_size: int = 16, progress=None):
-    """Encode an iterable of uint8 image arrays batch by batch; yield ``(first_index, latents)``.
+def posterior_mean(vae, compile: bool = False):
+    """``x -> vae.encode(x).latent_dist.mean``, compiled with ``torch.compile`` when asked (falling
+    back to eager, with one warning, where compilation fails: :class:`braid.device.compile_or_eager`)."""
+    from .device import compile_or_eager
 
-    Each batch is resized and mapped to [-1, 1] (:func:`preprocess`), moved to the VAE's
-    device and dtype in ``channels_last`` layout, encoded, and checked: a batch with NaN/inf
-    latents raises a :class:`BraidError` naming the fix, before anything is written.
+    def mean(x):
+        return vae.encode(x).latent_dist.mean
+
+    return compile_or_eager(mean, enabled=compile)
+
+
+def encode_batches(chunks, vae, size: int, batch_size: int = 16, progress=None, encoder=None):
+    """Encode an iterable of image chunks batch by batch; yield ``(first_index, latents)``.
+
+    A chunk is uint8 images (n, H, W, 3), resized and mapped to [-1, 1] here
+    (:func:`preprocess`), or a float tensor that :func:`preprocess` already made (the cache
+    prepares them in a background thread). Each batch is moved to the VAE's device and dtype in
+    ``channels_last`` layout, encoded by ``encoder`` (default: :func:`posterior_mean`, eager) and
+    checked: a batch with NaN/inf latents raises a :class:`BraidError` naming the fix, before
+    anything is written. A compiled ``encoder`` gets every batch at ``batch_size`` (the last is
+    padded with copies of its last image, which are dropped), so that it compiles once.
     ``progress`` (a tqdm bar) is advanced by the number of images encoded.
     """
     import torch
 
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
+    encoder = encoder or posterior_mean(vae)
     done = 0
-    for images in chunks:
-        for start in range(0, len(images), batch_size):
-            x = preprocess(images[start : start + batch_size], size)
+    for chunk in chunks:
+        for start in range(0, len(chunk), batch_size):
+            part = chunk[start : start + batch_size]
+            x = part if isinstance(part, torch.Tensor) else preprocess(part, size)
+            n = len(x)
+            if getattr(encoder, "active", False) and n < batch_size:
+                x = torch.cat([x, x[-1:].expand(batch_size - n, *x.shape[1:])])
             x = x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
-                z = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).float().cpu().numpy()
+                z = (encoder(x)[:n] * vae.config.scaling_factor).float().cpu().numpy()
             if not np.isfinite(z).all():
                 raise BraidError(
-                    f"the VAE produced NaN/inf latents in {dtype} (images {done}..{done + len(x) - 1} of this "
+                    f"the VAE produced NaN/inf latents in {dtype} (images {done}..{done + n - 1} of this "
                     "job); run it in float32 or bfloat16 (config model.dtype)"
                 )
             yield done, z
-            done += len(z)
+            done += n
             if progress is not None:
-                progress.update(len(z))
+                progress.update(n)
 
 
 def read_stimuli(path: str | os.PathLike, nsd_ids: np.ndarray) -> np.ndarray:
@@ -183,15 +203,19 @@ def update_cache(
     most the batch in flight and a rerun resumes. ``identity`` (model, revision, VAE, image
     size, dtype, preprocessing) is stored and checked: a store never mixes latents of two
     settings. Jobs of several subjects take turns through a lock on ``<store>.lock``.
+
+    ``compile``: ``torch.compile`` the VAE's encoding (on any device; it pays only on a GPU over
+    many images: ``make gpu-check`` measures it). Every batch then has ``batch_size`` images, so
+    it compiles once; where compilation fails it runs eagerly, with one warning.
     """
     import torch
     from tqdm import tqdm
 
-    from .models import load_vae, vae_image_size
+    from .models import load_vae, vae_force_upcast, vae_image_size
 
     store = Path(store)
     vae = load_vae(model_dir, device=device, dtype=dtype, variant=variant)
-    if dtype == "float16" and vae.config.get("force_upcast", False):
+    if dtype == "float16" and vae_force_upcast(vae.config):
         raise BraidError(
             f"model.dtype float16: the VAE in {model_dir} overflows in float16 (its config sets force_upcast), "
             "so its latents would be NaN or silently computed in float32. Use model.dtype bfloat16 or float32, or "
@@ -203,8 +227,7 @@ def update_cache(
     identity = dict(sorted(identity.items()))
     latent_shape = (vae.config.latent_channels, size // 8, size // 8)
     vae = vae.to(memory_format=torch.channels_last)
-    if compile and str(device).startswith("cuda"):
-        vae.encoder = torch.compile(vae.encoder)
+    encoder = posterior_mean(vae, compile=compile)
     ids = np.unique(np.asarray(nsd_ids, dtype=np.int64))
     with file_lock(store.with_name(store.name + ".lock"), wait=True):  # subjects append in turn
         root = _open_for_append(store, identity, latent_shape)
@@ -219,8 +242,11 @@ def update_cache(
             idx.resize((n + todo.size,))
         groups = [todo[i : i + CHUNK] for i in range(0, todo.size, CHUNK)]
         with tqdm(total=int(todo.size), desc="latents", unit="img", mininterval=2) as bar:
-            for group, images in zip(groups, _prefetch(lambda g: read_stimuli(stimuli_path, g), groups)):
-                z = np.concatenate([b for _, b in encode_batches([images], vae, size, batch_size, progress=bar)])
+            def prepared(g):  # in the prefetch thread: read, resize, map to [-1, 1]
+                return preprocess(read_stimuli(stimuli_path, g), size)
+
+            for group, x in zip(groups, _prefetch(prepared, groups)):
+                z = np.concatenate([b for _, b in encode_batches([x], vae, size, batch_size, bar, encoder)])
                 lat[n : n + group.size] = z
                 idx[n : n + group.size] = group
                 n += group.size
