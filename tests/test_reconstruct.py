@@ -188,3 +188,41 @@ def test_float16_decodes_in_float32_when_the_vae_overflows(tiny_model, tmp_path)
         decode_latents(fp16.vae, z.half())
     # bfloat16 keeps the VAE in bfloat16, whatever force_upcast says
     assert load_img2img(tiny_model, dtype="bfloat16").vae.dtype == torch.bfloat16
+
+
+def test_img2img_loads_each_module_in_its_dtype_without_casting_afterwards(tiny_model):
+    """diffusers warns "set `torch_dtype` in `from_pretrained()`" when a loaded model is cast with
+    .to(dtype); every module is loaded in the dtype it runs in instead."""
+    from diffusers.utils import logging as dlogging
+
+    records = []
+    handler = __import__("logging").Handler()
+    handler.emit = records.append
+    dlogging.get_logger("diffusers").addHandler(handler)
+    try:
+        pipe = load_img2img(tiny_model, dtype="float16")
+    finally:
+        dlogging.get_logger("diffusers").removeHandler(handler)
+    assert not [r for r in records if "torch_dtype" in r.getMessage()], [r.getMessage() for r in records]
+    assert pipe.unet.dtype == torch.float16 and pipe.text_encoder.dtype == torch.float16
+    assert pipe.vae.dtype == torch.float32  # the tiny VAE, like SDXL's, has force_upcast
+
+
+def test_a_nan_from_the_unet_is_named_as_the_unets_before_the_vae(tiny_model, predictions, tmp_path):
+    """A UNet that outputs NaN (as an fp16 overflow in attention does): the error names the UNet, its
+    dtype and the step settings, and says the VAE was not reached; no image folder is left."""
+    from diffusers import UNet2DConditionModel
+
+    broken = tmp_path / "nan-unet"
+    shutil.copytree(tiny_model, broken)
+    unet = UNet2DConditionModel.from_pretrained(broken, subfolder="unet", local_files_only=True)
+    with torch.no_grad():
+        unet.conv_out.bias.fill_(float("nan"))
+    unet.save_pretrained(broken / "unet")
+    path, _ = predictions
+    with pytest.raises(BraidError) as err:
+        reconstruct(path, broken, tmp_path / "out", 0.5, 0, PARAMS | {"steps": 6})
+    text = str(err.value)
+    assert "the UNet (torch.float32) produced NaN/inf latents" in text and "NSD ids [4, 11]" in text
+    assert "strength 0.5, 6 steps (3 run), guidance_scale 1.0" in text and "VAE was not reached" in text
+    assert not (tmp_path / "out").exists()

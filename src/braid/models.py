@@ -259,15 +259,28 @@ def download(repo_id: str, out_dir: str | os.PathLike, revision: str | None = No
     return report
 
 
+def vae_force_upcast(vae_config) -> bool:
+    """Whether the VAE overflows in float16, by its config's ``force_upcast``; where the config does
+    not say, diffusers' own default for ``AutoencoderKL`` (True), as ``from_pretrained`` fills it in.
+    The one rule for every loader, so that latent caching, decode-only and img2img agree."""
+    import inspect
+
+    from diffusers import AutoencoderKL
+
+    default = inspect.signature(AutoencoderKL.__init__).parameters["force_upcast"].default
+    return bool(vae_config.get("force_upcast", default))
+
+
 def vae_dtype(vae_config, dtype: str) -> str:
     """The dtype the VAE must run in when the rest of the model runs in ``dtype``.
 
-    The SDXL VAE overflows in float16 (NaN images); its config says so with ``force_upcast``,
-    and diffusers' own pipelines then run it in float32. BRAID follows the same rule: float16
-    with ``force_upcast`` -> float32; a VAE fine-tuned for float16 (``force_upcast: false``,
-    e.g. madebyollin/sdxl-vae-fp16-fix) stays float16; float32 and bfloat16 are kept.
+    The SDXL VAE overflows in float16 (NaN images); its config says so with ``force_upcast``
+    (:func:`vae_force_upcast`), and diffusers' own pipelines then run it in float32. BRAID follows
+    the same rule: float16 with ``force_upcast`` -> float32; a VAE fine-tuned for float16
+    (``force_upcast: false``, e.g. madebyollin/sdxl-vae-fp16-fix) stays float16; float32 and
+    bfloat16 are kept.
     """
-    if dtype == "float16" and vae_config.get("force_upcast", False):
+    if dtype == "float16" and vae_force_upcast(vae_config):
         return "float32"
     return dtype
 
@@ -275,9 +288,10 @@ def vae_dtype(vae_config, dtype: str) -> str:
 def load_img2img(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32", variant: str | None = None):
     """Load an SDXL img2img pipeline from a local folder, offline, as compute nodes must.
 
-    UNet and text encoders run in ``dtype``; the VAE in :func:`vae_dtype`. Decode with
-    :func:`decode_latents`, not the pipeline's own decoder: the pipeline upcasts the VAE only
-    while it is still float16, which this loader has already settled.
+    UNet and text encoders are loaded in ``dtype``, the VAE (by :func:`load_vae`) in
+    :func:`vae_dtype`: each module is read in the precision it runs in, never cast afterwards.
+    Decode with :func:`decode_latents`, not the pipeline's own decoder: the pipeline upcasts the
+    VAE only while it is still float16, which this loader has already settled.
     """
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
@@ -285,17 +299,15 @@ def load_img2img(path: str | os.PathLike, device: str = "cpu", dtype: str = "flo
 
     path = Path(path)
     check_model(path)
+    vae = load_vae(path, device="cpu", dtype=dtype, variant=variant)
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
         path,
+        vae=vae,
         torch_dtype=torch_dtype(dtype),
         variant=variant,
         local_files_only=True,
         add_watermarker=False,
     )
-    run_vae = vae_dtype(pipe.vae.config, dtype)
-    if run_vae != dtype:
-        log.info("VAE runs in %s (force_upcast: the SDXL VAE overflows in %s)", run_vae, dtype)
-    pipe.vae.to(torch_dtype(run_vae))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -322,14 +334,15 @@ def decode_latents(vae, latents):
 
 
 def load_vae(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32", variant: str | None = None):
-    """The pipeline's VAE alone (for caching latents), from the same local folder, in :func:`vae_dtype`."""
+    """The pipeline's VAE, from the same local folder, loaded in :func:`vae_dtype` (for caching latents,
+    decode-only, and inside :func:`load_img2img`)."""
     from diffusers import AutoencoderKL
 
     from .common import torch_dtype
 
     path = Path(path)
     check_model(path, required="vae/config.json")
-    run_vae = vae_dtype(json.loads((path / "vae" / "config.json").read_text()), dtype)
+    run_vae = vae_dtype(AutoencoderKL.load_config(path, subfolder="vae", local_files_only=True), dtype)
     if run_vae != dtype:
         log.info("VAE runs in %s (force_upcast: the SDXL VAE overflows in %s)", run_vae, dtype)
     vae = AutoencoderKL.from_pretrained(

@@ -12,10 +12,14 @@ One reconstruction per test image: the encoder's predictions for the image's tes
 (its repeats) are averaged first. Each image's generator is seeded by ``seed + nsd_id``, for
 every seed of ``reconstruct.seeds``. :func:`decode` writes the decode-only images (no diffusion).
 
-What is reproducible: the same inputs, settings, batch size, device and software give
-bit-identical PNGs. A different ``batch_size`` gives the same image up to floating-point
-reduction order, which on CPU changes a pixel value by at most 2 of 255 (tested); other
-machines and devices differ by similar amounts, not bit for bit.
+What is reproducible. On a CPU: the same inputs, settings, batch size and software give
+bit-identical PNGs, and a different ``batch_size`` changes a pixel value by at most 2 of 255
+(tested). On a GPU, bit-identical PNGs are promised only for a repeat on the same GPU model,
+driver, CUDA/cuDNN and torch versions and batch size (``make gpu-check`` checks that a repeat
+run gives the same PNG hashes); cuBLAS/cuDNN pick algorithms by GPU model and SM count and TF32
+may be used, so another GPU or library version gives images that differ slightly, not bit for
+bit. Seeds make the noise the same everywhere (a CPU generator would too); they do not make
+the arithmetic the same.
 """
 
 from __future__ import annotations
@@ -37,6 +41,23 @@ def check_strength(strength: float, steps: int) -> None:
         raise BraidError(
             f"strength {strength} with {steps} steps runs int({steps}*{strength}) = 0 denoising steps and "
             f"would return no image; raise reconstruct.steps to at least {int(np.ceil(1 / strength))} or raise the strength"
+        )
+
+
+def check_denoised(denoised, ids, unet_dtype, strength: float, steps: int, guidance_scale: float) -> None:
+    """The UNet's denoised latents are finite, before the VAE sees them: a NaN here is the UNet's
+    (float16 overflows in attention or a broken checkpoint), not the VAE's, and is named so."""
+    import torch
+
+    bad = ~torch.isfinite(denoised.reshape(len(denoised), -1)).all(dim=1)
+    if bool(bad.any()):
+        which = [int(i) for i in np.asarray(ids)[bad.cpu().numpy()]][:5]
+        fix = ("run the UNet in bfloat16 or float32 (config reconstruct.dtype)" if unet_dtype == torch.float16
+               else "check the model's weights (model_fetch) and the predicted latents")
+        raise BraidError(
+            f"the UNet ({unet_dtype}) produced NaN/inf latents for NSD ids {which} at strength {strength}, "
+            f"{steps} steps ({int(steps * strength)} run), guidance_scale {guidance_scale}; {fix}. The VAE was not "
+            "reached."
         )
 
 
@@ -148,6 +169,7 @@ def reconstruct(
             ).images
         if len(denoised) != n:
             raise BraidError(f"the pipeline returned {len(denoised)} latents for {n} inputs")
+        check_denoised(denoised, chunk, dtype, strength, steps, params["guidance_scale"])
         return decode_latents(pipe.vae, denoised)
 
     _write_pngs(out_dir, ids, int(batch_size), images_of, f"img2img s={strength} seed={seed}")
