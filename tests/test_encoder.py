@@ -370,6 +370,53 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, caplog):
     assert pd.read_csv(out[1])["epoch"].tolist() == [1, 2, 3, 4]
 
 
+def test_a_checkpoint_is_read_to_the_host_whatever_the_device(tmp_path, monkeypatch):
+    """Checkpoints are loaded with map_location="cpu": the model and the optimiser place their
+    tensors, and Adam's step counters stay on the host (on a GPU, map_location=device put them on
+    the device: a host sync per parameter per step of the resumed run)."""
+    seen = []
+    real_load = torch.load
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("map_location"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording)
+    sp = encoder.spec({"hidden": [8]})
+    fingerprint = encoder.fingerprint_of(encoder.run_identity(sp, "cpu"))
+    model = encoder.build_mlp(4, 3, [8], 0.0)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    encoder._write_checkpoint(tmp_path / "c.checkpoint", {"fingerprint": fingerprint, "optimizer": opt.state_dict()})
+    state = encoder._read_checkpoint(tmp_path / "c.checkpoint", fingerprint)
+    assert seen == ["cpu"]
+    steps = [s["step"] for s in state["optimizer"]["state"].values()]
+    assert steps and all(t.device.type == "cpu" for t in steps)
+
+
+def test_a_checkpoint_resumes_only_on_the_same_device_type_precision_and_teacher_file(tmp_path):
+    """The run identity a checkpoint must match: the device type (not its index), the arithmetic
+    (bf16 autocast on CUDA, float32 elsewhere) and a student's teacher file, by its bytes."""
+    sp = encoder.spec({"hidden": [8]})
+    cpu, gpu0, gpu1 = (encoder.run_identity(sp, d) for d in ("cpu", "cuda:0", "cuda:1"))
+    assert gpu0 == gpu1 and cpu != gpu0
+    assert (cpu["device_type"], cpu["precision"], gpu0["precision"]) == ("cpu", "float32", "bfloat16-autocast")
+    no_amp = encoder.run_identity(encoder.spec({"hidden": [8], "autocast": False}), "cuda")
+    assert no_amp["precision"] == "float32" and no_amp["device_type"] == "cuda"
+    teacher = tmp_path / "t.safetensors"
+    teacher.write_bytes(b"weights v1")
+    student = encoder.spec({"kind": "student", "teacher": "t", "rank": 2})
+    first = encoder.run_identity(student, "cpu", teacher)
+    import hashlib
+
+    assert first["teacher_sha256"] == hashlib.sha256(b"weights v1").hexdigest()
+    teacher.write_bytes(b"weights v2")  # the teacher was retrained
+    assert encoder.run_identity(student, "cpu", teacher) != first
+    fingerprints = {encoder.fingerprint_of(i) for i in (cpu, gpu0, no_amp, first)}
+    assert len(fingerprints) == 4
+
+
 # ---- voxel selection: training trials only --------------------------------------------------
 
 

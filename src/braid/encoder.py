@@ -314,13 +314,16 @@ def _write_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def _read_checkpoint(path: Path, fingerprint: str, device: str):
+def _read_checkpoint(path: Path, fingerprint: str):
+    """The checkpoint's state, loaded to the CPU (the model and the optimiser place their tensors:
+    Adam's ``step`` counters stay on the host, as a fresh run keeps them, so that a resumed run
+    does not synchronise with the GPU per parameter per step); None if absent or of another run."""
     import torch
 
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a checkpoint that cannot be read is not trusted; training restarts
         log.warning("%s: unreadable checkpoint (%s); training starts from epoch 0", path, err)
         return None
@@ -345,21 +348,25 @@ def fit_gradient(sp: dict, model, xt, tt, xv, zv, device: str, checkpoint: Path,
 
     opt = torch.optim.Adam(model.parameters(), lr=sp["lr"], weight_decay=sp["weight_decay"])
     gen = torch.Generator().manual_seed(sp["seed"])
+    from .device import precision
+
     cuda = device.startswith("cuda")
+    bf16 = precision(device, sp["autocast"]) != "float32"
+
     def amp():  # a fresh context per use
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and sp["autocast"])
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
 
     history: list[dict] = []
     best = {"epoch": 0, "val_loss": float("inf"), "state": None}
     start = 0
-    saved = _read_checkpoint(checkpoint, fingerprint, device)
+    saved = _read_checkpoint(checkpoint, fingerprint)
     if saved is not None:
         model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        gen.set_state(saved["generator"].cpu())
-        torch.set_rng_state(saved["cpu_rng"].cpu())
+        opt.load_state_dict(saved["optimizer"])  # moves moment estimates to the parameters' device
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["cpu_rng"])
         if cuda and "cuda_rng" in saved:
-            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
         history, start = list(saved["history"]), int(saved["epoch"])
         best = {"epoch": int(saved["best_epoch"]), "val_loss": float(saved["best_val_loss"]),
                 "state": saved["best_state"]}
@@ -448,6 +455,16 @@ class Encoder:
             return self.model(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device)).float()
 
 
+def file_sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def fingerprint_of(sp: dict, *arrays) -> str:
     """Settings and a checksum of the data: a checkpoint resumes only the run it came from."""
     import hashlib
@@ -458,6 +475,21 @@ def fingerprint_of(sp: dict, *arrays) -> str:
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def run_identity(sp: dict, device: str, teacher=None) -> dict:
+    """What a checkpoint must share with the run that resumes it, besides the data: the settings,
+    the device type and the arithmetic (an attempt that fell back to the CPU trains in float32, one on
+    a GPU in bf16 autocast), and for a student its teacher's file (a retrained teacher changes it;
+    the teacher's predictions are not hashed: their last bits differ between GPU models and drivers)."""
+    import torch
+
+    from .device import precision
+
+    out = {**sp, "device_type": torch.device(device).type, "precision": precision(device, sp["autocast"])}
+    if teacher is not None:
+        out["teacher_sha256"] = file_sha256(teacher)
+    return out
 
 
 def train(betas_path, trials_path, latents_path, params: dict, out_model, out_history, out_plot, out_predictions,
@@ -511,7 +543,7 @@ def train(betas_path, trials_path, latents_path, params: dict, out_model, out_hi
             w = sp["distill_weight"]
             targets = w * teacher_z + (1 - w) * zt  # the MSE to this mix = w·MSE(teacher) + (1-w)·MSE(truth) + const
             log.info("student of %s (%s parameters)", sp["teacher"], t.meta.get("n_parameters"))
-        fingerprint = fingerprint_of(sp, x_tr, targets.cpu().numpy(), x_va, z_va, voxels)  # a retrained teacher changes it
+        fingerprint = fingerprint_of(run_identity(sp, device, teacher), x_tr, z_tr, x_va, z_va, voxels)
         hist = fit_gradient(sp, model, xt, targets, xv, zv, device, checkpoint, fingerprint, checkpoint_minutes)
     model.eval()
 
