@@ -3,6 +3,7 @@
 #   make test   create .venv, then run the test suite (unit + the real DAG end to end)
 #   make report the demo's HTML report (report.html)
 #   make rehearsal  the real configuration at real shapes on this machine (rehearsal/), before GPU hours
+#   make gpu-check  every GPU path of the real configuration on one GPU in a few minutes (ARGS=--cpu: tiny, on a CPU)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.braid-installed
 CORES ?= all
 
-.PHONY: demo test report dryrun rulegraph rehearsal clean
+.PHONY: demo test report dryrun rulegraph rehearsal gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +51,9 @@ docs/rulegraph.svg: $(STAMP) Snakefile workflow/rules/*.smk
 
 clean:
 	rm -rf results logs .snakemake resources/synthetic_nsd resources/nsd
+
+# Every GPU path of the real configuration on one GPU, in a few minutes, before GPU hours are spent
+# (braid.gpu_check): a table in results/gpu-check/gpu-check.md. `make gpu-check ARGS=--cpu` runs it
+# at tiny sizes on a CPU (what the tests do).
+gpu-check: $(STAMP)
+	$(BIN)/python -m braid.gpu_check $(ARGS)
