@@ -242,7 +242,8 @@ def _problem(trials: int, n_in: int, n_out: int, device: str, seed: int = 0):
     return [a.contiguous() for a in (x[n_val:], z[n_val:], x[:n_val], z[:n_val])]
 
 
-def _fit(device: str, n_in: int, n_out: int, hidden, epochs: int, data, checkpoint: Path, **extra):
+def _fit(device: str, n_in: int, n_out: int, hidden, epochs: int, data, checkpoint: Path, checkpoint_minutes=0.0,
+         **extra):
     import torch
 
     from .encoder import DEFAULTS, build_mlp, fit_gradient
@@ -250,7 +251,7 @@ def _fit(device: str, n_in: int, n_out: int, hidden, epochs: int, data, checkpoi
     sp = {**DEFAULTS, "hidden": hidden, "epochs": epochs, "seed": 0, "keep": "last", **extra}
     torch.manual_seed(0)
     model = build_mlp(n_in, n_out, hidden, sp["dropout"]).to(device)
-    fit_gradient(sp, model, *data, device, checkpoint, "gpu-check", checkpoint_minutes=0)
+    fit_gradient(sp, model, *data, device, checkpoint, "gpu-check", checkpoint_minutes=checkpoint_minutes)
     return model
 
 
@@ -261,10 +262,11 @@ def step_mlp(device: str, size: dict, work: Path) -> dict:
 
     n_out = 4 * (size["image_size"] // 8) ** 2
     data = _problem(size["mlp_trials"], size["mlp_in"], n_out, device)
-    _fit(device, size["mlp_in"], n_out, size["mlp_hidden"], 1, data, work / "warm.ckpt")  # CUDA/cuBLAS start-up
+    args = (device, size["mlp_in"], n_out, size["mlp_hidden"])
+    _fit(*args, 1, data, work / "warm.ckpt", checkpoint_minutes=10)  # CUDA/cuBLAS start-up
     reset_peak(device)
-    with Timer(device) as t:
-        model = _fit(device, size["mlp_in"], n_out, size["mlp_hidden"], size["mlp_epochs"], data, work / "mlp.ckpt")
+    with Timer(device) as t:  # checkpoints every 10 minutes, as the workflow's default: none in this time
+        model = _fit(*args, size["mlp_epochs"], data, work / "mlp.ckpt", checkpoint_minutes=10)
     per_epoch = t.s / size["mlp_epochs"]
     return {"parameters": n_parameters(model), "trials": len(data[0]), "epochs": size["mlp_epochs"],
             "epochs_per_s": round(1 / per_epoch, 2), "s_200_epochs": round(200 * per_epoch, 1),
