@@ -228,6 +228,9 @@ def update_cache(
     latent_shape = (vae.config.latent_channels, size // 8, size // 8)
     vae = vae.to(memory_format=torch.channels_last)
     encoder = posterior_mean(vae, compile=compile)
+    if compile and CHUNK % batch_size:
+        log.warning("model.compile with model.latent_batch_size %d: each group of %d images ends in a padded batch; "
+                    "a batch size that divides %d wastes nothing", batch_size, CHUNK, CHUNK)
     ids = np.unique(np.asarray(nsd_ids, dtype=np.int64))
     with file_lock(store.with_name(store.name + ".lock"), wait=True):  # subjects append in turn
         root = _open_for_append(store, identity, latent_shape)
