@@ -340,7 +340,10 @@ def fit_gradient(sp: dict, model, xt, tt, xv, zv, device: str, checkpoint: Path,
     Keeps the best validation epoch (``keep: best``) or the last; stops early after ``patience``
     epochs without improvement. Every ``checkpoint_minutes`` (0 = every epoch) the model, the
     optimiser, the best state and every random state go to ``checkpoint``; a rerun with the same
-    fingerprint continues from there and ends with the weights an uninterrupted run ends with.
+    fingerprint (:func:`run_identity`: settings, data, device type, precision, teacher file)
+    continues from there and ends with the weights an uninterrupted run ends with: bit for bit on
+    a CPU (tested), and on a GPU when it is the same GPU model, driver and software
+    (``make gpu-check`` checks it there).
     bf16 autocast is used on CUDA when ``autocast`` is set.
     """
     import torch
