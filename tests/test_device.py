@@ -10,8 +10,9 @@ import torch
 from braid.common import BraidError
 from braid.device import allocated_gpus, compile_or_eager, precision, resolve_device
 
-# The variables SLURM sets for a job given one GPU (--gpus=1), as seen on a node
-SLURM_ONE_GPU = {"SLURM_JOB_GPUS": "3", "SLURM_GPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": "0"}
+# The variables SLURM 22 sets for a job step given one GPU (srun --gpus=1), as seen on CI's node
+SLURM_ONE_GPU = {"SLURM_GPUS_ON_NODE": "1", "SLURM_STEP_GPUS": "0", "CUDA_VISIBLE_DEVICES": "0",
+                 "GPU_DEVICE_ORDINAL": "0"}
 
 
 @pytest.fixture()
@@ -23,6 +24,7 @@ def no_cuda(monkeypatch):
 
 def test_the_gpu_a_scheduler_gives_is_recognised():
     assert allocated_gpus(SLURM_ONE_GPU) == SLURM_ONE_GPU
+    assert allocated_gpus({"SLURM_JOB_GPUS": "0"}) == {"SLURM_JOB_GPUS": "0"}  # GPU index 0, not "no GPU"
     assert allocated_gpus({"CUDA_VISIBLE_DEVICES": "GPU-5f2c1d9e"}) == {"CUDA_VISIBLE_DEVICES": "GPU-5f2c1d9e"}
     # no GPU: unset, empty, hidden on purpose, or SLURM's "none" values
     for env in ({}, {"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "-1"},
@@ -35,7 +37,7 @@ def test_a_job_given_a_gpu_it_cannot_use_stops_naming_cuda_and_what_to_do(no_cud
     with pytest.raises(BraidError) as err:
         resolve_device("auto", environ=SLURM_ONE_GPU)
     text = str(err.value)
-    assert "SLURM_JOB_GPUS=3" in text and "CUDA_VISIBLE_DEVICES=0" in text
+    assert "SLURM_STEP_GPUS=0" in text and "SLURM_GPUS_ON_NODE=1" in text and "CUDA_VISIBLE_DEVICES=0" in text
     assert f"CUDA {torch.version.cuda}" in text if torch.version.cuda else "no CUDA" in text
     assert "535.104.05" in text and "requirements-cu12.lock.txt" in text and "on_unusable_gpu: cpu" in text
 
@@ -43,7 +45,7 @@ def test_a_job_given_a_gpu_it_cannot_use_stops_naming_cuda_and_what_to_do(no_cud
 def test_on_unusable_gpu_cpu_runs_on_the_cpu_with_a_warning(no_cuda, caplog):
     with caplog.at_level(logging.WARNING, logger="braid.device"):
         assert resolve_device("auto", on_unusable_gpu="cpu", environ=SLURM_ONE_GPU) == "cpu"
-    assert "Running on the CPU" in caplog.text and "SLURM_JOB_GPUS=3" in caplog.text
+    assert "Running on the CPU" in caplog.text and "SLURM_STEP_GPUS=0" in caplog.text
 
 
 def test_a_machine_without_a_gpu_runs_on_the_cpu_warning_on_gpu_rules(no_cuda, caplog):
@@ -101,3 +103,20 @@ def test_compilation_disabled_is_plain_eager():
     fn = compile_or_eager(net, enabled=False)
     x = torch.randn(4, 3)
     assert not fn.active and torch.equal(fn(x), net(x))
+
+
+def test_a_slurm_job_given_a_gpu_torch_cannot_use_stops_and_can_opt_into_the_cpu(slurm_cluster):
+    """On a real SLURM (CI's declares one GPU that no torch can use, like a node whose driver is too
+    old): a step given --gpus=1 stops with the message; with on_unusable_gpu: cpu it runs on the CPU."""
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("torch here can use a GPU")
+    code = "import sys; from braid.device import resolve_device; print(resolve_device('auto', on_unusable_gpu=sys.argv[1]))"
+    srun = ["srun", "-p", "gpu", "--gpus=1", "-t", "5", sys.executable, "-c", code]
+    failed = subprocess.run([*srun, "fail"], capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    assert "this job was given a GPU (" in failed.stderr and "but torch cannot use it" in failed.stderr
+    allowed = subprocess.run([*srun, "cpu"], capture_output=True, text=True, timeout=300)
+    assert allowed.returncode == 0 and allowed.stdout.strip() == "cpu", allowed.stderr[-2000:]

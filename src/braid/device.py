@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 # Variables a scheduler sets when it gives a job GPUs (SLURM: --gpus / --gres=gpu), and the
 # CUDA runtime's own list of visible devices.
-SLURM_GPU_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_GPUS")
+# SLURM sets lists of GPU indices ("0", "0,1") and counts ("1") for a job given --gpus/--gres=gpu;
+# a count of "0" means none, an index "0" is the first GPU.
+SLURM_GPU_INDICES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "GPU_DEVICE_ORDINAL")
+SLURM_GPU_COUNTS = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS")
 NO_DEVICE = ("", "-1", "none", "nodevfiles", "void")
 
 CUDA12_LOCK = "envs/requirements-cu12.lock.txt"
@@ -32,9 +35,9 @@ def allocated_gpus(environ=None) -> dict[str, str]:
     """The variables by which the scheduler says that this job has a GPU (empty: none given)."""
     env = os.environ if environ is None else environ
     found = {}
-    for var in SLURM_GPU_VARIABLES:
+    for var in (*SLURM_GPU_INDICES, *SLURM_GPU_COUNTS):
         value = env.get(var, "").strip()
-        if value and value.lower() not in NO_DEVICE and value != "0":
+        if value.lower() not in NO_DEVICE and not (var in SLURM_GPU_COUNTS and value == "0"):
             found[var] = value
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip().lower() not in NO_DEVICE:
