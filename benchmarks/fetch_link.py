@@ -9,8 +9,8 @@ bandwidth for all response bodies) sits between BRAID and an S3 server on loopba
 which serves byte ranges from disk; moto re-reads the whole object for every ranged GET). The
 object is a synthetic session of subj01's real size, (750, 83, 104, 81) int16 in NSD's
 (750, 1, 1, 1) chunks, and the ROI has 15,724 voxels (subj01's nsdgeneral count). For each link
-it times the whole-object fetch (the baseline: BRAID's ranged parallel parts, nsd.fetch) and the
-ROI-only fetch (nsd.fetch_betas_roi) with BRAID's settings, then the ROI-only fetch over a grid
+it times the whole-object fetch (the baseline: BRAID's ranged parallel parts, transfer.fetch) and the
+ROI-only fetch (transfer.fetch_betas_roi) with BRAID's settings, then the ROI-only fetch over a grid
 of concurrency x merge gap, and prints wall-time ratios whole / ROI-only (goal >= 5 on both
 links). ``--address-map`` adds an experiment BRAID does not do (:class:`KnownLayout`: every
 range known beforehand and prefetched in one round). It also measures the proxy's own ceiling
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from betas_masking import SHAPE, make_session, roi_mask_zyx  # noqa: E402
 from shaping_proxy import ShapingProxy  # noqa: E402
 
-from braid import nsd  # noqa: E402
+from braid import nsd, transfer  # noqa: E402
 from braid.betas import read_session  # noqa: E402
 from braid.rehearsal import s3rver_binary, start_s3rver  # noqa: E402
 
@@ -83,7 +83,7 @@ class KnownLayout:
         plain = hdf5_ranges.RangeCache
         hdf5_ranges.RangeCache = self._patched(prefetch, gap_bytes)
         try:
-            return nsd.fetch_betas_roi(*args, **kw)
+            return transfer.fetch_betas_roi(*args, **kw)
         finally:
             hdf5_ranges.RangeCache = plain
 
@@ -127,11 +127,11 @@ def main() -> None:
             local.unlink()
             size = admin.head_object(Bucket=nsd.BUCKET, Key=key)["ContentLength"]
             print(f"object {size / 1e9:.3f} GB; ROI {int(mask.sum())} voxels; "
-                  f"BRAID: {nsd.RANGE_PARALLEL} parallel ranges, merge gap {nsd.GAP_CHUNKS} chunks, "
-                  f"whole object in {nsd.PART_SIZE >> 20} MB parts x {nsd.PART_PARALLEL}")
+                  f"BRAID: {transfer.RANGE_PARALLEL} parallel ranges, merge gap {transfer.GAP_CHUNKS} chunks, "
+                  f"whole object in {transfer.PART_SIZE >> 20} MB parts x {transfer.PART_PARALLEL}")
 
             proxy = ShapingProxy(upstream)
-            ceiling_s, _ = timed(nsd.fetch, f"s3://{nsd.BUCKET}", key, tmp / "w.hdf5", endpoint_url=proxy.endpoint)
+            ceiling_s, _ = timed(transfer.fetch, f"s3://{nsd.BUCKET}", key, tmp / "w.hdf5", endpoint_url=proxy.endpoint)
             proxy.close()
             (tmp / "w.hdf5").unlink()
             print(f"proxy ceiling, no shaping: whole object {ceiling_s:.2f} s = {size / ceiling_s / 1e6:.0f} MB/s")
@@ -140,9 +140,9 @@ def main() -> None:
             for name, latency, bandwidth in LINKS:
                 proxy = ShapingProxy(upstream, latency, bandwidth)
                 s3 = {"endpoint_url": proxy.endpoint}
-                whole_s, _ = timed(nsd.fetch, f"s3://{nsd.BUCKET}", key, tmp / "whole.hdf5", **s3)
+                whole_s, _ = timed(transfer.fetch, f"s3://{nsd.BUCKET}", key, tmp / "whole.hdf5", **s3)
                 proxy.requests = 0
-                roi_s, entry = timed(nsd.fetch_betas_roi, f"s3://{nsd.BUCKET}", key, tmp / "roi.hdf5", mask, **s3)
+                roi_s, entry = timed(transfer.fetch_betas_roi, f"s3://{nsd.BUCKET}", key, tmp / "roi.hdf5", mask, **s3)
                 same = np.array_equal(read_session(tmp / "roi.hdf5", mask), read_session(tmp / "whole.hdf5", mask))
                 ratio = whole_s / roi_s
                 results.append((name, ratio))
@@ -161,16 +161,16 @@ def main() -> None:
                               f"requests, {(e['bytes_metadata'] + e['bytes_data']) / 1e6:6.1f} MB, "
                               f"whole / ROI = {whole_s / t:5.1f}x")
                 if args.grid:
-                    saved = nsd.RANGE_PARALLEL
+                    saved = transfer.RANGE_PARALLEL
                     for parallel in args.parallel:
-                        nsd.RANGE_PARALLEL = parallel
+                        transfer.RANGE_PARALLEL = parallel
                         for gap in args.gaps:
-                            t, e = timed(nsd.fetch_betas_roi, f"s3://{nsd.BUCKET}", key, tmp / "roi.hdf5", mask,
+                            t, e = timed(transfer.fetch_betas_roi, f"s3://{nsd.BUCKET}", key, tmp / "roi.hdf5", mask,
                                          gap_chunks=gap, **s3)
                             (tmp / "roi.hdf5").unlink()
                             print(f"   parallel {parallel:3d} gap {gap:3d}: {t:5.2f} s, {e['requests']:5d} requests, "
                                   f"{(e['bytes_metadata'] + e['bytes_data']) / 1e6:6.1f} MB, whole / ROI = {whole_s / t:5.1f}x")
-                    nsd.RANGE_PARALLEL = saved
+                    transfer.RANGE_PARALLEL = saved
                 (tmp / "whole.hdf5").unlink()
                 proxy.close()
             print("\nsummary (whole-object wall time / ROI-only wall time):")

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from betas_masking import make_session, roi_mask_zyx  # noqa: E402
 
-from braid import nsd  # noqa: E402
+from braid import nsd, transfer  # noqa: E402
 from braid.betas import read_session  # noqa: E402
 
 
@@ -65,10 +65,10 @@ def main() -> None:
         print(f"object {size / 1e9:.3f} GB on loopback S3; ROI {mask.sum()} voxels, ideal {ideal / 1e6:.1f} MB")
 
         t = time.perf_counter()
-        nsd.fetch(f"s3://{nsd.BUCKET}", key, tmp / "whole.hdf5", endpoint_url=endpoint)
+        transfer.fetch(f"s3://{nsd.BUCKET}", key, tmp / "whole.hdf5", endpoint_url=endpoint)
         whole_s = time.perf_counter() - t
         t = time.perf_counter()
-        entry = nsd.fetch_betas_roi(f"s3://{nsd.BUCKET}", key, tmp / "roi.hdf5", mask, endpoint_url=endpoint)
+        entry = transfer.fetch_betas_roi(f"s3://{nsd.BUCKET}", key, tmp / "roi.hdf5", mask, endpoint_url=endpoint)
         roi_s = time.perf_counter() - t
 
         same = np.array_equal(read_session(tmp / "roi.hdf5", mask), read_session(tmp / "whole.hdf5", mask))

@@ -1,6 +1,6 @@
 """Rule nsd_fetch: one NSD object from S3 or a local mirror into resources/nsd/<key>."""
 from braid.common import snakemake_job
-from braid.nsd import fetch
+from braid.transfer import fetch
 
 with snakemake_job(snakemake):
     p = snakemake.params

@@ -2,7 +2,8 @@
 import json
 
 from braid.common import atomic_output, snakemake_job
-from braid.nsd import fetch_betas_roi, load_roi_mask
+from braid.nsd import load_roi_mask
+from braid.transfer import fetch_betas_roi
 
 with snakemake_job(snakemake):
     p = snakemake.params

@@ -2,7 +2,8 @@
 import json
 
 from braid.common import atomic_output, snakemake_job, subject_number
-from braid.nsd import STIMULI, ExpDesign, fetch_stimuli_rows
+from braid.nsd import STIMULI, ExpDesign
+from braid.transfer import fetch_stimuli_rows
 
 with snakemake_job(snakemake):
     p = snakemake.params

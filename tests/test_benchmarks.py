@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from braid import nsd
+from braid import nsd, transfer
 from braid.betas import read_session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -27,11 +27,11 @@ def test_the_shaping_proxy_passes_whole_and_ranged_fetches_through_unchanged(s3_
     proxy = ShapingProxy(s3_server, latency=0.005, bandwidth=50e6)
     try:
         s3 = {"endpoint_url": proxy.endpoint}
-        nsd.fetch(f"s3://{nsd.BUCKET}", key, tmp_path / "whole.hdf5", **s3)
+        transfer.fetch(f"s3://{nsd.BUCKET}", key, tmp_path / "whole.hdf5", **s3)
         assert (tmp_path / "whole.hdf5").read_bytes() == (root / key).read_bytes()
         before = proxy.requests
         mask = roi_zyx(root)
-        entry = nsd.fetch_betas_roi(f"s3://{nsd.BUCKET}", key, tmp_path / "roi.hdf5", mask, **s3)
+        entry = transfer.fetch_betas_roi(f"s3://{nsd.BUCKET}", key, tmp_path / "roi.hdf5", mask, **s3)
         # every GET of the fetch, and its HEAD, went through the proxy
         assert proxy.requests - before == entry["requests"] + 1
     finally:
@@ -45,7 +45,7 @@ def test_a_known_layout_is_prefetched_in_one_round_and_braid_requests_nothing_mo
     root, _ = mirror
     key = nsd.betas_key(1, 2)
     mask = roi_zyx(root)
-    plain = nsd.fetch_betas_roi(str(root), key, tmp_path / "plain.hdf5", mask)
+    plain = transfer.fetch_betas_roi(str(root), key, tmp_path / "plain.hdf5", mask)
     known = KnownLayout()
     known.record(str(root), key, tmp_path / "recorded.hdf5", mask)
     assert known.needed and len(known.needed) == len(set(known.needed))

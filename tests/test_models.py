@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,7 +107,8 @@ def test_snakemake_jobs_switch_the_hub_off_except_the_download(tmp_path, monkeyp
     from braid.common import snakemake_job
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    job = SimpleNamespace(log=[str(tmp_path / "a.log")], rule="model_fetch", wildcards={}, attempt=1)
+    job = SimpleNamespace(log=[str(tmp_path / "a.log")], rule="model_fetch", wildcards={}, attempt=1,
+                          scriptdir=str(Path(__file__).resolve().parents[1] / "scripts"))
     with snakemake_job(job, offline=False):
         assert "HF_HUB_OFFLINE" not in os.environ
     job.rule = "latents_encode"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.io import savemat
 
-from braid import nsd
+from braid import nsd, transfer
 from braid.common import BraidError
 
 
@@ -94,11 +94,11 @@ def test_stim_info_agrees_with_expdesign(mirror):
 def test_fetch_from_local_mirror(mirror, tmp_path):
     root, _ = mirror
     dest = tmp_path / "out" / nsd.EXPDESIGN
-    size = nsd.fetch(str(root), nsd.EXPDESIGN, dest)
+    size = transfer.fetch(str(root), nsd.EXPDESIGN, dest)
     assert dest.read_bytes() == (root / nsd.EXPDESIGN).read_bytes() and size == dest.stat().st_size
     assert not list(dest.parent.glob(".tmp-*"))
     with pytest.raises(BraidError, match="not found in the local NSD mirror"):
-        nsd.fetch(str(root), "nsddata/nope.csv", tmp_path / "nope.csv")
+        transfer.fetch(str(root), "nsddata/nope.csv", tmp_path / "nope.csv")
     assert not (tmp_path / "nope.csv").exists()
 
 
@@ -112,17 +112,17 @@ def test_fetch_from_s3_anonymously(s3_server, mirror, tmp_path):
     key = nsd.betas_key(1, 1)
     admin.upload_file(str(root / key), nsd.BUCKET, key)
     with pytest.raises(BraidError, match="access denied"):  # private until a policy opens it
-        nsd.fetch(f"s3://{nsd.BUCKET}", key, tmp_path / "private.hdf5", endpoint_url=s3_server)
+        transfer.fetch(f"s3://{nsd.BUCKET}", key, tmp_path / "private.hdf5", endpoint_url=s3_server)
     assert not (tmp_path / "private.hdf5").exists()
     admin.put_object_acl(Bucket=nsd.BUCKET, Key=key, ACL="public-read")  # NSD's objects are world-readable
 
     dest = tmp_path / key
-    nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=s3_server)  # no credentials anywhere
+    transfer.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=s3_server)  # no credentials anywhere
     assert dest.read_bytes() == (root / key).read_bytes()
     missing = nsd.betas_key(1, 9)
     with pytest.raises(BraidError, match=r"betas_session09.hdf5 \(endpoint http://127.0.0.1:\d+\): no such object in bucket "
                                          r"'natural-scenes-dataset'"):
-        nsd.fetch(f"s3://{nsd.BUCKET}", missing, tmp_path / "x.hdf5", endpoint_url=s3_server)
+        transfer.fetch(f"s3://{nsd.BUCKET}", missing, tmp_path / "x.hdf5", endpoint_url=s3_server)
     assert not (tmp_path / "x.hdf5").exists()
 
 
@@ -160,11 +160,11 @@ def test_a_truncated_hdf5_in_the_mirror_is_refused_at_fetch_naming_the_mirror_fi
     message = rf"{cut / key}: truncated: its HDF5 superblock says the file is {len(data):,} bytes long, but it has " \
               rf"{len(data) - 1000:,}; the local NSD mirror's copy .* is incomplete"
     with pytest.raises(BraidError, match=message):
-        nsd.fetch(str(cut), key, tmp_path / "whole.hdf5")
+        transfer.fetch(str(cut), key, tmp_path / "whole.hdf5")
     with pytest.raises(BraidError, match=message):
-        nsd.fetch_betas_roi(str(cut), key, tmp_path / "roi.hdf5", roi_zyx(root))
+        transfer.fetch_betas_roi(str(cut), key, tmp_path / "roi.hdf5", roi_zyx(root))
     assert not list(tmp_path.glob("*.hdf5*")) and not list(tmp_path.glob(".tmp-*"))
-    nsd.fetch(str(root), key, tmp_path / "whole.hdf5")  # the whole file passes
+    transfer.fetch(str(root), key, tmp_path / "whole.hdf5")  # the whole file passes
     assert (tmp_path / "whole.hdf5").read_bytes() == data
 
 
@@ -177,7 +177,7 @@ def test_roi_only_fetch_equals_whole_file_then_mask(s3_server, mirror, tmp_path)
     key = nsd.betas_key(1, 2)
     public_bucket(s3_server, root, [key])
     mask = roi_zyx(root)
-    entry = nsd.fetch_betas_roi(f"s3://{nsd.BUCKET}", key, tmp_path / "roi.hdf5", mask, endpoint_url=s3_server)
+    entry = transfer.fetch_betas_roi(f"s3://{nsd.BUCKET}", key, tmp_path / "roi.hdf5", mask, endpoint_url=s3_server)
     with h5py.File(root / key, "r") as f:
         whole = f["betas"][:][:, mask]
     np.testing.assert_array_equal(read_session(tmp_path / "roi.hdf5", mask), whole.astype(np.float32) / 300)
@@ -195,10 +195,10 @@ def test_roi_only_fetch_equals_whole_file_then_mask(s3_server, mirror, tmp_path)
         digest = hashlib.sha256(b"".join(read((0, *c))[1] for c in np.argwhere(mask).tolist()))
     assert entry["sha256_fetched"] == digest.hexdigest()
     # without merging gaps, exactly the ideal bytes are requested
-    exact = nsd.fetch_betas_roi(f"s3://{nsd.BUCKET}", key, tmp_path / "exact.hdf5", mask, gap_chunks=0, endpoint_url=s3_server)
+    exact = transfer.fetch_betas_roi(f"s3://{nsd.BUCKET}", key, tmp_path / "exact.hdf5", mask, gap_chunks=0, endpoint_url=s3_server)
     assert exact["bytes_data"] == exact["bytes_ideal"] and exact["requests"] >= entry["requests"]
     # the same from a local mirror
-    nsd.fetch_betas_roi(str(root), key, tmp_path / "local.hdf5", mask)
+    transfer.fetch_betas_roi(str(root), key, tmp_path / "local.hdf5", mask)
     np.testing.assert_array_equal(read_session(tmp_path / "local.hdf5", mask), whole.astype(np.float32) / 300)
 
 
@@ -212,8 +212,8 @@ def test_roi_only_falls_back_to_whole_object_for_other_layouts(s3_server, mirror
     with h5py.File(root / key, "r") as f, h5py.File(odd / key, "w") as g:
         g.create_dataset("betas", data=f["betas"][:], chunks=(60, 2, 2, 2), compression="gzip")
     public_bucket(s3_server, odd, [key])
-    with caplog.at_level("WARNING", logger="braid.nsd"):
-        entry = nsd.fetch_betas_roi(f"s3://{nsd.BUCKET}", key, tmp_path / "out.hdf5", roi_zyx(root), endpoint_url=s3_server)
+    with caplog.at_level("WARNING", logger="braid.transfer"):
+        entry = transfer.fetch_betas_roi(f"s3://{nsd.BUCKET}", key, tmp_path / "out.hdf5", roi_zyx(root), endpoint_url=s3_server)
     assert entry["mode"] == "whole" and "downloading the whole object" in caplog.text
     assert (tmp_path / "out.hdf5").read_bytes() == (odd / key).read_bytes()
 
@@ -223,7 +223,7 @@ def test_stimuli_rows_only(s3_server, mirror, tmp_path):
 
     root, _ = mirror
     public_bucket(s3_server, root, [nsd.STIMULI])
-    entry = nsd.fetch_stimuli_rows(f"s3://{nsd.BUCKET}", nsd.STIMULI, tmp_path / "s.hdf5", np.array([7, 3, 7]),
+    entry = transfer.fetch_stimuli_rows(f"s3://{nsd.BUCKET}", nsd.STIMULI, tmp_path / "s.hdf5", np.array([7, 3, 7]),
                                    endpoint_url=s3_server)
     with h5py.File(root / nsd.STIMULI, "r") as f, h5py.File(tmp_path / "s.hdf5", "r") as g:
         assert g["imgBrick"].shape == f["imgBrick"].shape
@@ -236,13 +236,13 @@ def test_a_partial_download_resumes_only_into_the_same_pieces(tmp_path):
     """Pieces of the same count and total but other lengths (a ROI fetch resumed without its index
     cache plans other runs) start again: a kept piece is never read back as another."""
     identity = {"key": "k", "size": 10}
-    first = nsd.PartialDownload(tmp_path / "out", identity, [4, 6])
+    first = transfer.PartialDownload(tmp_path / "out", identity, [4, 6])
     first.write(0, b"abcd")
     first.close()
-    same = nsd.PartialDownload(tmp_path / "out", identity, [4, 6])
+    same = transfer.PartialDownload(tmp_path / "out", identity, [4, 6])
     assert same.todo() == [1] and same.read(0) == b"abcd"
     same.close()
-    other = nsd.PartialDownload(tmp_path / "out", identity, [6, 4])
+    other = transfer.PartialDownload(tmp_path / "out", identity, [6, 4])
     assert other.todo() == [0, 1] and other.read(0) == bytes(6)
     other.close()
 
@@ -258,12 +258,12 @@ def test_whole_object_resumes_after_a_kill(s3_server, fault_proxy, mirror, tmp_p
 
     fault_proxy.fail_after = n_parts // 3  # the network dies a third of the way: the fetch fails, keeping its parts
     with pytest.raises(BraidError, match="failed 5 times"):
-        nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=fault_proxy.endpoint, part_size=part)
+        transfer.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=fault_proxy.endpoint, part_size=part)
     assert not dest.exists()
     assert (tmp_path / "betas.hdf5.part").exists() and (tmp_path / "betas.hdf5.part.json").exists()
     fault_proxy.down, fault_proxy.fail_after = False, None
     gets_before = fault_proxy.gets
-    nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=fault_proxy.endpoint, part_size=part)
+    transfer.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=fault_proxy.endpoint, part_size=part)
     assert dest.read_bytes() == (root / key).read_bytes()
     assert fault_proxy.gets - gets_before < n_parts  # only the missing parts were fetched again
     assert not (tmp_path / "betas.hdf5.part").exists() and not (tmp_path / "betas.hdf5.part.json").exists()
@@ -279,13 +279,13 @@ def test_injected_faults_end_with_correct_files(s3_server, fault_proxy, mirror, 
     public_bucket(s3_server, root, keys)
     fault_proxy.rate = 0.3  # 500s, connection resets and truncated bodies, 10 % each
     source = f"s3://{nsd.BUCKET}"
-    nsd.fetch(source, keys[0], tmp_path / "whole.hdf5", endpoint_url=fault_proxy.endpoint, part_size=32 * 1024)
+    transfer.fetch(source, keys[0], tmp_path / "whole.hdf5", endpoint_url=fault_proxy.endpoint, part_size=32 * 1024)
     assert (tmp_path / "whole.hdf5").read_bytes() == (root / keys[0]).read_bytes()
     mask = roi_zyx(root)
-    nsd.fetch_betas_roi(source, keys[0], tmp_path / "roi.hdf5", mask, endpoint_url=fault_proxy.endpoint)
+    transfer.fetch_betas_roi(source, keys[0], tmp_path / "roi.hdf5", mask, endpoint_url=fault_proxy.endpoint)
     with h5py.File(root / keys[0], "r") as f:
         np.testing.assert_array_equal(read_session(tmp_path / "roi.hdf5", mask), f["betas"][:][:, mask] / np.float32(300))
-    nsd.fetch_stimuli_rows(source, keys[1], tmp_path / "s.hdf5", np.arange(0, 40, 3), endpoint_url=fault_proxy.endpoint)
+    transfer.fetch_stimuli_rows(source, keys[1], tmp_path / "s.hdf5", np.arange(0, 40, 3), endpoint_url=fault_proxy.endpoint)
     with h5py.File(root / keys[1], "r") as f, h5py.File(tmp_path / "s.hdf5", "r") as g:
         np.testing.assert_array_equal(g["imgBrick"][0:40:3], f["imgBrick"][0:40:3])
     assert fault_proxy.faults > 5  # the faults really happened
@@ -304,7 +304,7 @@ def test_whole_object_resumes_after_sigkill(s3_server, fault_proxy, mirror, tmp_
     dest, part = tmp_path / "betas.hdf5", 8 * 1024
     n_parts = -(-(root / key).stat().st_size // part)
     fault_proxy.delay = 0.2
-    code = (f"from braid import nsd; nsd.fetch('s3://{nsd.BUCKET}', {key!r}, {str(dest)!r}, "
+    code = (f"from braid import nsd, transfer; transfer.fetch('s3://{nsd.BUCKET}', {key!r}, {str(dest)!r}, "
             f"endpoint_url={fault_proxy.endpoint!r}, part_size={part})")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=open(tmp_path / "child.log", "w"))
     record = tmp_path / "betas.hdf5.part.json"
@@ -317,7 +317,7 @@ def test_whole_object_resumes_after_sigkill(s3_server, fault_proxy, mirror, tmp_
     assert 10 <= done < n_parts and not dest.exists()
     fault_proxy.delay = 0.0
     gets_before = fault_proxy.gets
-    nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=fault_proxy.endpoint, part_size=part)
+    transfer.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=fault_proxy.endpoint, part_size=part)
     assert dest.read_bytes() == (root / key).read_bytes()
     assert fault_proxy.gets - gets_before <= n_parts - done + 8  # in-flight parts at the kill are fetched again
 
@@ -325,12 +325,12 @@ def test_whole_object_resumes_after_sigkill(s3_server, fault_proxy, mirror, tmp_
 def test_wrong_bucket_and_unreachable_endpoint_name_what_to_fix(s3_server, tmp_path):
     key = nsd.EXPDESIGN
     with pytest.raises(BraidError, match=r"the bucket 'no-such-bucket' does not exist at this endpoint.*nsd.source"):
-        nsd.fetch("s3://no-such-bucket", key, tmp_path / "x.mat", endpoint_url=s3_server)
+        transfer.fetch("s3://no-such-bucket", key, tmp_path / "x.mat", endpoint_url=s3_server)
     from conftest import free_port
 
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(BraidError, match=rf"cannot reach the S3 endpoint {closed}.*local rules"):
-        nsd.fetch(f"s3://{nsd.BUCKET}", key, tmp_path / "x.mat", endpoint_url=closed)
+        transfer.fetch(f"s3://{nsd.BUCKET}", key, tmp_path / "x.mat", endpoint_url=closed)
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
@@ -345,14 +345,14 @@ def test_roi_only_fetch_resumes_without_reading_metadata_again(s3_server, fault_
     mask = roi_zyx(root)
     dest = tmp_path / "roi.hdf5"
     source = f"s3://{nsd.BUCKET}"
-    full = nsd.fetch_betas_roi(source, key, tmp_path / "full.hdf5", mask, gap_chunks=0, endpoint_url=s3_server)
+    full = transfer.fetch_betas_roi(source, key, tmp_path / "full.hdf5", mask, gap_chunks=0, endpoint_url=s3_server)
     fault_proxy.fail_after = fault_proxy.gets + full["requests"] // 2  # the network dies half way through
     with pytest.raises(BraidError, match="failed 5 times"):
-        nsd.fetch_betas_roi(source, key, dest, mask, gap_chunks=0, endpoint_url=fault_proxy.endpoint)
+        transfer.fetch_betas_roi(source, key, dest, mask, gap_chunks=0, endpoint_url=fault_proxy.endpoint)
     assert not dest.exists() and (tmp_path / "roi.hdf5.part.plan.npz").exists()
     fault_proxy.down, fault_proxy.fail_after = False, None
     gets = fault_proxy.gets
-    again = nsd.fetch_betas_roi(source, key, dest, mask, gap_chunks=0, endpoint_url=fault_proxy.endpoint)
+    again = transfer.fetch_betas_roi(source, key, dest, mask, gap_chunks=0, endpoint_url=fault_proxy.endpoint)
     assert again["bytes_metadata"] == 0 and again["resumed_runs"] > 0  # the plan and the runs were kept
     assert fault_proxy.gets - gets < full["requests"]
     assert again["sha256_fetched"] == full["sha256_fetched"]
@@ -360,7 +360,7 @@ def test_roi_only_fetch_resumes_without_reading_metadata_again(s3_server, fault_
         np.testing.assert_array_equal(read_session(dest, mask), f["betas"][:][:, mask] / np.float32(300))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full.hdf5", "roi.hdf5"]  # no .part* left
     # another ROI is another request: its plan is made afresh, not the old one reused
-    other = nsd.fetch_betas_roi(source, key, tmp_path / "other.hdf5", mask & (np.cumsum(mask) % 2 == 0).reshape(mask.shape),
+    other = transfer.fetch_betas_roi(source, key, tmp_path / "other.hdf5", mask & (np.cumsum(mask) % 2 == 0).reshape(mask.shape),
                                 endpoint_url=s3_server)
     assert other["chunks"] < full["chunks"]
 
@@ -377,19 +377,19 @@ def test_a_second_fetch_of_the_same_file_is_refused_while_the_first_runs(s3_serv
     public_bucket(s3_server, root, [key])
     dest = tmp_path / "betas.hdf5"
     fault_proxy.delay = 0.2
-    code = (f"from braid import nsd; nsd.fetch('s3://{nsd.BUCKET}', {key!r}, {str(dest)!r}, "
+    code = (f"from braid import nsd, transfer; transfer.fetch('s3://{nsd.BUCKET}', {key!r}, {str(dest)!r}, "
             f"endpoint_url={fault_proxy.endpoint!r}, part_size=8192)")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=open(tmp_path / "child.log", "w"))
     deadline = time.time() + 30
     while time.time() < deadline and not (tmp_path / "betas.hdf5.part.json").exists():
         time.sleep(0.05)
     with pytest.raises(BraidError, match=r"another process is fetching it now \(lock .*betas.hdf5.part.lock is held\)"):
-        nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=s3_server, part_size=8192)
+        transfer.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=s3_server, part_size=8192)
     assert (tmp_path / "betas.hdf5.part.lock").exists()  # the refused process leaves the holder's lock alone
     proc.send_signal(signal.SIGKILL)  # the lock dies with its holder
     proc.wait()
     fault_proxy.delay = 0.0
-    nsd.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=s3_server, part_size=8192)
+    transfer.fetch(f"s3://{nsd.BUCKET}", key, dest, endpoint_url=s3_server, part_size=8192)
     assert dest.read_bytes() == (root / key).read_bytes()
     assert not (tmp_path / "betas.hdf5.part.lock").exists()  # removed by the fetch that held it
 
@@ -504,8 +504,8 @@ def test_a_roi_fetch_reads_the_chunk_index_in_few_requests(tmp_path):
         f.create_dataset("betas", data=values, chunks=(750, 1, 1, 1))
     mask = np.zeros(values.shape[1:], bool)
     mask[4:12, 3:9, 5:25] = True  # 960 voxels, rows of 20 adjacent chunks
-    merged = nsd.fetch_betas_roi(str(tmp_path), key, tmp_path / "merged.hdf5", mask)
-    exact = nsd.fetch_betas_roi(str(tmp_path), key, tmp_path / "exact.hdf5", mask, gap_chunks=0)
+    merged = transfer.fetch_betas_roi(str(tmp_path), key, tmp_path / "merged.hdf5", mask)
+    exact = transfer.fetch_betas_roi(str(tmp_path), key, tmp_path / "exact.hdf5", mask, gap_chunks=0)
     expected = values[:, mask].astype(np.float32) / 300
     np.testing.assert_array_equal(read_session(tmp_path / "merged.hdf5", mask), expected)
     np.testing.assert_array_equal(read_session(tmp_path / "exact.hdf5", mask), expected)

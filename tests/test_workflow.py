@@ -427,6 +427,20 @@ Path("local_rules.json").write_text(json.dumps(sorted(r.name for r in workflow.r
     assert (work / target).is_file() and (work / "logs" / "nsd" / "synthetic_stimuli.log").is_file()
 
 
+def test_jobs_run_the_library_of_the_workflow_that_schedules_them(tmp_path):
+    """An environment whose braid is another copy (first on PYTHONPATH here; an editable install
+    of another clone behaves alike): that copy fails on import, so the job succeeds only if it
+    runs this workflow's own src/braid, the code Snakemake tracks."""
+    other = tmp_path / "other"
+    (other / "braid").mkdir(parents=True)
+    (other / "braid" / "__init__.py").write_text("raise ImportError('the braid of another copy was imported')\n")
+    target = "resources/synthetic_nsd/nsddata/experiments/nsd/nsd_expdesign.mat"
+    proc = subprocess.run([*SNAKEMAKE, "-d", str(tmp_path / "w"), "--cores", "1", target], capture_output=True,
+                          text=True, env=os.environ | {"PYTHONPATH": str(other)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "w" / target).is_file()
+
+
 def test_a_local_model_folder_is_used_as_is(run, tmp_path):
     """model.source may be a folder on this machine: no rule writes it, and jobs load from it."""
     folder = run / "resources" / "models" / "tiny-trained-ssd1b-seed0"

@@ -145,6 +145,7 @@ def snakemake_job(smk, offline: bool = True) -> Iterator[None]:
     log.info("==== rule %s, attempt %s, on %s (pid %d): wildcards %s", smk.rule, getattr(smk, "attempt", 1),
              socket.gethostname(), os.getpid(), dict(smk.wildcards.items()))
     try:
+        check_library(Path(smk.scriptdir).parent / "src" / "braid")  # scripts/ beside src/
         yield
     except BraidError as err:
         log.error("%s", err)
@@ -152,6 +153,24 @@ def snakemake_job(smk, offline: bool = True) -> Iterator[None]:
     except Exception:
         log.exception("rule %s failed", smk.rule)
         raise
+
+
+def check_library(expected: str | os.PathLike) -> None:
+    """Refuse to run a job whose ``braid`` is not the library of the workflow that scheduled it.
+
+    Snakemake reruns a job when the checkout's ``src/braid`` changes; a job that imported another
+    copy (an environment installed from another clone, a pip-installed braid) would run code
+    Snakemake does not track. The workflow puts its ``src/`` first on ``PYTHONPATH``; this check
+    catches what can still defeat that (``apptainer --cleanenv``, a ``sitecustomize``).
+    """
+    here = Path(__file__).resolve().parent
+    if here != Path(expected).resolve():
+        raise BraidError(
+            f"this job imported braid from {here}, but the workflow that scheduled it is {Path(expected).resolve()}: "
+            "the job would run code that Snakemake does not track. Run snakemake with the workflow's own "
+            f"environment, or put {Path(expected).resolve().parent} first on PYTHONPATH (an Apptainer job needs "
+            "the environment passed: no --cleanenv)."
+        )
 
 
 def use_threads(n: int) -> None:

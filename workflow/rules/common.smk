@@ -1,6 +1,7 @@
 # Helpers shared by the rules files, and the config checks that run before any job.
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,10 +14,16 @@ min_version("9.0")
 # BRAID's own folder (this file is workflow/rules/common.smk in it): not workflow.basedir, which
 # is the host's folder when BRAID is used as a module (`module braid: snakefile: ...`).
 BRAID_ROOT = Path(str(workflow.current_basedir)).resolve().parents[1]
-# The library lives in src/braid; make it importable here. Script jobs find it through
-# scripts/braid, a link to src/braid (Snakemake puts a script's folder on its sys.path), so that
-# a job needs no environment variable, whether it runs in .venv, a conda env or on a node.
+# The library lives in src/braid. Snakemake tracks this checkout's modules as the jobs' code
+# inputs (script_code), so every job must run them, not another braid that the environment has
+# installed (an editable install of another clone, a pip-installed release): src/ goes first on
+# sys.path here and on PYTHONPATH for the jobs, which inherit it in .venv, a conda env, an
+# Apptainer image or on a SLURM node; braid.common.snakemake_job refuses a job whose braid is not
+# this checkout's.
 sys.path.insert(0, str(BRAID_ROOT / "src"))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(BRAID_ROOT / "src"), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
+)
 
 import braid.config
 import braid.encoder
@@ -61,7 +68,7 @@ NSD = config["nsd"]
 SYNTHETIC_ROOT = "resources/synthetic_nsd"
 SYNTHETIC_STIMULUS_CONFIG = braid.synthetic.stimulus_config(config["synthetic"])
 FETCH_SOURCE = SYNTHETIC_ROOT if NSD["source"] == "synthetic" else NSD["source"]
-# how fetch jobs reach S3 (keywords of braid.nsd.s3_client); a dict param, compared by sorted repr
+# how fetch jobs reach S3 (keywords of braid.transfer.s3_client); a dict param, compared by sorted repr
 S3_SETTINGS = {k: NSD[k] for k in ("anonymous", "endpoint_url", "profile", "region")}
 MODEL_DIR = braid.config.model_dir(config["model"])
 MODEL_IS_LOCAL = braid.config.model_is_local(config["model"])

@@ -1,7 +1,7 @@
 # Stage 1: NSD files into resources/nsd/<bucket key> (whole objects) or resources/nsd_roi/<key>
 # (betas: only the ROI voxels' chunks; stimuli: only the needed rows). Fetching is a local rule: on a cluster it
 # runs on the submit host (network), and compute jobs read only what it fetched. No `retries:`:
-# transient network faults are retried inside the job (botocore, then braid.nsd.RangeSource) and a
+# transient network faults are retried inside the job (botocore, then braid.transfer.RangeSource) and a
 # rerun resumes a partial download, while a 403/404 is deterministic and must fail once, at once.
 
 

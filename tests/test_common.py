@@ -1,0 +1,40 @@
+"""braid.common: what every job does before its work (the library it runs)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from braid.common import BraidError, check_library
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_job_of_this_workflow_accepts_this_library():
+    check_library(REPO / "src" / "braid")
+
+
+def test_a_job_that_imported_another_copy_of_braid_is_refused_naming_both(tmp_path):
+    """An environment whose braid is another clone's (here: a copy on PYTHONPATH): the job stops
+    before its work, naming the copy it imported and the workflow's own."""
+    other = tmp_path / "other" / "src"
+    shutil.copytree(REPO / "src" / "braid", other / "braid", ignore=shutil.ignore_patterns("__pycache__"))
+    code = f"from braid.common import check_library; check_library({str(REPO / 'src' / 'braid')!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(other)})
+    assert proc.returncode != 0
+    assert f"imported braid from {other / 'braid'}" in proc.stderr
+    assert f"the workflow that scheduled it is {REPO / 'src' / 'braid'}" in proc.stderr
+
+
+def test_check_library_compares_resolved_folders(tmp_path):
+    link = tmp_path / "braid"
+    link.symlink_to(REPO / "src" / "braid")
+    check_library(link)  # the same folder by another name
+    with pytest.raises(BraidError, match="does not track"):
+        check_library(tmp_path)
