@@ -38,3 +38,14 @@ def test_check_library_compares_resolved_folders(tmp_path):
     check_library(link)  # the same folder by another name
     with pytest.raises(BraidError, match="does not track"):
         check_library(tmp_path)
+
+
+def test_pythonpath_first_puts_the_folder_first_once(monkeypatch):
+    from braid.common import pythonpath_first
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/a", "/w/src", "", "/b"]))
+    pythonpath_first("/w/src")
+    assert os.environ["PYTHONPATH"].split(os.pathsep) == ["/w/src", "/a", "/b"]
+    monkeypatch.delenv("PYTHONPATH")
+    pythonpath_first("/w/src")
+    assert os.environ["PYTHONPATH"] == "/w/src"

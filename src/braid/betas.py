@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -158,9 +159,12 @@ def build(
     ``average``, one running sum per image). pilot_images: keep only the trials of that many images
     (config ``pilot_images``, :meth:`braid.nsd.ExpDesign.shown_ids`; the normalisation statistics
     are those of the kept trials).
+
+    Three passes: the trial table (which trials, which split), the sessions one at a time into a
+    scratch array (their statistics, the voxels to drop), then the kept voxels, normalised and
+    (optionally) averaged, into ``betas``.
     """
     import zarr
-    from tqdm import tqdm
 
     if normalisation not in NORMALISATIONS:
         raise BraidError(f"normalisation {normalisation!r} is not one of {NORMALISATIONS} (config betas.normalisation)")
@@ -168,132 +172,188 @@ def build(
         raise BraidError(f"trials {trials!r} is not one of {TRIAL_MODES} (config betas.trials)")
     mask_xyz, affine, roi_volumes = load_roi_mask(roi_files, roi_labels)
     mask_zyx = mask_xyz.T
-    n_vox = int(mask_zyx.sum())
-    if n_vox == 0:
+    if not mask_zyx.any():
         raise BraidError(f"the ROI selection {roi_labels} has no voxels")
     sessions = sorted(session_files)
-
-    design = ExpDesign.load(expdesign_path)
     first = read_session(session_files[sessions[0]], mask_zyx)
-    per_file = first.shape[0]
-    table = design.trial_images(subject, sessions, per_file)
-    if pilot_images is not None:
-        table = table[table["nsd_id"].isin(design.shown_ids(subject, sessions, per_file, pilot_images))]
-        table = table.reset_index(drop=True)
-    kept = {s: table.loc[table["session"] == s, "trial"].to_numpy() - 1 for s in sessions}  # rows of each file
-    starts = np.cumsum([0] + [len(kept[s]) for s in sessions])
-    table["split"] = split_images(
-        table["nsd_id"].to_numpy(), split["rule"], split, split["seed"], table["shared1000"].to_numpy()
-    ).reindex(table["nsd_id"]).to_numpy()
-    table["n_repeats"] = np.int16(1)
-    table = table[TABLE_COLUMNS]
-    is_train = table["split"].to_numpy() == "train"
+    table = _trial_table(ExpDesign.load(expdesign_path), subject, sessions, first.shape[0], split, pilot_images)
 
     with atomic_output(out_zarr) as tmp:
         root = zarr.open_group(tmp, mode="w")
-        scratch = root.create_array("scratch", shape=(len(table), n_vox), chunks=(max(1, min(per_file, len(table))), n_vox),
-                                    dtype="float32")
-        bad = np.zeros(n_vox, bool)
-        s_mean = np.zeros((len(sessions), n_vox), np.float32)
-        s_std = np.ones((len(sessions), n_vox), np.float32)
-        train_sum = np.zeros(n_vox, np.float64)
-        train_sq = np.zeros(n_vox, np.float64)
-        bar = tqdm(sessions, desc=f"{subject_label(subject)} sessions", unit="session", mininterval=2)
-        for k, session in enumerate(bar):
-            x = first if k == 0 else read_session(session_files[session], mask_zyx, per_file)
-            x = x[kept[session]] if pilot_images is not None else x
-            rows = slice(starts[k], starts[k + 1])
-            bad |= ~np.isfinite(x).all(0) | (np.nanmax(np.abs(x), 0) == 0)
-            x = np.nan_to_num(x)
-            sd = x.std(0)
-            bad |= sd == 0  # constant within a session: no information, whatever the normalisation
-            if normalisation == "session":
-                s_mean[k] = x.mean(0)
-                s_std[k] = np.where(sd > 0, sd, 1.0)
-                x = (x - s_mean[k]) / s_std[k]
-            elif normalisation == "train":
-                xt = x[is_train[rows]].astype(np.float64)
-                train_sum += xt.sum(0)
-                train_sq += (xt**2).sum(0)
-            scratch[rows] = x
-            del x
-        first = None
-
-        keep = ~bad
+        stats = _stack_sessions(root, subject, session_files, mask_zyx, first, table, normalisation, pilot_images)
+        del first
         ijk = _zyx_columns_to_ijk(mask_zyx)
-        shift = np.zeros(n_vox, np.float32)
-        scale = np.ones(n_vox, np.float32)
-        if normalisation == "train":
-            n = is_train.sum()
-            shift = (train_sum / n).astype(np.float32)
-            sd = np.sqrt(np.maximum(train_sq / n - (train_sum / n) ** 2, 0))
-            bad |= sd == 0
-            keep = ~bad
-            scale = np.where(sd > 0, sd, 1.0).astype(np.float32)
-            root.create_array("train_mean", data=shift[keep])
-            root.create_array("train_std", data=scale[keep])
-        elif normalisation == "session":
-            root.create_array("session_mean", data=s_mean[:, keep])
-            root.create_array("session_std", data=s_std[:, keep])
-        if bad.any():
-            where = ", ".join(str(tuple(v)) for v in ijk[bad][:10].tolist())
-            log.warning("%s: dropping %d of %d ROI voxels that are all-zero, constant or NaN in some session; "
-                        "(i, j, k) %s%s", subject_label(subject), bad.sum(), n_vox, where, " ..." if bad.sum() > 10 else "")
-
-        if trials != "single":
-            # rows that are averaged share a group per image; the others stay single trials
-            averaged = np.ones(len(table), bool) if trials == "average" else table["split"].to_numpy() == "test"
-            group = np.where(averaged, table["nsd_id"].to_numpy(), -1 - np.arange(len(table)))
-            _, first, inverse = np.unique(group, return_index=True, return_inverse=True)
-            rank = np.argsort(np.argsort(first))  # groups in order of their first trial
-            inverse = rank[inverse]
-            sums = np.zeros((first.size, int(keep.sum())), np.float32)
-            for start in range(0, len(table), per_file):
-                block = (scratch[start : start + per_file][:, keep] - shift[keep]) / scale[keep]
-                np.add.at(sums, inverse[start : start + per_file], block)
-            counts = np.bincount(inverse)
-            data = sums / counts[:, None]
-            firsts = table.iloc[np.sort(first)].reset_index(drop=True)
-            firsts["repeat"] = np.where(averaged[np.sort(first)], -1, firsts["repeat"])
-            firsts["n_repeats"] = counts.astype(np.int16)
-            table = firsts[TABLE_COLUMNS]
-            out = root.create_array("betas", shape=data.shape, chunks=(min(256, len(data)), data.shape[1]), dtype=dtype)
-            out[:] = data.astype(dtype)
+        shift, scale = _voxel_transform(root, stats, normalisation, subject, ijk)
+        keep = ~stats.bad
+        if trials == "single":
+            _write_single(root, stats.scratch, keep, shift, scale, stats.per_file, dtype)
         else:
-            out = root.create_array("betas", shape=(len(table), int(keep.sum())),
-                                    chunks=(min(256, len(table)), int(keep.sum())), dtype=dtype)
-            for start in range(0, len(table), per_file):
-                block = scratch[start : start + per_file][:, keep]
-                out[start : start + per_file] = ((block - shift[keep]) / scale[keep]).astype(dtype)
+            table = _write_averaged(root, stats.scratch, table, trials, keep, shift, scale, stats.per_file, dtype)
         del root["scratch"]
-        root.create_array("voxel_ijk", data=ijk[keep].astype(np.int32))
-        names = sorted(roi_volumes)
-        labels = np.stack([roi_volumes[n][tuple(ijk[keep].T)] for n in names], axis=1).astype(np.int16)
-        root.create_array("voxel_labels", data=labels)  # voxels x ROI files (attrs roi_files), the files' own labels
-        if bad.any():
-            root.create_array("dropped_voxel_ijk", data=ijk[bad].astype(np.int32))
-        root.attrs.update(
-            {
-                "subject": subject_label(subject),
-                "roi": {k: [int(v) for v in roi_labels[k]] for k in sorted(roi_labels)},
-                "roi_files": names,
-                "sessions": [int(s) for s in sessions],
-                "pilot_images": pilot_images,
-                "trials": trials,
-                "normalisation": normalisation,
-                "units": {"session": "z-score per voxel within each session", "train": "z-score with training-split statistics",
-                          "none": "percent signal change"}[normalisation],
-                "split": {k: split[k] for k in sorted(split)},
-                "affine": np.asarray(affine).tolist(),
-                "dropped_voxels": int(bad.sum()),
-                "braid_version": __version__,
-            }
-        )
+        _write_voxels(root, ijk, stats.bad, roi_volumes)
+        root.attrs.update(_attributes(subject, roi_labels, sorted(roi_volumes), sessions, pilot_images, trials,
+                                      normalisation, split, affine, int(stats.bad.sum())))
     with atomic_output(out_trials) as tmp:
         table.to_parquet(tmp, index=False)
     counts = table.drop_duplicates("nsd_id")["split"].value_counts().to_dict()
     log.info("%s: %d rows x %d voxels; images per split %s", subject_label(subject), len(table), keep.sum(), counts)
     return table
+
+
+def _trial_table(design: ExpDesign, subject: int, sessions: list[int], per_file: int, split: dict,
+                 pilot_images: int | None) -> pd.DataFrame:
+    """One row per kept trial (TABLE_COLUMNS), in session order, with its image's split."""
+    table = design.trial_images(subject, sessions, per_file)
+    if pilot_images is not None:
+        table = table[table["nsd_id"].isin(design.shown_ids(subject, sessions, per_file, pilot_images))]
+        table = table.reset_index(drop=True)
+    table["split"] = split_images(
+        table["nsd_id"].to_numpy(), split["rule"], split, split["seed"], table["shared1000"].to_numpy()
+    ).reindex(table["nsd_id"]).to_numpy()
+    table["n_repeats"] = np.int16(1)
+    return table[TABLE_COLUMNS]
+
+
+@dataclass
+class _SessionStats:
+    """What the pass over the sessions leaves: the stacked trials and what normalising them needs."""
+
+    scratch: object  # zarr array, trials x ROI voxels, as read (session-z-scored for "session")
+    per_file: int  # trials per session file
+    bad: np.ndarray  # voxels all-zero, constant or NaN in some session
+    session_mean: np.ndarray
+    session_std: np.ndarray
+    train_sum: np.ndarray  # over the training split's trials (float64)
+    train_sq: np.ndarray
+    n_train: int
+
+
+def _stack_sessions(root, subject: int, session_files: dict, mask_zyx: np.ndarray, first: np.ndarray,
+                    table: pd.DataFrame, normalisation: str, pilot_images: int | None) -> _SessionStats:
+    """Read the sessions one at a time into ``root["scratch"]`` (z-scoring each within itself for
+    ``session``), gathering the statistics and the voxels to drop."""
+    from tqdm import tqdm
+
+    sessions = sorted(session_files)
+    per_file, n_vox = first.shape
+    kept = {s: table.loc[table["session"] == s, "trial"].to_numpy() - 1 for s in sessions}  # rows of each file
+    starts = np.cumsum([0] + [len(kept[s]) for s in sessions])
+    is_train = table["split"].to_numpy() == "train"
+    scratch = root.create_array("scratch", shape=(len(table), n_vox), chunks=(max(1, min(per_file, len(table))), n_vox),
+                                dtype="float32")
+    stats = _SessionStats(scratch, per_file, np.zeros(n_vox, bool), np.zeros((len(sessions), n_vox), np.float32),
+                          np.ones((len(sessions), n_vox), np.float32), np.zeros(n_vox, np.float64),
+                          np.zeros(n_vox, np.float64), int(is_train.sum()))
+    bar = tqdm(sessions, desc=f"{subject_label(subject)} sessions", unit="session", mininterval=2)
+    for k, session in enumerate(bar):
+        x = first if k == 0 else read_session(session_files[session], mask_zyx, per_file)
+        x = x[kept[session]] if pilot_images is not None else x
+        rows = slice(starts[k], starts[k + 1])
+        stats.bad |= ~np.isfinite(x).all(0) | (np.nanmax(np.abs(x), 0) == 0)
+        x = np.nan_to_num(x)
+        sd = x.std(0)
+        stats.bad |= sd == 0  # constant within a session: no information, whatever the normalisation
+        if normalisation == "session":
+            stats.session_mean[k] = x.mean(0)
+            stats.session_std[k] = np.where(sd > 0, sd, 1.0)
+            x = (x - stats.session_mean[k]) / stats.session_std[k]
+        elif normalisation == "train":
+            xt = x[is_train[rows]].astype(np.float64)
+            stats.train_sum += xt.sum(0)
+            stats.train_sq += (xt**2).sum(0)
+        scratch[rows] = x
+        del x
+    return stats
+
+
+def _voxel_transform(root, stats: _SessionStats, normalisation: str, subject: int,
+                     ijk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The per-voxel shift and scale still to apply to the scratch rows (for ``train``: the
+    training split's statistics); store the statistics of the kept voxels; warn of dropped ones."""
+    n_vox = stats.bad.size
+    shift = np.zeros(n_vox, np.float32)
+    scale = np.ones(n_vox, np.float32)
+    if normalisation == "train":
+        n = stats.n_train
+        shift = (stats.train_sum / n).astype(np.float32)
+        sd = np.sqrt(np.maximum(stats.train_sq / n - (stats.train_sum / n) ** 2, 0))
+        stats.bad |= sd == 0
+        scale = np.where(sd > 0, sd, 1.0).astype(np.float32)
+        root.create_array("train_mean", data=shift[~stats.bad])
+        root.create_array("train_std", data=scale[~stats.bad])
+    elif normalisation == "session":
+        root.create_array("session_mean", data=stats.session_mean[:, ~stats.bad])
+        root.create_array("session_std", data=stats.session_std[:, ~stats.bad])
+    bad = stats.bad
+    if bad.any():
+        where = ", ".join(str(tuple(v)) for v in ijk[bad][:10].tolist())
+        log.warning("%s: dropping %d of %d ROI voxels that are all-zero, constant or NaN in some session; "
+                    "(i, j, k) %s%s", subject_label(subject), bad.sum(), n_vox, where, " ..." if bad.sum() > 10 else "")
+    return shift, scale
+
+
+def _write_single(root, scratch, keep: np.ndarray, shift: np.ndarray, scale: np.ndarray, per_file: int,
+                  dtype: str) -> None:
+    """``betas``: every trial's kept voxels, normalised, one session file's worth at a time."""
+    n_rows, n_keep = scratch.shape[0], int(keep.sum())
+    out = root.create_array("betas", shape=(n_rows, n_keep), chunks=(min(256, n_rows), n_keep), dtype=dtype)
+    for start in range(0, n_rows, per_file):
+        block = scratch[start : start + per_file][:, keep]
+        out[start : start + per_file] = ((block - shift[keep]) / scale[keep]).astype(dtype)
+
+
+def _write_averaged(root, scratch, table: pd.DataFrame, trials: str, keep: np.ndarray, shift: np.ndarray,
+                    scale: np.ndarray, per_file: int, dtype: str) -> pd.DataFrame:
+    """``betas`` with the repeats of each image averaged (all images for ``average``, the test
+    split's for ``average_test``); returns the table of the rows written."""
+    # rows that are averaged share a group per image; the others stay single trials
+    averaged = np.ones(len(table), bool) if trials == "average" else table["split"].to_numpy() == "test"
+    group = np.where(averaged, table["nsd_id"].to_numpy(), -1 - np.arange(len(table)))
+    _, first, inverse = np.unique(group, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))  # groups in order of their first trial
+    inverse = rank[inverse]
+    sums = np.zeros((first.size, int(keep.sum())), np.float32)
+    for start in range(0, len(table), per_file):
+        block = (scratch[start : start + per_file][:, keep] - shift[keep]) / scale[keep]
+        np.add.at(sums, inverse[start : start + per_file], block)
+    counts = np.bincount(inverse)
+    data = sums / counts[:, None]
+    firsts = table.iloc[np.sort(first)].reset_index(drop=True)
+    firsts["repeat"] = np.where(averaged[np.sort(first)], -1, firsts["repeat"])
+    firsts["n_repeats"] = counts.astype(np.int16)
+    out = root.create_array("betas", shape=data.shape, chunks=(min(256, len(data)), data.shape[1]), dtype=dtype)
+    out[:] = data.astype(dtype)
+    return firsts[TABLE_COLUMNS]
+
+
+def _write_voxels(root, ijk: np.ndarray, bad: np.ndarray, roi_volumes: dict) -> None:
+    """Where each kept voxel is (``voxel_ijk``), its label in each ROI file, and the dropped voxels."""
+    keep = ~bad
+    root.create_array("voxel_ijk", data=ijk[keep].astype(np.int32))
+    names = sorted(roi_volumes)
+    labels = np.stack([roi_volumes[n][tuple(ijk[keep].T)] for n in names], axis=1).astype(np.int16)
+    root.create_array("voxel_labels", data=labels)  # voxels x ROI files (attrs roi_files), the files' own labels
+    if bad.any():
+        root.create_array("dropped_voxel_ijk", data=ijk[bad].astype(np.int32))
+
+
+def _attributes(subject, roi_labels, roi_files, sessions, pilot_images, trials, normalisation, split, affine,
+                dropped) -> dict:
+    return {
+        "subject": subject_label(subject),
+        "roi": {k: [int(v) for v in roi_labels[k]] for k in sorted(roi_labels)},
+        "roi_files": roi_files,
+        "sessions": [int(s) for s in sessions],
+        "pilot_images": pilot_images,
+        "trials": trials,
+        "normalisation": normalisation,
+        "units": {"session": "z-score per voxel within each session", "train": "z-score with training-split statistics",
+                  "none": "percent signal change"}[normalisation],
+        "split": {k: split[k] for k in sorted(split)},
+        "affine": np.asarray(affine).tolist(),
+        "dropped_voxels": dropped,
+        "braid_version": __version__,
+    }
 
 
 def _zyx_columns_to_ijk(mask_zyx: np.ndarray) -> np.ndarray:

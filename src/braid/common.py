@@ -155,6 +155,12 @@ def snakemake_job(smk, offline: bool = True) -> Iterator[None]:
         raise
 
 
+def pythonpath_first(folder: str | os.PathLike) -> None:
+    """Put ``folder`` first on ``PYTHONPATH``, which the jobs this process starts inherit."""
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(folder)]
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(folder), *rest])
+
+
 def check_library(expected: str | os.PathLike) -> None:
     """Refuse to run a job whose ``braid`` is not the library of the workflow that scheduled it.
 

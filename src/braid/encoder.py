@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from .common import BraidError, atomic_output
+from .figures import save_figure, stamped
 from .scores import rowwise_pearson, standardiser
 
 log = logging.getLogger(__name__)
@@ -349,10 +350,10 @@ def fit_gradient(sp: dict, model, xt, tt, xv, zv, device: str, checkpoint: Path,
     import torch
     from tqdm import tqdm
 
-    opt = torch.optim.Adam(model.parameters(), lr=sp["lr"], weight_decay=sp["weight_decay"])
-    gen = torch.Generator().manual_seed(sp["seed"])
     from .device import precision
 
+    opt = torch.optim.Adam(model.parameters(), lr=sp["lr"], weight_decay=sp["weight_decay"])
+    gen = torch.Generator().manual_seed(sp["seed"])
     cuda = device.startswith("cuda")
     bf16 = precision(device, sp["autocast"]) != "float32"
 
@@ -364,17 +365,8 @@ def fit_gradient(sp: dict, model, xt, tt, xv, zv, device: str, checkpoint: Path,
     start = 0
     saved = _read_checkpoint(checkpoint, fingerprint)
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])  # moves moment estimates to the parameters' device
-        gen.set_state(saved["generator"])
-        torch.set_rng_state(saved["cpu_rng"])
-        if cuda and "cuda_rng" in saved:
-            torch.cuda.set_rng_state(saved["cuda_rng"], device)
-        history, start = list(saved["history"]), int(saved["epoch"])
-        best = {"epoch": int(saved["best_epoch"]), "val_loss": float(saved["best_val_loss"]),
-                "state": saved["best_state"]}
+        history, start, best = _resume(saved, model, opt, gen, device)
         log.info("resumed from %s at epoch %d", checkpoint, start)
-    n, bs = len(xt), sp["batch_size"]
     zv_host = zv.cpu().numpy()
     last_save = time.monotonic()
     bar = tqdm(range(start + 1, sp["epochs"] + 1), desc="epochs", mininterval=2, initial=start, total=sp["epochs"])
@@ -382,24 +374,14 @@ def fit_gradient(sp: dict, model, xt, tt, xv, zv, device: str, checkpoint: Path,
         if sp["patience"] and epoch - best["epoch"] > sp["patience"] and best["epoch"] > 0:
             log.info("early stop at epoch %d: no improvement since epoch %d", epoch - 1, best["epoch"])
             break
-        model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
-        total = torch.zeros((), device=device)
-        for s in range(0, n, bs):
-            idx = perm[s : s + bs]
-            opt.zero_grad(set_to_none=True)
-            with amp():
-                loss = torch.nn.functional.mse_loss(model(xt[idx]).float(), tt[idx])
-            loss.backward()
-            opt.step()
-            total += loss.detach() * len(idx)
+        train_loss = _train_epoch(model, opt, xt, tt, torch.randperm(len(xt), generator=gen).to(device),
+                                  sp["batch_size"], amp)
+        if not np.isfinite(train_loss):
+            raise BraidError(f"training diverged at epoch {epoch} (loss {train_loss}); lower encoders.<name>.lr")
         model.eval()
         with torch.no_grad(), amp():
             pv = torch.cat([model(xv[s : s + 4096]).float() for s in range(0, len(xv), 4096)])
         val_loss = float(torch.mean((pv - zv) ** 2))
-        train_loss = float(total) / n
-        if not np.isfinite(train_loss):
-            raise BraidError(f"training diverged at epoch {epoch} (loss {train_loss}); lower encoders.<name>.lr")
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_latent_r": float(np.mean(rowwise_pearson(pv.cpu().numpy(), zv_host)))})
         if val_loss < best["val_loss"]:
@@ -420,6 +402,37 @@ def fit_gradient(sp: dict, model, xt, tt, xv, zv, device: str, checkpoint: Path,
     hist = pd.DataFrame(history)
     hist["kept"] = hist["epoch"] == (best["epoch"] if sp["keep"] == "best" else hist["epoch"].iloc[-1])
     return hist
+
+
+def _resume(saved: dict, model, opt, gen, device: str) -> tuple[list[dict], int, dict]:
+    """Put a checkpoint's model, optimiser and random states back; return its history, epoch and best."""
+    import torch
+
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])  # moves moment estimates to the parameters' device
+    gen.set_state(saved["generator"])
+    torch.set_rng_state(saved["cpu_rng"])
+    if device.startswith("cuda") and "cuda_rng" in saved:
+        torch.cuda.set_rng_state(saved["cuda_rng"], device)
+    best = {"epoch": int(saved["best_epoch"]), "val_loss": float(saved["best_val_loss"]), "state": saved["best_state"]}
+    return list(saved["history"]), int(saved["epoch"]), best
+
+
+def _train_epoch(model, opt, xt, tt, perm, batch_size: int, amp) -> float:
+    """One pass over the training rows in the order ``perm``; the mean MSE of its batches, per row."""
+    import torch
+
+    model.train()
+    total = torch.zeros((), device=xt.device)
+    for s in range(0, len(xt), batch_size):
+        idx = perm[s : s + batch_size]
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            loss = torch.nn.functional.mse_loss(model(xt[idx]).float(), tt[idx])
+        loss.backward()
+        opt.step()
+        total += loss.detach() * len(idx)
+    return float(total) / len(xt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,9 +580,9 @@ def train(betas_path, trials_path, latents_path, params: dict, out_model, out_hi
                                          "model_weights": cache.weights}, indent=2, sort_keys=True) + "\n")
     with atomic_output(out_history) as tmp:
         hist.to_csv(tmp, index=False)
-    stamp = "" if cache.weights == "pretrained" else f"NOT A RESULT: latents of a model with {cache.weights.split()[0]} weights\n"
     shape = f"rank {arch['rank']}" if arch["type"] == "lowrank" else f"hidden {arch['hidden']}" if arch["hidden"] else "linear"
-    plot_history(hist, out_plot, f"{stamp}{sp['kind']}, {shape}: {n_params:,} parameters, {voxels.size} voxels",
+    plot_history(hist, out_plot, stamped(f"{sp['kind']}, {shape}: {n_params:,} parameters, {voxels.size} voxels",
+                                         [cache.weights]),
                  train_label=f"train (to {sp['teacher']}'s predictions)" if sp["kind"] == "student" else "train")
     enc = Encoder(out_model, device)
     write_predictions(enc, sp, {"val": (xv_all, rows_va), "test": load_rows(betas_path, trials_path, "test")},
@@ -672,9 +685,7 @@ def plot_history(hist: pd.DataFrame, path, title: str, train_label: str = "train
     a.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def load_predictions(path, split: str = "test"):

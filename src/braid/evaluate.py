@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .common import BraidError, atomic_output
+from .figures import not_a_result, save_figure, stamped
 from .metric_networks import to_256
 from .scores import (  # noqa: F401  (re-exported: the metrics' home for users of this module)
     TIE, latent_metrics, rowwise_pearson, standardiser, two_way_identification, two_way_scores)
@@ -313,9 +314,7 @@ def save_grid(stimuli: np.ndarray, rows: list[tuple[str, np.ndarray]], labels, p
         axes[0, k].set_title(str(labels[k]), fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0.1, 0, 1, 1))
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 REFERENCE_LABELS = {"true-latent": "true z0", "mean-latent": "mean z0"}
@@ -346,9 +345,7 @@ def evaluate_grid(subject: str, strength: str, seed: int, image_dirs: dict, stim
     rows = [(label, load_images(image_dirs[(source, run)], ids))
             for label, source, run in grid_rows(sorted({s for s, _ in image_dirs}), strength)]
     title = f"{subject}: test images and their reconstructions (img2img at strength {strength}, seed {seed})"
-    if weights != "pretrained":
-        title = f"NOT A RESULT: model weights {weights.split()[0]}\n{title}"
-    save_grid(stimuli, rows, ids, out_png, title)
+    save_grid(stimuli, rows, ids, out_png, stamped(title, [weights]))
 
 
 # --- the synthetic data's oracle ------------------------------------------------------------
@@ -496,16 +493,7 @@ def plot_metrics(table: pd.DataFrame, out_png) -> None:
     handles, labels = axes.ravel()[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7, frameon=False)
     title = "Every metric against img2img strength (bars: s.e.m. over test images)"
-    stamps = []
-    built = sorted({str(w).split()[0] for w in table.get("weights", []) if w != "pretrained"})
-    if built:  # random, or trained here on the synthetic stimuli
-        stamps.append(f"{' / '.join(built)} model weights")
-    if "metric_weights" in table and (~table["metric_weights"].isin(["pretrained", NO_NETWORKS])).any():
-        stamps.append("random metric networks (network metrics not comparable)")
-    if stamps:
-        title = "NOT A RESULT: " + "; ".join(stamps) + "\n" + title
-    fig.suptitle(title, fontsize=9, color="tab:red" if stamps else "k")
+    stamps = not_a_result(table.get("weights", []), table.get("metric_weights", []))
+    fig.suptitle("\n".join([*stamps, title]), fontsize=9, color="tab:red" if stamps else "k")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    with atomic_output(out_png) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, out_png, dpi=100)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .common import atomic_output
+from .figures import save_figure, stamped
 from .scores import latent_metrics
 
 log = logging.getLogger(__name__)
@@ -122,11 +123,6 @@ def plot(t: pd.DataFrame, path, subject: str, reference: str | None) -> None:
     title = f"{subject}: reconstruction-latent quality against encoder size ({len(enc)} encoders)"
     if reference and not (enc["is_reference"]).any():
         title += f" — reference {reference!r} not trained"
-    weights = str(t["weights"].iloc[0])
-    if weights != "pretrained":
-        title = f"NOT A RESULT: latents of a model with {weights.split()[0]} weights\n{title}"
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(stamped(title, [t["weights"].iloc[0]]), fontsize=9)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import BraidError, atomic_output, file_lock
+from .figures import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -365,6 +366,4 @@ def _plot_statistics(stats: dict, n: int, path) -> None:
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
     fig.suptitle(f"latent z0 over {n} training images", fontsize=9)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)

@@ -14,6 +14,8 @@ import html
 import numpy as np
 import pandas as pd
 
+from .figures import not_a_result
+
 COLUMNS = ["PixCorr ↑", "SSIM ↑", "Alex(2) ↑", "Alex(5) ↑", "Incep ↑", "CLIP ↑", "Eff ↓", "SwAV ↓",
            "Image ret. ↑", "Brain ret. ↑"]
 # BRAID's column for each: metric name, and whether the papers print it as a percentage
@@ -82,12 +84,7 @@ def _cell(value, percent: bool, as_given: bool = False) -> str:
 def html_table(summary: pd.DataFrame) -> str:
     """A standalone HTML page: BRAID's table, then the published rows, clearly apart."""
     ours = braid_table(summary)
-    stamps = []
-    built = sorted({str(w).split()[0] for w in summary.get("weights", []) if w != "pretrained"})
-    if built:  # random, or trained here on the synthetic stimuli
-        stamps.append(f"the diffusion model's weights are {' / '.join(built)}, not pretrained: NOT A RESULT")
-    if "metric_weights" in summary and summary["metric_weights"].str.startswith("random").any():
-        stamps.append("the metric networks' weights are random: AlexNet, Inception, CLIP, EffNet and SwAV columns are NOT COMPARABLE")
+    stamps = not_a_result(summary.get("weights", []), summary.get("metric_weights", []))
     percent = {c for c, (_, p) in BRAID_COLUMNS.items() if p}
 
     def rows_html(t: pd.DataFrame, lead: list[str], as_given: bool = False) -> str:

@@ -390,80 +390,34 @@ def _fetch_sparse(source: str, key: str, dest, name: str, locate, want: bytes, g
 
 
 def _fetch_sparse_locked(src, source, key, dest, name, locate, identity, what) -> dict:
-    from concurrent.futures import ThreadPoolExecutor
-
-    import h5py
-    from tqdm import tqdm
-
-    from .hdf5_ranges import HDF5Ranges, LayoutError, RangeCache, check_not_truncated, coalesce
+    """The sparse fetch, with ``dest`` held: plan the chunks, download their runs, assemble the file."""
+    from .hdf5_ranges import RangeCache
 
     # the index is read in merged requests and kept, so that the wanted chunks near its leaves come
     # with it (not with gap_chunks=0: exactly the wanted bytes, one request per run)
     cache = RangeCache(src.read, parallel=RANGE_PARALLEL) if identity["gap_chunks"] else None
     plan_path = dest.with_name(dest.name + ".part.plan.npz")
-    plan = None
-    if plan_path.exists():
-        try:
-            with np.load(plan_path) as f:
-                if json.loads(str(f["identity"])) == identity:
-                    plan = {k: f[k] for k in ("coords", "addrs", "chunk_shape", "shape", "dtype")}
-        except Exception:  # noqa: BLE001 - an unreadable plan is made again
-            plan = None
-    if plan is None:
-        meta = HDF5Ranges(src.read, parallel=RANGE_PARALLEL, cache=cache, size=src.size)
-        check_not_truncated(meta.superblock, src.size, src.label, truncated_fix(source))
-        ds = meta.dataset(name)
-        if ds.filtered or ds.layout not in ("chunked", "contiguous"):
-            raise LayoutError(f"layout {ds.layout}, filtered {ds.filtered}")
-        coords, addrs, chunk_shape = locate(meta, ds)
-        if (addrs < 0).any():
-            raise BraidError(f"{src.label}: {int((addrs < 0).sum())} wanted chunks are not stored; the file looks incomplete")
-        plan = {"coords": coords, "addrs": addrs, "chunk_shape": np.asarray(chunk_shape), "shape": np.asarray(ds.shape),
-                "dtype": np.asarray(ds.dtype.str)}
-        with atomic_output(plan_path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, identity=np.asarray(json.dumps(identity)), **plan)
+    plan = _load_plan(plan_path, identity) or _make_plan(src, source, name, locate, cache, plan_path, identity)
     metadata_bytes = src.bytes
     coords, addrs = plan["coords"], plan["addrs"]
     chunk_shape, dtype = tuple(int(n) for n in plan["chunk_shape"]), np.dtype(str(plan["dtype"]))
     chunk_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
-    # chunks that came with the chunk index's merged reads need no request; the others go in runs
-    from_index = {}
-    if cache is not None:
-        for i, address in enumerate(addrs.tolist()):
-            block = cache.cached(address, chunk_bytes)
-            if block is not None:
-                from_index[i] = block
-    rest = np.array([i for i in range(len(addrs)) if i not in from_index], np.int64)
-    runs = [(start, length, rest[idx]) for start, length, idx in
-            coalesce(addrs[rest], chunk_bytes, identity["gap_chunks"] * chunk_bytes)] if rest.size else []
+    from_index, runs = _chunk_runs(addrs, chunk_bytes, cache, identity["gap_chunks"])
     download = PartialDownload(dest, identity, [length for _, length, _ in runs])
     finished = False
     try:
         todo = download.todo()
         if len(todo) < len(runs):
             log.info("%s: resuming, %d of %d runs already here", key, len(runs) - len(todo), len(runs))
-        with ThreadPoolExecutor(RANGE_PARALLEL) as pool, tqdm(total=sum(runs[k][1] for k in todo), unit="B", unit_scale=True,
-                                                  desc=key.rsplit("/", 1)[-1], mininterval=2) as bar:
-            def one(k):
-                data = src.read(runs[k][0], runs[k][1])
-                download.write(k, data)
-                bar.update(len(data))
-
-            for future in [pool.submit(one, k) for k in todo]:
-                future.result()
-        digest = hashlib.sha256()
-        with atomic_output(dest) as tmp, h5py.File(tmp, "w") as f:
-            out = f.create_dataset(name, shape=tuple(int(n) for n in plan["shape"]), dtype=dtype, chunks=chunk_shape)
-            chunks = dict(from_index)
-            for k, (start, _, idx) in enumerate(runs):
-                blob = download.read(k)
-                for i in idx.tolist():
-                    rel = int(addrs[i]) - start
-                    chunks[i] = blob[rel : rel + chunk_bytes]
-            for i, coord in enumerate(coords.tolist()):
-                out.id.write_direct_chunk(tuple(coord), chunks[i])
-                digest.update(chunks[i])
-            out.attrs["braid_sparse"] = json.dumps({"source": source, "key": key, "what": what, "chunks": len(coords)})
+        _download_runs(src, runs, todo, download, key.rsplit("/", 1)[-1])
+        chunks = dict(from_index)
+        for k, (start, _, idx) in enumerate(runs):
+            blob = download.read(k)
+            for i in idx.tolist():
+                rel = int(addrs[i]) - start
+                chunks[i] = blob[rel : rel + chunk_bytes]
+        attrs = {"source": source, "key": key, "what": what, "chunks": len(coords)}
+        digest = _write_sparse(dest, name, plan, chunk_shape, dtype, coords, chunks, attrs)
         finished = True
     finally:
         download.close(finished)
@@ -472,10 +426,96 @@ def _fetch_sparse_locked(src, source, key, dest, name, locate, identity, what) -
         "key": key, "mode": what, "chunks": len(coords), "requests": src.requests, "resumed_runs": len(runs) - len(todo),
         "bytes_metadata": int(metadata_bytes), "bytes_data": int(src.bytes - metadata_bytes),
         "bytes_ideal": len(coords) * chunk_bytes, "bytes_object": int(src.size),
-        "bytes_stored": dest.stat().st_size, "sha256_fetched": digest.hexdigest(),
+        "bytes_stored": dest.stat().st_size, "sha256_fetched": digest,
     }
     log.info("%s: %s", key, entry)
     return entry
+
+
+PLAN_FIELDS = ("coords", "addrs", "chunk_shape", "shape", "dtype")
+
+
+def _load_plan(plan_path: Path, identity: dict) -> dict | None:
+    """The plan a killed fetch of the same request left (``<dest>.part.plan.npz``), if readable."""
+    if not plan_path.exists():
+        return None
+    try:
+        with np.load(plan_path) as f:
+            if json.loads(str(f["identity"])) == identity:
+                return {k: f[k] for k in PLAN_FIELDS}
+    except Exception:  # noqa: BLE001 - an unreadable plan is made again
+        pass
+    return None
+
+
+def _make_plan(src, source: str, name: str, locate, cache, plan_path: Path, identity: dict) -> dict:
+    """Read the file's metadata and chunk index: which chunks are wanted and where they lie; kept
+    in ``plan_path`` so that a resumed fetch need not read them again."""
+    from .hdf5_ranges import HDF5Ranges, LayoutError, check_not_truncated
+
+    meta = HDF5Ranges(src.read, parallel=RANGE_PARALLEL, cache=cache, size=src.size)
+    check_not_truncated(meta.superblock, src.size, src.label, truncated_fix(source))
+    ds = meta.dataset(name)
+    if ds.filtered or ds.layout not in ("chunked", "contiguous"):
+        raise LayoutError(f"layout {ds.layout}, filtered {ds.filtered}")
+    coords, addrs, chunk_shape = locate(meta, ds)
+    if (addrs < 0).any():
+        raise BraidError(f"{src.label}: {int((addrs < 0).sum())} wanted chunks are not stored; the file looks incomplete")
+    plan = {"coords": coords, "addrs": addrs, "chunk_shape": np.asarray(chunk_shape), "shape": np.asarray(ds.shape),
+            "dtype": np.asarray(ds.dtype.str)}
+    with atomic_output(plan_path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, identity=np.asarray(json.dumps(identity)), **plan)
+    return plan
+
+
+def _chunk_runs(addrs: np.ndarray, chunk_bytes: int, cache, gap_chunks: int) -> tuple[dict, list]:
+    """The chunks that came with the chunk index's merged reads (index -> bytes), and the runs of
+    the others to request: (start, length, chunk indices), chunks fewer than ``gap_chunks`` apart merged."""
+    from .hdf5_ranges import coalesce
+
+    from_index = {}
+    if cache is not None:
+        for i, address in enumerate(addrs.tolist()):
+            block = cache.cached(address, chunk_bytes)
+            if block is not None:
+                from_index[i] = block
+    rest = np.array([i for i in range(len(addrs)) if i not in from_index], np.int64)
+    runs = [(start, length, rest[idx]) for start, length, idx in
+            coalesce(addrs[rest], chunk_bytes, gap_chunks * chunk_bytes)] if rest.size else []
+    return from_index, runs
+
+
+def _download_runs(src, runs: list, todo: list[int], download: PartialDownload, label: str) -> None:
+    """Request the runs ``todo``, RANGE_PARALLEL at a time, each into ``download`` as it arrives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(RANGE_PARALLEL) as pool, tqdm(total=sum(runs[k][1] for k in todo), unit="B",
+                                                          unit_scale=True, desc=label, mininterval=2) as bar:
+        def one(k):
+            data = src.read(runs[k][0], runs[k][1])
+            download.write(k, data)
+            bar.update(len(data))
+
+        for future in [pool.submit(one, k) for k in todo]:
+            future.result()
+
+
+def _write_sparse(dest: Path, name: str, plan: dict, chunk_shape: tuple, dtype, coords: np.ndarray, chunks: dict,
+                  attrs: dict) -> str:
+    """The sparse HDF5: dataset ``name`` of the source's shape with only ``chunks`` written (the
+    source's exact bytes); returns the SHA-256 of those bytes in chunk order."""
+    import h5py
+
+    digest = hashlib.sha256()
+    with atomic_output(dest) as tmp, h5py.File(tmp, "w") as f:
+        out = f.create_dataset(name, shape=tuple(int(n) for n in plan["shape"]), dtype=dtype, chunks=chunk_shape)
+        for i, coord in enumerate(coords.tolist()):
+            out.id.write_direct_chunk(tuple(coord), chunks[i])
+            digest.update(chunks[i])
+        out.attrs["braid_sparse"] = json.dumps(attrs)
+    return digest.hexdigest()
 
 
 def fetch_betas_roi(source: str, key: str, dest, mask_zyx: np.ndarray, gap_chunks: int | None = None, **s3) -> dict:

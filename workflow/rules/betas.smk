@@ -3,9 +3,10 @@
 
 rule betas_mask:
     input:
-        sessions=lambda wc: list(get_session_files(wc).values()),
-        rois=lambda wc: list(get_roi_files(wc).values()),
-        expdesign=nsd_file(braid.nsd.EXPDESIGN),
+        sessions=lambda wc: fetched(list(get_session_files(wc).values())),
+        rois=lambda wc: fetched(list(get_roi_files(wc).values())),
+        expdesign=fetched(nsd_file(braid.nsd.EXPDESIGN)),
+        sources=get_betas_sources,
         code=script_code("betas_mask"),
     output:
         betas=zarr_store("results/{subject}/betas.zarr"),

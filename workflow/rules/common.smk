@@ -1,7 +1,6 @@
 # Helpers shared by the rules files, and the config checks that run before any job.
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,9 +20,6 @@ BRAID_ROOT = Path(str(workflow.current_basedir)).resolve().parents[1]
 # Apptainer image or on a SLURM node; braid.common.snakemake_job refuses a job whose braid is not
 # this checkout's.
 sys.path.insert(0, str(BRAID_ROOT / "src"))
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(BRAID_ROOT / "src"), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
-)
 
 import braid.config
 import braid.encoder
@@ -31,7 +27,9 @@ import braid.metric_networks
 import braid.nsd
 import braid.resources
 import braid.synthetic
-from braid.common import BraidError, subject_label, subject_number
+from braid.common import BraidError, pythonpath_first, subject_label, subject_number
+
+pythonpath_first(BRAID_ROOT / "src")
 
 # Mappings of user-chosen names (roi, encoders) are replaced, not merged, by a --configfile or
 # --config that names them: a config gets exactly the ROIs and encoders it lists. A config that
@@ -109,12 +107,21 @@ def get_teacher(wildcards):
     return f"results/{wildcards.subject}/{teacher}/encoder.safetensors" if teacher else []
 
 
-def get_ncsnr(wildcards):
-    """NSD's ncsnr volume, for an encoder that selects voxels by it (a whole-object fetch)."""
+def ncsnr_key(wildcards):
+    """NSD's ncsnr volume, for an encoder that selects voxels by it (a whole-object fetch); else None."""
     if braid.encoder.spec(ALL_ENCODERS[wildcards.encoder])["voxels"] != "ncsnr":
-        return []
-    s = int(wildcards.subject[4:])
-    return nsd_file(braid.nsd.ncsnr_key(s, NSD["resolution"], NSD["beta_version"]))
+        return None
+    return braid.nsd.ncsnr_key(subject_number(wildcards.subject), NSD["resolution"], NSD["beta_version"])
+
+
+def get_ncsnr(wildcards):
+    key = ncsnr_key(wildcards)
+    return fetched(nsd_file(key)) if key else []
+
+
+def get_ncsnr_source(wildcards):
+    key = ncsnr_key(wildcards)
+    return fetch_sources(key) if key else []
 
 
 def zarr_store(path):
@@ -161,6 +168,31 @@ def stimuli_file(subject):
     """The stimuli a subject's jobs read: the whole imgBrick, or (ROI-only fetching) a sparse copy
     of the subject's own rows, so that adding a subject never changes an input of another's jobs."""
     return f"resources/nsd_roi/{subject}/{braid.nsd.STIMULI}" if ROI_ONLY else nsd_file(braid.nsd.STIMULI)
+
+
+# Fetched files as inputs of the jobs that read them. A fetched file is a copy of its source,
+# verified against it (size, ETag, chunk checksums) and named by its key: what it holds is fixed by
+# the source, not by the code that moved it. Its readers take it as ancient() and take the source
+# itself as an input where it is a file on this machine (the synthetic NSD, a mirror). So they rerun
+# when the source or the key changes, and not when a fetch job reruns and writes the same bytes
+# again (an edit of braid/transfer.py, a deleted copy fetched anew).
+def fetched(path):
+    return ancient(path)
+
+
+def fetch_sources(*keys):
+    """The local source files of NSD ``keys`` (none when the source is the bucket)."""
+    return [] if FETCH_SOURCE.startswith("s3://") else [str(Path(FETCH_SOURCE) / k) for k in keys]
+
+
+def get_betas_sources(wildcards):
+    """The sources of what betas_mask and evaluate_oracle read: the design, the sessions, the ROI files."""
+    s = subject_number(wildcards.subject)
+    return fetch_sources(
+        braid.nsd.EXPDESIGN,
+        *(braid.nsd.betas_key(s, n, NSD["resolution"], NSD["beta_version"]) for n in sorted(config["sessions"])),
+        *(braid.nsd.roi_key(s, name, NSD["resolution"]) for name in sorted(config["roi"])),
+    )
 
 
 def get_session_files(wildcards):

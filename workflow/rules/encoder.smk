@@ -9,6 +9,7 @@ rule encoder_train:
         latents="results/{subject}/latents.json",
         teacher=get_teacher,
         ncsnr=get_ncsnr,
+        sources=get_ncsnr_source,
         code=script_code("encoder_train"),
     output:
         model="results/{subject}/{encoder}/encoder.safetensors",

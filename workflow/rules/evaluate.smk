@@ -26,7 +26,8 @@ rule metrics_fetch:
 rule evaluate_stimuli:
     """Network features of the subject's test stimuli (the ground truth of every run)."""
     input:
-        stimuli=lambda wc: stimuli_file(wc.subject),
+        stimuli=lambda wc: fetched(stimuli_file(wc.subject)),
+        sources=fetch_sources(braid.nsd.STIMULI),
         trials="results/{subject}/trials.parquet",
         weights=list(METRIC_WEIGHTS.values()),
         code=script_code("evaluate_stimuli"),
@@ -53,7 +54,8 @@ rule evaluate_images:
         images="results/{subject}/{encoder}/{run}/images",
         predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
         latents="results/{subject}/latents.json",
-        stimuli=lambda wc: stimuli_file(wc.subject),
+        stimuli=lambda wc: fetched(stimuli_file(wc.subject)),
+        sources=fetch_sources(braid.nsd.STIMULI),
         features=zarr_store("results/{subject}/stimulus_features.zarr"),
         weights=list(METRIC_WEIGHTS.values()),
         code=script_code("evaluate_images"),
@@ -84,7 +86,8 @@ rule evaluate_grid:
     """Stimuli and every row's reconstructions (first seed) at one strength."""
     input:
         unpack(get_grid_images),
-        stimuli=lambda wc: stimuli_file(wc.subject),
+        stimuli=lambda wc: fetched(stimuli_file(wc.subject)),
+        sources=fetch_sources(braid.nsd.STIMULI),
         trials="results/{subject}/trials.parquet",
         latents="results/{subject}/latents.json",
         code=script_code("evaluate_grid"),
@@ -111,9 +114,10 @@ rule evaluate_oracle:
     """Synthetic data only: the best linear decoder, knowing the generative model, on the same test rows."""
     input:
         oracle=lambda wc: f"{SYNTHETIC_ROOT}/{braid.synthetic.oracle_key(subject_number(wc.subject))}",
-        sessions=lambda wc: list(get_session_files(wc).values()),
-        rois=lambda wc: list(get_roi_files(wc).values()),
-        expdesign=nsd_file(braid.nsd.EXPDESIGN),
+        sessions=lambda wc: fetched(list(get_session_files(wc).values())),
+        rois=lambda wc: fetched(list(get_roi_files(wc).values())),
+        expdesign=fetched(nsd_file(braid.nsd.EXPDESIGN)),
+        sources=get_betas_sources,
         trials="results/{subject}/trials.parquet",
         latents="results/{subject}/latents.json",
         code=script_code("evaluate_oracle"),

@@ -5,8 +5,9 @@
 
 rule latents_encode:
     input:
-        stimuli=lambda wc: stimuli_file(wc.subject),
-        expdesign=nsd_file(braid.nsd.EXPDESIGN),
+        stimuli=lambda wc: fetched(stimuli_file(wc.subject)),
+        expdesign=fetched(nsd_file(braid.nsd.EXPDESIGN)),
+        sources=fetch_sources(braid.nsd.STIMULI, braid.nsd.EXPDESIGN),
         model=MODEL_DIR,
         code=script_code("latents_encode"),
     output:

@@ -58,7 +58,8 @@ rule nsd_synthetic:
 rule nsd_fetch:
     """Copy one NSD object from the configured source (S3 via boto3, or a local mirror)."""
     input:
-        lambda wc: mirror_file(wc.key),
+        mirror=lambda wc: mirror_file(wc.key),
+        code=script_code("nsd_fetch"),
     output:
         "resources/nsd/{key}",
     log:
