@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,32 @@ def test_every_job_leaves_its_wall_time_and_peak_memory(run):
 def test_second_run_has_nothing_to_do(run):
     proc = snakemake(run, "-n")
     assert planned_rules(proc) == set(), proc.stdout[-3000:]
+
+
+FETCH_RULES = {"nsd_fetch", "nsd_fetch_betas_roi", "nsd_fetch_stimuli_rows", "nsd_manifest"}
+
+
+def plan_after_edit(run: Path, module: str) -> subprocess.CompletedProcess:
+    """A dry run of the finished ``run`` as Snakemake sees it after an edit of src/braid/<module>
+    (the file made newer than every output), the file's time put back afterwards."""
+    path = REPO / "src" / "braid" / module
+    before = path.stat()
+    try:
+        os.utime(path, ns=(before.st_atime_ns, time.time_ns()))
+        return snakemake(run, "-n")
+    finally:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_an_edit_of_the_transfer_code_reruns_the_fetch_jobs_and_nothing_after_them(run):
+    """Fetched files are verified copies of their sources: an edit of braid/transfer.py refetches
+    them (the same bytes), and no job that reads them runs again. An edit of braid/nsd.py (what
+    the files hold) reruns their readers."""
+    plan = plan_after_edit(run, "transfer.py")
+    assert planned_rules(plan) == FETCH_RULES | {"all"}, plan.stdout[-3000:]
+    assert "src/braid/transfer.py" in plan.stdout  # the reason given
+    rules = planned_rules(plan_after_edit(run, "nsd.py"))
+    assert {"betas_mask", "latents_encode", "encoder_train", "reconstruct_img2img"} <= rules
 
 
 def test_config_change_reruns_only_what_it_affects(run, tmp_path):

@@ -13,7 +13,8 @@ pointing at the copy's ``src`` so that the editable install of the checkout is n
 Only the unit tests named in ``TESTS`` run (``-x``: the first failure kills); the integration
 test (the whole DAG) is left out for time. Code that cannot be checked by a test of values
 (log calls, docstrings, error-message text, plotting layout) is not mutated: see ``SKIP``.
-Results go to ``mutation-<module>.csv`` (one row per mutant) and a summary is printed.
+Results go to ``results/mutation/mutation-<module>.csv`` (one row per mutant; ``--out`` to change)
+and a summary is printed.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def main() -> None:
     ap.add_argument("modules", nargs="+", choices=sorted(TESTS))
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--list", action="store_true", help="print the mutants and stop")
-    ap.add_argument("--out", type=Path, default=Path("."), help="folder for mutation-<module>.csv")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "mutation", help="folder for mutation-<module>.csv")
     ap.add_argument("--timeout-factor", type=float, default=3.0)
     ap.add_argument("--deselect", action="append", default=[], help="a test id to leave out (pytest --deselect)")
     ap.add_argument("--only", type=Path, metavar="DIR",

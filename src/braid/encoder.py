@@ -517,7 +517,6 @@ def train(betas_path, trials_path, latents_path, params: dict, out_model, out_hi
     next to ``out_model`` (``<name>.checkpoint``) and is removed once the outputs are written.
     """
     import torch
-    from safetensors.torch import save_file
 
     sp = spec(params)
     if sp["kind"] == "student" and teacher is None:
@@ -551,33 +550,12 @@ def train(betas_path, trials_path, latents_path, params: dict, out_model, out_hi
     if sp["kind"] in ("ridge", "lowrank"):
         hist = fit_closed_form(sp, xt, zt, xv, zv, model)
     else:
-        targets = zt
-        if sp["kind"] == "student":
-            t = Encoder(teacher, device)
-            raw = t.predict_z(x_all) * torch.from_numpy(t.std["z_std"]).to(device) + torch.from_numpy(t.std["z_mean"]).to(device)
-            teacher_z = (raw - torch.from_numpy(z_mean).to(device)) / torch.from_numpy(z_std).to(device)
-            w = sp["distill_weight"]
-            targets = w * teacher_z + (1 - w) * zt  # the MSE to this mix = w·MSE(teacher) + (1-w)·MSE(truth) + const
-            log.info("student of %s (%s parameters)", sp["teacher"], t.meta.get("n_parameters"))
+        targets = _distillation_targets(sp, teacher, x_all, zt, z_mean, z_std, device) if sp["kind"] == "student" else zt
         fingerprint = fingerprint_of(run_identity(sp, device, teacher), x_tr, z_tr, x_va, z_va, voxels)
         hist = fit_gradient(sp, model, xt, targets, xv, zv, device, checkpoint, fingerprint, checkpoint_minutes)
     model.eval()
-
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    for name, arr in (("x_mean", x_mean), ("x_std", x_std), ("z_mean", z_mean), ("z_std", z_std)):
-        state[f"standardiser.{name}"] = torch.from_numpy(arr)
-    state["selection.voxels"] = torch.from_numpy(voxels.astype(np.int64))
-    if scores is not None:
-        state["selection.scores"] = torch.from_numpy(scores.astype(np.float32))
-    meta = {"spec": json.dumps(sp, sort_keys=True), "architecture": json.dumps(arch, sort_keys=True),
-            "n_parameters": str(n_params), "model_weights": cache.weights,
-            "latent_shape": json.dumps(list(latent_shape)), "n_voxels": str(voxels.size)}
-    with atomic_output(out_model) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-    with atomic_output(Path(out_model).with_suffix(".json")) as tmp:
-        Path(tmp).write_text(json.dumps({"spec": sp, "architecture": arch, "n_parameters": n_params,
-                                         "n_voxels": int(voxels.size), "latent_shape": list(latent_shape),
-                                         "model_weights": cache.weights}, indent=2, sort_keys=True) + "\n")
+    standardisers = {"x_mean": x_mean, "x_std": x_std, "z_mean": z_mean, "z_std": z_std}
+    _save_encoder(out_model, model, standardisers, voxels, scores, sp, arch, cache.weights, latent_shape)
     with atomic_output(out_history) as tmp:
         hist.to_csv(tmp, index=False)
     shape = f"rank {arch['rank']}" if arch["type"] == "lowrank" else f"hidden {arch['hidden']}" if arch["hidden"] else "linear"
@@ -590,6 +568,44 @@ def train(betas_path, trials_path, latents_path, params: dict, out_model, out_hi
     checkpoint.unlink(missing_ok=True)
     kept = hist["kept"] if "kept" in hist else hist["chosen"]
     return {"n_parameters": n_params, "n_voxels": int(voxels.size), "val_loss": float(hist.loc[kept, "val_loss"].iloc[0])}
+
+
+def _distillation_targets(sp: dict, teacher, x_all, zt, z_mean, z_std, device: str):
+    """A student's targets: the teacher's predictions (z-scored with the student's statistics)
+    mixed with the truth ``zt`` by ``distill_weight``."""
+    import torch
+
+    t = Encoder(teacher, device)
+    raw = t.predict_z(x_all) * torch.from_numpy(t.std["z_std"]).to(device) + torch.from_numpy(t.std["z_mean"]).to(device)
+    teacher_z = (raw - torch.from_numpy(z_mean).to(device)) / torch.from_numpy(z_std).to(device)
+    w = sp["distill_weight"]
+    log.info("student of %s (%s parameters)", sp["teacher"], t.meta.get("n_parameters"))
+    return w * teacher_z + (1 - w) * zt  # the MSE to this mix = w·MSE(teacher) + (1-w)·MSE(truth) + const
+
+
+def _save_encoder(out_model, model, standardisers: dict, voxels: np.ndarray, scores, sp: dict, arch: dict,
+                  model_weights: str, latent_shape) -> None:
+    """The encoder file (weights, standardisers, voxel selection; settings in its metadata) and
+    its JSON description beside it."""
+    import torch
+    from safetensors.torch import save_file
+
+    n_params = n_parameters(model)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, arr in standardisers.items():
+        state[f"standardiser.{name}"] = torch.from_numpy(arr)
+    state["selection.voxels"] = torch.from_numpy(voxels.astype(np.int64))
+    if scores is not None:
+        state["selection.scores"] = torch.from_numpy(scores.astype(np.float32))
+    meta = {"spec": json.dumps(sp, sort_keys=True), "architecture": json.dumps(arch, sort_keys=True),
+            "n_parameters": str(n_params), "model_weights": model_weights,
+            "latent_shape": json.dumps(list(latent_shape)), "n_voxels": str(voxels.size)}
+    with atomic_output(out_model) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    with atomic_output(Path(out_model).with_suffix(".json")) as tmp:
+        Path(tmp).write_text(json.dumps({"spec": sp, "architecture": arch, "n_parameters": n_params,
+                                         "n_voxels": int(voxels.size), "latent_shape": list(latent_shape),
+                                         "model_weights": model_weights}, indent=2, sort_keys=True) + "\n")
 
 
 def write_predictions(enc: Encoder, sp: dict, splits: dict, out_path, n_params: int) -> None:
