@@ -1,7 +1,8 @@
 """Score reconstructions with the field's metrics, and the predicted latents themselves.
 
-Image metrics follow the MindEye reference code (``shared/reference/metrics.md`` §2, the "ME"
-preset), which ran torchvision 0.15/0.16:
+Image metrics follow the MindEye reference code (the "ME" preset: ``src/Reconstruction_Metrics.py``
+of github.com/MedARC-AI/fMRI-reconstruction-NSD, the same in MindEyeV2's
+``src/final_evaluations.ipynb``), which ran torchvision 0.15/0.16:
 
 - resampling: reconstruction and stimulus are resized to 256², then to 425², with a *tensor*
   ``transforms.Resize`` (bilinear, half-pixel centres). In those torchvision versions a tensor

@@ -1,6 +1,8 @@
 """The five feature networks of the field's eight image metrics: weights on disk, loading, features.
 
-Follows the MindEye reference code ("ME" preset, ``shared/reference/metrics.md`` §2), which ran
+Follows the MindEye reference code ("ME" preset: ``src/Reconstruction_Metrics.py`` of
+github.com/MedARC-AI/fMRI-reconstruction-NSD, the same in MindEyeV2's
+``src/final_evaluations.ipynb``), which ran
 torchvision 0.15/0.16:
 
 - AlexNet(2)/(5): ``alexnet``, ``AlexNet_Weights.IMAGENET1K_V1``; ``features.4`` / ``features.11``

@@ -56,7 +56,7 @@ def _byte_vocab() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-# SSD-1B's UNet (../shared/reference/diffusers-ssd1b.md §1): SDXL's with fewer transformer blocks
+# SSD-1B's UNet (the unet/config.json of huggingface.co/segmind/SSD-1B): SDXL's with fewer transformer blocks
 # and a resnet-only mid block; 1,331,334,404 parameters.
 SSD1B_UNET_CONFIG = dict(
     act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,

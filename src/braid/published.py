@@ -1,7 +1,9 @@
 """Published NSD reconstruction metrics, printed beside BRAID's own table (never mixed into it).
 
-Figures from ``shared/reference/metrics.md`` §4, with its tags: [P] read from the authors' code or
-saved notebook output, [S] from third-party summaries of the papers, [U] unverified. 2-way
+Figures with their provenance tags: [P] read from the authors' code or saved notebook output
+(MindEye: github.com/MedARC-AI/fMRI-reconstruction-NSD, ``Reconstruction_Metrics.ipynb``;
+MindEye2: github.com/MedARC-AI/MindEyeV2, ``src/final_evaluations.ipynb``), [S] from third-party
+summaries of the papers, [U] unverified. 2-way
 identification and retrieval are percentages as the papers print them; EfficientNet-B1 and SwAV
 are correlation distances (lower is better). BRAID's own table is written in the same columns
 (:func:`html_table`), so that a run with ``config/nsd_literature.yaml`` lines up with them.
@@ -123,7 +125,7 @@ the autoencoder's ceiling, img2img = this design's ceiling) and <i>mean-latent</
 </table>
 <h3>Published (not computed here)</h3>
 <p class="note">From the papers' code and notebooks ([P]), third-party summaries ([S]) or unverified ([U]); see
-shared/reference/metrics.md. Comparable with BRAID's rows only for a run with config/nsd_literature.yaml
+BRAID's docs/method.md. Comparable with BRAID's rows only for a run with config/nsd_literature.yaml
 (shared1000 test images, repeats averaged) and pretrained metric networks.</p>
 <table>{head(lead_pub)}
 {rows_html(pub, lead_pub, as_given=True)}
