@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from braid.gpu_check import load_vae_float32, naive_encode, write_stimuli
+
 SIZE = 512
 
 
@@ -50,17 +52,6 @@ def build_vae_folder(folder: Path) -> Path:
     return folder
 
 
-def make_stimuli(path: Path, n: int) -> None:
-    import h5py
-
-    rng = np.random.default_rng(0)
-    # smooth random images (noise upsampled), closer to photographs than white noise
-    small = rng.integers(0, 256, size=(n, 27, 27, 3), dtype=np.uint8)
-    images = np.repeat(np.repeat(small, 16, axis=1), 16, axis=2)[:, :425, :425]
-    with h5py.File(path, "w") as f:
-        f.create_dataset("imgBrick", data=images, chunks=(1, 425, 425, 3))
-
-
 def sync(device: str) -> None:
     import torch
 
@@ -69,22 +60,8 @@ def sync(device: str) -> None:
 
 
 def naive(stimuli: Path, folder: Path, ids: np.ndarray, device: str) -> np.ndarray:
-    """What a typical script does: one image at a time, float32."""
-    import h5py
-    import torch
-    from diffusers import AutoencoderKL
-    from PIL import Image
-
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True).to(device).eval()
-    out = []
-    with h5py.File(stimuli, "r") as f:
-        for i in ids:
-            img = Image.fromarray(f["imgBrick"][int(i)]).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
-            x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float().div(255).mul(2).sub(1).to(device)
-            with torch.no_grad():
-                z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
-            out.append(z.cpu().numpy()[0])
-    return np.stack(out)
+    """What a typical script does: load the VAE, then one image at a time, float32."""
+    return naive_encode(stimuli, load_vae_float32(folder, device), ids, SIZE, device)
 
 
 def braid_encode(stimuli: Path, folder: Path, ids: np.ndarray, device: str, dtype: str, batch_size: int,
@@ -127,7 +104,7 @@ def main() -> None:
         tmp = Path(tmp)
         folder = build_vae_folder(tmp / "sdxl-vae")
         stimuli = tmp / "nsd_stimuli.hdf5"
-        make_stimuli(stimuli, args.warmup + 2 * args.images)
+        write_stimuli(stimuli, args.warmup + 2 * args.images)
         warm, ids = np.arange(args.warmup), np.arange(args.warmup, args.warmup + args.images)
         more = np.arange(args.warmup + args.images, args.warmup + 2 * args.images)
         name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"

@@ -157,8 +157,9 @@ def _vae_folder(work: Path, size: dict, device: str) -> Path:
     return folder
 
 
-def _stimuli(path: Path, n: int) -> None:
-    """NSD-sized 425x425 uint8 images (smooth random fields) in an ``imgBrick``."""
+def write_stimuli(path: Path, n: int) -> None:
+    """NSD-sized 425x425 uint8 images in an ``imgBrick``: smooth random fields (noise upsampled),
+    closer to photographs than white noise."""
     import h5py
 
     rng = np.random.default_rng(0)
@@ -177,7 +178,7 @@ def step_latents(device: str, size: dict, work: Path) -> dict:
     folder = _vae_folder(work, size, device)
     n = size["latent_images"]
     stimuli = work / "stimuli.hdf5"
-    _stimuli(stimuli, 3 * n)
+    write_stimuli(stimuli, 3 * n)
     common = dict(image_size=size["image_size"], device=device, dtype="bfloat16", batch_size=size["latent_batch"])
     runs = {}
     for k, (label, comp) in enumerate((("eager", False), ("compiled_first", True), ("compiled_warm", True))):
@@ -203,29 +204,36 @@ def step_latents(device: str, size: dict, work: Path) -> dict:
         "subject_images_min_eager": round(SUBJECT_IMAGES * eager / 60, 1)}
 
 
-def _naive_per_image(stimuli: Path, folder: Path, size: dict, device: str) -> float:
-    """Seconds per image of the loop a typical script writes (the baseline of the latents goal): one
-    image at a time, read, PIL-resized, encoded in float32; after one untimed image."""
+def load_vae_float32(folder: Path, device: str):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True).to(device).eval()
+
+
+def naive_encode(stimuli: Path, vae, ids, image_size: int, device: str) -> np.ndarray:
+    """The loop a typical script writes (the baseline of the latents goal): one image at a time,
+    read, PIL-resized and encoded in float32 by ``vae``. Returns the latents (scaled)."""
     import h5py
     import torch
-    from diffusers import AutoencoderKL
     from PIL import Image
 
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True).to(device).eval()
-    px = size["image_size"]
+    out = []
+    with h5py.File(stimuli, "r") as f:
+        for i in ids:
+            img = Image.fromarray(f["imgBrick"][int(i)]).resize((image_size, image_size), Image.Resampling.BICUBIC)
+            x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float().div(255).mul(2).sub(1).to(device)
+            with torch.no_grad():
+                out.append((vae.encode(x).latent_dist.mean * vae.config.scaling_factor).cpu().numpy()[0])
+    return np.stack(out)
 
-    def one(i):
-        with h5py.File(stimuli, "r") as f:
-            img = Image.fromarray(f["imgBrick"][int(i)]).resize((px, px), Image.Resampling.BICUBIC)
-        x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float().div(255).mul(2).sub(1).to(device)
-        with torch.no_grad():
-            return (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).cpu().numpy()
 
-    one(0)
+def _naive_per_image(stimuli: Path, folder: Path, size: dict, device: str) -> float:
+    """Seconds per image of :func:`naive_encode` (the VAE loaded, one image untimed)."""
+    vae = load_vae_float32(folder, device)
+    naive_encode(stimuli, vae, [0], size["image_size"], device)
     n = size["naive_images"]
     with Timer(device) as t:
-        for i in range(n):
-            one(i)
+        naive_encode(stimuli, vae, range(n), size["image_size"], device)
     return t.s / n
 
 
