@@ -213,7 +213,9 @@ def test_second_run_has_nothing_to_do(run):
     assert planned_rules(proc) == set(), proc.stdout[-3000:]
 
 
-FETCH_RULES = {"nsd_fetch", "nsd_fetch_betas_roi", "nsd_fetch_stimuli_rows", "nsd_manifest"}
+# the ROI-only and row-only fetches (whose files BRAID lays out) and their manifest; whole-object
+# downloads (nsd_fetch) are the source's bytes and rerun on their key and source alone
+FETCH_RULES = {"nsd_fetch_betas_roi", "nsd_fetch_stimuli_rows", "nsd_manifest"}
 
 
 def plan_after_edit(run: Path, module: str) -> subprocess.CompletedProcess:
@@ -229,8 +231,8 @@ def plan_after_edit(run: Path, module: str) -> subprocess.CompletedProcess:
 
 
 def test_an_edit_of_the_transfer_code_reruns_the_fetch_jobs_and_nothing_after_them(run):
-    """Fetched files are verified copies of their sources: an edit of braid/transfer.py refetches
-    them (the same bytes), and no job that reads them runs again. An edit of braid/nsd.py (what
+    """Fetched files are verified copies of their sources: an edit of braid/transfer.py fetches
+    the ROI-only and row-only files again (the same bytes), and no job that reads them runs again. An edit of braid/nsd.py (what
     the files hold) reruns their readers."""
     plan = plan_after_edit(run, "transfer.py")
     assert planned_rules(plan) == FETCH_RULES | {"all"}, plan.stdout[-3000:]

@@ -59,7 +59,6 @@ rule nsd_fetch:
     """Copy one NSD object from the configured source (S3 via boto3, or a local mirror)."""
     input:
         mirror=lambda wc: mirror_file(wc.key),
-        code=script_code("nsd_fetch"),
     output:
         "resources/nsd/{key}",
     log:
