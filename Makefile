@@ -26,8 +26,9 @@ demo: $(STAMP)
 	@echo "reconstructions in results/<subject>/<source>/{decode,strength-*/seed-*}/images/, logs in logs/."
 	@echo "make report writes report.html, the page to open first."
 
+# two workers, each test file in one of them (the DAG tests share one run per file)
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The HTML report of the demo's run (runs what is not yet done first); open report.html in a browser.
 report: $(STAMP)
