@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 # The `run` fixture is the embedded default (`make demo`'s configuration) with one img2img strength
 # and one seed instead of two of each, and a tiny model whose UNet trains 300 steps instead of 1,000
 # (no test here reads the quality of its denoising; the pixel tests read the VAE, trained in full):
-# every rule, the sweep and the frontier, with 30 fewer jobs. Every snakemake call on its folder
+# every rule, the sweep and the frontier, in 65 jobs of the demo's 102 (`snakemake -n`). Every snakemake call on its folder
 # layers this first.
 RUN_CHANGES = {"reconstruct": {"strengths": [0.3], "seeds": [0]}, "model": {"train": {"unet_steps": 300}}}
 
