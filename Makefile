@@ -2,6 +2,7 @@
 #   make demo   create .venv, then run the whole workflow on the embedded synthetic default
 #   make test   create .venv, then run the test suite (unit + the real DAG end to end)
 #   make report the demo's HTML report (report.html)
+#   make verify  check a finished run's outputs and print the command that repairs damage
 #   make rehearsal  the real configuration at real shapes on this machine (rehearsal/), before GPU hours
 #   make gpu-check  every GPU path of the real configuration on one GPU in a few minutes (ARGS=--cpu: tiny, on a CPU)
 SHELL := /bin/bash
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.braid-installed
 CORES ?= all
 
-.PHONY: demo test report dryrun rulegraph rehearsal gpu-check clean
+.PHONY: demo test report verify dryrun rulegraph rehearsal gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,11 @@ report: $(STAMP)
 rehearsal: $(STAMP)
 	$(BIN)/python -m braid.rehearsal --cores $(CORES)
 
+# Check a finished run's outputs (every Zarr chunk against its checksum, every image folder against
+# its manifest) and print the `snakemake --forcerun` command that repairs what is damaged.
+verify: $(STAMP)
+	$(BIN)/python -m braid.verify $(ARGS)
+
 dryrun: $(STAMP)
 	$(BIN)/snakemake -n --profile profiles/local
 
@@ -51,7 +57,7 @@ docs/rulegraph.svg: $(STAMP) Snakefile workflow/rules/*.smk
 	$(BIN)/snakemake --rulegraph | dot -Tsvg > $@.tmp && mv $@.tmp $@
 
 clean:
-	rm -rf results logs .snakemake resources/synthetic_nsd resources/nsd
+	rm -rf results logs .snakemake .braid resources/synthetic_nsd resources/nsd
 
 # Every GPU path of the real configuration on one GPU, in a few minutes, before GPU hours are spent
 # (braid.gpu_check): a table in results/gpu-check/gpu-check.md. `make gpu-check ARGS=--cpu` runs it

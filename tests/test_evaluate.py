@@ -9,6 +9,7 @@ import pytest
 
 from braid.common import BraidError
 from braid.evaluate import image_metrics, latent_metrics, rowwise_pearson, two_way_identification, two_way_scores
+from braid.integrity import write_folder_manifest
 
 
 def test_two_way_identical_is_perfect_shuffled_is_chance():
@@ -318,6 +319,7 @@ def test_evaluate_images_scores_the_right_files(mirror, tiny_model, alexnet_rand
     stimuli = read_stimuli(root / nsd.STIMULI, np.unique(ids))
     for i, img in zip(np.unique(ids), stimuli):
         Image.fromarray(img).save(images / f"{i}.png")
+    write_folder_manifest(images)
     args = (preds, tmp_path / "latents.zarr", root / nsd.STIMULI, tmp_path / "features.zarr", weights)
     table = evaluate_images(images, *args, tmp_path / "m.parquet", "subj01", "lin", "strength-0.5/seed-1")
     saved = pd.read_parquet(tmp_path / "m.parquet")
@@ -337,14 +339,19 @@ def test_evaluate_images_scores_the_right_files(mirror, tiny_model, alexnet_rand
         pa.rename(tmp_path / "swap.png")
         pb.rename(pa)
         (tmp_path / "swap.png").rename(pb)
+    write_folder_manifest(images)  # as a writer that paired them wrongly would
     wrong = evaluate_images(images, *args, tmp_path / "m2.parquet", "subj01", "lin", "decode")
     assert (wrong["ssim"] < 0.9).all() and (wrong["alexnet2"] < 1).all() and wrong["mode"].iloc[0] == "decode"
     (images / "12.png").unlink()
-    with pytest.raises(BraidError, match="12.png: reconstruction missing"):
+    with pytest.raises(BraidError, match="12.png is missing.*rebuild it with `snakemake --forcerun .*images`"):
         evaluate_images(images, *args, tmp_path / "m3.parquet", "subj01", "lin", "decode")
     assert not (tmp_path / "m3.parquet").exists()
+    write_folder_manifest(images)  # a complete folder without image 12
+    with pytest.raises(BraidError, match="12.png: reconstruction missing"):
+        evaluate_images(images, *args, tmp_path / "m3.parquet", "subj01", "lin", "decode")
     # features of another test split are refused, naming the rule that makes them
     Image.fromarray(stimuli[-1]).save(images / "12.png")
+    write_folder_manifest(images)
     pd.DataFrame({"nsd_id": [3, 5], "split": "test"}).to_parquet(trials)
     stimulus_features(root / nsd.STIMULI, trials, weights, tmp_path / "features.zarr")
     with pytest.raises(BraidError, match="evaluate_stimuli"):
@@ -362,6 +369,7 @@ def test_load_images_are_the_pngs_in_0_1():
     with tempfile.TemporaryDirectory() as d:
         img = np.random.default_rng(8).integers(0, 256, (16, 16, 3), dtype=np.uint8)
         Image.fromarray(img).save(Path(d) / "7.png")
+        write_folder_manifest(d)
         got = load_images(d, [7])
     assert got.shape == (1, 3, 16, 16) and got.dtype == np.float32
     np.testing.assert_array_equal(got[0], np.moveaxis(img, -1, 0) / np.float32(255))

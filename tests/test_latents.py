@@ -68,7 +68,7 @@ def test_cache_is_scaled_posterior_mean_keyed_by_id(mirror, tiny_model, tmp_path
     np.testing.assert_array_equal(cache.get([9, 2, 9])[1], cache.get([2])[0])
     with pytest.raises(BraidError, match=r"no latents for NSD ids \[1000000\]"):
         cache.get([10**6])  # beyond the largest id
-    with pytest.raises(BraidError, match="not a BRAID latent cache"):
+    with pytest.raises(BraidError, match="no Zarr store here.*--forcerun latents_encode"):
         LatentCache(tmp_path / "nothing.zarr")
 
 

@@ -3,6 +3,7 @@ and the images pinned against diffusers and the VAE called by hand."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -67,7 +68,10 @@ def test_one_png_per_image_and_bit_identical_for_the_same_settings(tiny_model, p
     reconstruct(path, tiny_model, tmp_path / "a", 0.5, 0, params, batch_size=2)
     reconstruct(path, tiny_model, tmp_path / "b", 0.5, 0, params, batch_size=2)
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == ["11.png", "4.png"]
+    assert names == ["11.png", "4.png", "manifest.json"]  # the manifest, written last: names, sizes, hashes
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())["files"]
+    assert manifest["4.png"]["sha256"] == hashlib.sha256((tmp_path / "a" / "4.png").read_bytes()).hexdigest()
+    names = names[:2]
     for n in names:
         assert png(tmp_path / "a" / n).shape == (64, 64, 3)
         np.testing.assert_array_equal(png(tmp_path / "a" / n), png(tmp_path / "b" / n))
@@ -140,7 +144,7 @@ def test_decode_only_is_the_vae_decoding_of_each_images_mean_prediction(tiny_mod
     runs the tiny VAE, whose config sets force_upcast as the SDXL VAE's does, in float32)."""
     path, pred = predictions
     decode(path, tiny_model, tmp_path / "d", {"dtype": dtype, "variant": None}, batch_size=1)
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["11.png", "4.png"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["11.png", "4.png", "manifest.json"]
     for name, z in (("11.png", (pred[0] + pred[2]) / 2), ("4.png", pred[1])):
         ref = (vae_decode_by_hand(tiny_model, z) * 255).round()
         assert np.abs(png(tmp_path / "d" / name) - ref).max() <= 1, name

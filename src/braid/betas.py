@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import __version__
 from .common import BraidError, atomic_output, subject_label
+from .integrity import new_array, new_group, open_store
 from .nsd import ExpDesign, load_roi_mask
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,6 @@ def build(
     scratch array (their statistics, the voxels to drop), then the kept voxels, normalised and
     (optionally) averaged, into ``betas``.
     """
-    import zarr
 
     if normalisation not in NORMALISATIONS:
         raise BraidError(f"normalisation {normalisation!r} is not one of {NORMALISATIONS} (config betas.normalisation)")
@@ -179,7 +178,7 @@ def build(
     table = _trial_table(ExpDesign.load(expdesign_path), subject, sessions, first.shape[0], split, pilot_images)
 
     with atomic_output(out_zarr) as tmp:
-        root = zarr.open_group(tmp, mode="w")
+        root = new_group(tmp)
         stats = _stack_sessions(root, subject, session_files, mask_zyx, first, table, normalisation, pilot_images)
         del first
         ijk = _zyx_columns_to_ijk(mask_zyx)
@@ -239,7 +238,7 @@ def _stack_sessions(root, subject: int, session_files: dict, mask_zyx: np.ndarra
     kept = {s: table.loc[table["session"] == s, "trial"].to_numpy() - 1 for s in sessions}  # rows of each file
     starts = np.cumsum([0] + [len(kept[s]) for s in sessions])
     is_train = table["split"].to_numpy() == "train"
-    scratch = root.create_array("scratch", shape=(len(table), n_vox), chunks=(max(1, min(per_file, len(table))), n_vox),
+    scratch = new_array(root, "scratch", shape=(len(table), n_vox), chunks=(max(1, min(per_file, len(table))), n_vox),
                                 dtype="float32")
     stats = _SessionStats(scratch, per_file, np.zeros(n_vox, bool), np.zeros((len(sessions), n_vox), np.float32),
                           np.ones((len(sessions), n_vox), np.float32), np.zeros(n_vox, np.float64),
@@ -279,11 +278,11 @@ def _voxel_transform(root, stats: _SessionStats, normalisation: str, subject: in
         sd = np.sqrt(np.maximum(stats.train_sq / n - (stats.train_sum / n) ** 2, 0))
         stats.bad |= sd == 0
         scale = np.where(sd > 0, sd, 1.0).astype(np.float32)
-        root.create_array("train_mean", data=shift[~stats.bad])
-        root.create_array("train_std", data=scale[~stats.bad])
+        new_array(root, "train_mean", data=shift[~stats.bad])
+        new_array(root, "train_std", data=scale[~stats.bad])
     elif normalisation == "session":
-        root.create_array("session_mean", data=stats.session_mean[:, ~stats.bad])
-        root.create_array("session_std", data=stats.session_std[:, ~stats.bad])
+        new_array(root, "session_mean", data=stats.session_mean[:, ~stats.bad])
+        new_array(root, "session_std", data=stats.session_std[:, ~stats.bad])
     bad = stats.bad
     if bad.any():
         where = ", ".join(str(tuple(v)) for v in ijk[bad][:10].tolist())
@@ -296,7 +295,7 @@ def _write_single(root, scratch, keep: np.ndarray, shift: np.ndarray, scale: np.
                   dtype: str) -> None:
     """``betas``: every trial's kept voxels, normalised, one session file's worth at a time."""
     n_rows, n_keep = scratch.shape[0], int(keep.sum())
-    out = root.create_array("betas", shape=(n_rows, n_keep), chunks=(min(256, n_rows), n_keep), dtype=dtype)
+    out = new_array(root, "betas", shape=(n_rows, n_keep), chunks=(min(256, n_rows), n_keep), dtype=dtype)
     for start in range(0, n_rows, per_file):
         block = scratch[start : start + per_file][:, keep]
         out[start : start + per_file] = ((block - shift[keep]) / scale[keep]).astype(dtype)
@@ -321,7 +320,7 @@ def _write_averaged(root, scratch, table: pd.DataFrame, trials: str, keep: np.nd
     firsts = table.iloc[np.sort(first)].reset_index(drop=True)
     firsts["repeat"] = np.where(averaged[np.sort(first)], -1, firsts["repeat"])
     firsts["n_repeats"] = counts.astype(np.int16)
-    out = root.create_array("betas", shape=data.shape, chunks=(min(256, len(data)), data.shape[1]), dtype=dtype)
+    out = new_array(root, "betas", shape=data.shape, chunks=(min(256, len(data)), data.shape[1]), dtype=dtype)
     out[:] = data.astype(dtype)
     return firsts[TABLE_COLUMNS]
 
@@ -329,12 +328,12 @@ def _write_averaged(root, scratch, table: pd.DataFrame, trials: str, keep: np.nd
 def _write_voxels(root, ijk: np.ndarray, bad: np.ndarray, roi_volumes: dict) -> None:
     """Where each kept voxel is (``voxel_ijk``), its label in each ROI file, and the dropped voxels."""
     keep = ~bad
-    root.create_array("voxel_ijk", data=ijk[keep].astype(np.int32))
+    new_array(root, "voxel_ijk", data=ijk[keep].astype(np.int32))
     names = sorted(roi_volumes)
     labels = np.stack([roi_volumes[n][tuple(ijk[keep].T)] for n in names], axis=1).astype(np.int16)
-    root.create_array("voxel_labels", data=labels)  # voxels x ROI files (attrs roi_files), the files' own labels
+    new_array(root, "voxel_labels", data=labels)  # voxels x ROI files (attrs roi_files), the files' own labels
     if bad.any():
-        root.create_array("dropped_voxel_ijk", data=ijk[bad].astype(np.int32))
+        new_array(root, "dropped_voxel_ijk", data=ijk[bad].astype(np.int32))
 
 
 def _attributes(subject, roi_labels, roi_files, sessions, pilot_images, trials, normalisation, split, affine,
@@ -363,9 +362,5 @@ def _zyx_columns_to_ijk(mask_zyx: np.ndarray) -> np.ndarray:
 
 
 def open_betas(path: str | os.PathLike):
-    import zarr
-
-    try:
-        return zarr.open_group(Path(path), mode="r")
-    except Exception as err:
-        raise BraidError(f"{path}: not a BRAID betas store ({err}); rerun the betas rule") from err
+    """The betas store for reading; a damaged or missing store is named with its repair."""
+    return open_store(path, rule="betas_mask")

@@ -139,6 +139,7 @@ def snakemake_job(smk, offline: bool = True) -> Iterator[None]:
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
+    os.environ["BRAID_RULE"] = str(smk.rule)  # the writers record it (braid.integrity)
     logfile = smk.log[0] if len(smk.log) else None
     setup_logging(logfile)
     use_threads(int(getattr(smk, "threads", 1) or 1))
@@ -146,13 +147,63 @@ def snakemake_job(smk, offline: bool = True) -> Iterator[None]:
              socket.gethostname(), os.getpid(), dict(smk.wildcards.items()))
     try:
         check_library(Path(smk.scriptdir).parent / "src" / "braid")  # scripts/ beside src/
-        yield
+        with output_lock(list(smk.output), str(smk.rule)):
+            yield
     except BraidError as err:
         log.error("%s", err)
         raise
     except Exception:
         log.exception("rule %s failed", smk.rule)
         raise
+
+
+LOCKS = Path(".braid", "locks")  # in the working directory, beside .snakemake/
+
+
+@contextlib.contextmanager
+def output_lock(outputs: list[str], rule: str, folder: str | os.PathLike = LOCKS) -> Iterator[None]:
+    """Hold an exclusive lock on a job's ``outputs`` while it runs; refuse a second writer.
+
+    A Snakemake killed with ``kill -9`` leaves its jobs running, and after ``--unlock`` a rerun
+    would start the same job again, two writers of the same files. The lock file (one per set of
+    outputs, in ``folder``) records the holder's PID, host and start; the operating system
+    releases the lock when the holder ends, however it ends.
+    """
+    import fcntl
+    import hashlib
+    import json
+    import socket
+    import time
+
+    names = sorted(str(o) for o in outputs)
+    if not names:
+        yield
+        return
+    lockfile = Path(folder) / f"{rule}-{hashlib.sha1(chr(10).join(names).encode()).hexdigest()[:16]}.lock"
+    lockfile.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lockfile, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            holder = json.loads(lockfile.read_text())
+        except (OSError, ValueError):
+            holder = {}
+        pid, host = holder.get("pid", "?"), holder.get("host", "?")
+        raise BraidError(
+            f"{names[0]}{f' (and {len(names) - 1} more outputs)' if len(names) > 1 else ''} is being written by "
+            f"another job of rule {rule}: PID {pid} on host {host}, started {holder.get('started', '?')}. A Snakemake "
+            f"that was killed (kill -9, a closed terminal) leaves its jobs running. Let it finish, or end it "
+            f"(on {host}: kill {pid}), then `snakemake --unlock` and rerun. Lock file: {lockfile}"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "rule": rule,
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "outputs": names}).encode())
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def pythonpath_first(folder: str | os.PathLike) -> None:

@@ -33,6 +33,7 @@ import pandas as pd
 
 from .common import BraidError, atomic_output
 from .figures import save_figure, stamped
+from .integrity import new_array, new_group, open_store
 from .scores import rowwise_pearson, standardiser
 
 log = logging.getLogger(__name__)
@@ -615,10 +616,9 @@ def write_predictions(enc: Encoder, sp: dict, splits: dict, out_path, n_params: 
 
     With ``restandardise`` each latent element's predictions are re-standardised across the split
     and rescaled to the training latents' mean/std (Brain-Diffuser's post-processing)."""
-    import zarr
 
     with atomic_output(out_path) as tmp:
-        root = zarr.open_group(tmp, mode="w")
+        root = new_group(tmp)
         for split, group in (("test", root), ("val", root.create_group("val"))):
             x, rows = splits[split]  # every ROI voxel, and the trial rows
             z = enc.predict_z(x).cpu().numpy().astype(np.float64)
@@ -626,11 +626,11 @@ def write_predictions(enc: Encoder, sp: dict, splits: dict, out_path, n_params: 
                 sd = z.std(0)
                 z = (z - z.mean(0)) / np.where(sd > 0, sd, 1.0)
             pred = z * enc.std["z_std"] + enc.std["z_mean"]
-            group.create_array("pred", data=pred.reshape(len(pred), *enc.latent_shape).astype(np.float32))
-            group.create_array("nsd_id", data=rows["nsd_id"].to_numpy().astype(np.int64))
-            group.create_array("global_trial", data=rows["global_trial"].to_numpy().astype(np.int64))
-        root.create_array("z_mean", data=enc.std["z_mean"].reshape(enc.latent_shape))
-        root.create_array("z_std", data=enc.std["z_std"].reshape(enc.latent_shape))
+            new_array(group, "pred", data=pred.reshape(len(pred), *enc.latent_shape).astype(np.float32))
+            new_array(group, "nsd_id", data=rows["nsd_id"].to_numpy().astype(np.int64))
+            new_array(group, "global_trial", data=rows["global_trial"].to_numpy().astype(np.int64))
+        new_array(root, "z_mean", data=enc.std["z_mean"].reshape(enc.latent_shape))
+        new_array(root, "z_std", data=enc.std["z_std"].reshape(enc.latent_shape))
         root.attrs.update({"n_parameters": n_params, "n_voxels": int(enc.voxels.size), "spec": sp,
                            "model_weights": enc.meta.get("model_weights", "")})
 
@@ -644,7 +644,6 @@ def write_reference_predictions(reference: str, trials_path, latents_path, out_p
     ceiling, through img2img this design's), ``mean-latent`` the training trials' mean latent
     (no information: chance level). 0 parameters; ``z_mean``/``z_std`` are the training trials'
     statistics, as an encoder's are."""
-    import zarr
 
     from .latents import LatentCache
 
@@ -657,18 +656,18 @@ def write_reference_predictions(reference: str, trials_path, latents_path, out_p
         raise BraidError(f"{trials_path}: no training trials; check config split")
     z_mean, z_std = standardiser(train.reshape(len(train), -1))
     with atomic_output(out_path) as tmp:
-        root = zarr.open_group(tmp, mode="w")
+        root = new_group(tmp)
         for split, group in (("test", root), ("val", root.create_group("val"))):
             rows = table[table["split"] == split]
             if reference == "true-latent":
                 pred = cache.get(rows["nsd_id"].to_numpy())
             else:
                 pred = np.broadcast_to(z_mean.reshape(cache.shape), (len(rows), *cache.shape))
-            group.create_array("pred", data=np.ascontiguousarray(pred, np.float32))
-            group.create_array("nsd_id", data=rows["nsd_id"].to_numpy().astype(np.int64))
-            group.create_array("global_trial", data=rows["global_trial"].to_numpy().astype(np.int64))
-        root.create_array("z_mean", data=z_mean.reshape(cache.shape))
-        root.create_array("z_std", data=z_std.reshape(cache.shape))
+            new_array(group, "pred", data=np.ascontiguousarray(pred, np.float32))
+            new_array(group, "nsd_id", data=rows["nsd_id"].to_numpy().astype(np.int64))
+            new_array(group, "global_trial", data=rows["global_trial"].to_numpy().astype(np.int64))
+        new_array(root, "z_mean", data=z_mean.reshape(cache.shape))
+        new_array(root, "z_std", data=z_std.reshape(cache.shape))
         root.attrs.update({"n_parameters": 0, "n_voxels": 0, "spec": {"kind": reference},
                            "model_weights": cache.weights})
 
@@ -705,10 +704,8 @@ def plot_history(hist: pd.DataFrame, path, title: str, train_label: str = "train
 
 
 def load_predictions(path, split: str = "test"):
-    import zarr
-
     try:
-        root = zarr.open_group(path, mode="r")
+        root = open_store(path, rule="encoder_train")
         group = root if split == "test" else root[split]
         out = {k: np.asarray(group[k][:]) for k in ("pred", "nsd_id", "global_trial")}
         out |= {k: np.asarray(root[k][:]) for k in ("z_mean", "z_std")}

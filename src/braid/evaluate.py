@@ -41,6 +41,7 @@ import pandas as pd
 
 from .common import BraidError, atomic_output
 from .figures import not_a_result, save_figure, stamped
+from .integrity import check_folder, new_array, new_group, open_store
 from .metric_networks import to_256
 from .scores import (  # noqa: F401  (re-exported: the metrics' home for users of this module)
     TIE, latent_metrics, rowwise_pearson, standardiser, two_way_identification, two_way_scores)
@@ -140,7 +141,6 @@ def test_images(trials_path) -> np.ndarray:
 
 def stimulus_features(stimuli_path, trials_path, weights: dict, out_zarr, device: str = "cpu", batch_size: int = 32) -> None:
     """Network features of a subject's test stimuli, once for every run that is scored against them."""
-    import zarr
 
     from .latents import read_stimuli
 
@@ -148,19 +148,17 @@ def stimulus_features(stimuli_path, trials_path, weights: dict, out_zarr, device
     gt256 = to_256(stimuli_as_float(read_stimuli(stimuli_path, ids)))
     feats = network_features(gt256, weights, device, batch_size)
     with atomic_output(out_zarr) as tmp:
-        root = zarr.open_group(tmp, mode="w")
-        root.create_array("nsd_id", data=ids.astype(np.int64))
+        root = new_group(tmp)
+        new_array(root, "nsd_id", data=ids.astype(np.int64))
         for metric, f in feats.items():
-            root.create_array(metric, data=f.astype(np.float32))
+            new_array(root, metric, data=f.astype(np.float32))
         root.attrs.update({"metric_weights": weights_stamp(weights), "networks": sorted(weights)})
     log.info("features of %d test stimuli: %s", ids.size, {k: v.shape[1] for k, v in feats.items()})
 
 
 def read_stimulus_features(path, ids: np.ndarray, metrics) -> dict[str, np.ndarray]:
-    import zarr
-
     try:
-        root = zarr.open_group(path, mode="r")
+        root = open_store(path, rule="evaluate_stimuli")
         have = np.asarray(root["nsd_id"][:])
         out = {m: np.asarray(root[m][:]) for m in metrics}
     except (KeyError, FileNotFoundError) as err:
@@ -236,9 +234,11 @@ def latent_scores(predictions, latents, pool: int, draws: int) -> tuple[dict, pd
 
 
 def load_images(directory: str | os.PathLike, nsd_ids) -> np.ndarray:
-    """Reconstructions ``<nsd_id>.png`` from ``directory`` as float (n, 3, H, W) in [0, 1]."""
+    """Reconstructions ``<nsd_id>.png`` from ``directory`` as float (n, 3, H, W) in [0, 1], after the
+    folder is checked against its manifest (a missing, added or replaced image is named)."""
     from PIL import Image
 
+    check_folder(directory, rule="reconstruct_decode" if Path(directory).parent.name == "decode" else "reconstruct_img2img")
     out = []
     for i in nsd_ids:
         p = Path(directory) / f"{int(i)}.png"

@@ -27,6 +27,7 @@ import numpy as np
 
 from .common import BraidError, atomic_output, file_lock
 from .figures import save_figure
+from .integrity import new_array, new_group, open_store
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,9 @@ def _open_for_append(store: Path, identity: dict, latent_shape: tuple):
             raise BraidError(f"{store}: latents of shape {root['latents'].shape[1:]}, this model gives {latent_shape}")
         return root
     with atomic_output(store) as tmp:  # an empty cache appears whole or not at all
-        root = zarr.open_group(tmp, mode="w")
-        root.create_array("latents", shape=(0, *latent_shape), chunks=(CHUNK, *latent_shape), dtype="float32")
-        root.create_array("nsd_id", shape=(0,), chunks=(4096,), dtype="int64", fill_value=-1)
+        root = new_group(tmp)
+        new_array(root, "latents", shape=(0, *latent_shape), chunks=(CHUNK, *latent_shape), dtype="float32")
+        new_array(root, "nsd_id", shape=(0,), chunks=(4096,), dtype="int64", fill_value=-1)
         root.attrs.update({
             "format": FORMAT,
             "identity": identity,
@@ -273,8 +274,6 @@ class LatentCache:
     """Read access to a latent cache by NSD id: the store, or a subject's manifest (``.json``) of it."""
 
     def __init__(self, path: str | os.PathLike):
-        import zarr
-
         path = Path(path)
         self.wanted = None
         if path.suffix == ".json":
@@ -287,10 +286,12 @@ class LatentCache:
             store = path
         self.path = store
         try:
-            root = zarr.open_group(store, mode="r")
+            root = open_store(store, rule="latents_encode")
             n = int(root.attrs.get("n_committed", root["nsd_id"].shape[0]))
             ids = np.asarray(root["nsd_id"][:n])
             self._latents = root["latents"]
+        except BraidError:
+            raise
         except Exception as err:
             raise BraidError(f"{store}: not a BRAID latent cache ({err}); rerun the latents_encode rule") from err
         self.attrs = dict(root.attrs)
@@ -322,7 +323,6 @@ def latent_statistics(latents_path, trials_path, out_zarr, out_png=None) -> dict
     ``out_png`` is given, drawn as per-channel maps.
     """
     import pandas as pd
-    import zarr
 
     trials = pd.read_parquet(trials_path)
     ids = np.unique(trials.loc[trials["split"] == "train", "nsd_id"].to_numpy())
@@ -332,9 +332,9 @@ def latent_statistics(latents_path, trials_path, out_zarr, out_png=None) -> dict
     z = cache.get(ids).astype(np.float64)
     stats = {"mean": z.mean(0), "std": z.std(0), "channel_mean": z.mean((0, 2, 3)), "channel_std": z.std((0, 2, 3))}
     with atomic_output(out_zarr) as tmp:
-        root = zarr.open_group(tmp, mode="w")
+        root = new_group(tmp)
         for name, value in stats.items():
-            root.create_array(name, data=value.astype(np.float32))
+            new_array(root, name, data=value.astype(np.float32))
         root.attrs.update({"n_images": int(ids.size), "split": "train", "identity": cache.attrs.get("identity"),
                            "description": "over distinct training images; population std (ddof 0)"})
     if out_png:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import BraidError, atomic_output
+from .integrity import write_folder_manifest
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,9 @@ def _load_averaged(predictions_path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _write_pngs(out_dir, ids: np.ndarray, batch: int, images_of, desc: str) -> None:
-    """``<nsd_id>.png`` for every id, ``batch`` at a time: ``images_of(start, chunk)`` -> float (n, 3, H, W) in [0, 1]."""
+    """``<nsd_id>.png`` for every id, ``batch`` at a time: ``images_of(start, chunk)`` -> float (n, 3, H, W) in [0, 1].
+
+    The folder's manifest (names, sizes, SHA-256: :mod:`braid.integrity`) is written last; its readers check it."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -92,6 +95,7 @@ def _write_pngs(out_dir, ids: np.ndarray, batch: int, images_of, desc: str) -> N
             images = images_of(start, chunk).permute(0, 2, 3, 1).cpu().numpy()
             for i, img in zip(chunk, images):
                 Image.fromarray((img * 255).round().astype(np.uint8)).save(Path(tmp) / f"{int(i)}.png")
+        write_folder_manifest(tmp)
 
 
 def decode(predictions_path, model_dir, out_dir, params: dict, device: str = "cpu", batch_size: int = 8) -> None:
