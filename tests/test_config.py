@@ -353,3 +353,53 @@ def test_the_cuda12_lock_is_the_lock_with_torch_built_for_cuda_12():
         expected = f"{lock[name]}+cu128" if name in ("torch", "torchvision") else lock[name]
         assert version == expected, (name, version, expected)
     assert "--extra-index-url https://download.pytorch.org/whl/cu128" in (REPO / "envs" / "requirements-cu12.lock.txt").read_text()
+
+
+def test_a_malformed_or_empty_config_file_is_named_with_its_line(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("subjects: [1]\nencoders:\n  ridge: {kind: ridge\nsessions: [1]\n")
+    with pytest.raises(BraidError, match=rf"^{broken}:4:\d+: not valid YAML"):  # PyYAML reports where it gave up
+        braid.config.read_layer(broken)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(BraidError, match=rf"{empty}: the file is empty"):
+        braid.config.read_layer(empty)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- subjects: [1]\n")
+    with pytest.raises(BraidError, match="a list, not a mapping of settings"):
+        braid.config.read_layer(listed)
+    assert braid.config.main([str(empty), str(broken)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith(f"{empty}:") and err[1].startswith(f"{broken}:4:")
+
+
+def test_every_problem_is_listed_with_its_source_value_and_what_is_allowed(tmp_path, capsys):
+    schema = yaml.safe_load(Path(SCHEMA).read_text())
+    base = load("config.yaml")
+    text = "reconstruct:\n  dtype: flaot16\n  steps: ten\nnsd:\n  fetch: roi\n  resolutoin: func1mm\n"
+    user = tmp_path / "user.yaml"
+    user.write_text(text)
+    layer, cli = yaml.safe_load(text), {"subjects": [0]}
+    config = braid.config.layered(base, [layer, cli], schema)
+    sources = [("config/config.yaml", str(REPO / "config" / "config.yaml"), base), (str(user), str(user), layer),
+               ("--config", None, cli)]
+    found = braid.config.problems(config, schema, sources)
+    assert f"{user}:2: reconstruct.dtype: 'flaot16' is not allowed; allowed: 'float32', 'bfloat16', 'float16'; " \
+           "did you mean 'float16'?" in found
+    assert f"{user}:3: reconstruct.steps: 'ten' is not of type integer" in found
+    assert any(p.startswith(f"{user}:6: nsd.resolutoin: not a setting of nsd; did you mean 'resolution'?")
+               for p in found), found
+    assert "--config: subjects[0]: 0 is below the minimum 1" in found
+    assert len(found) == 4, found
+    assert braid.config.main([str(user)]) == 1
+    assert len(capsys.readouterr().err.splitlines()) == 3  # the file alone: its own three
+    assert braid.config.main([str(REPO / "config" / "nsd_ssd1b.yaml")]) == 0
+
+
+def test_a_local_nsd_source_must_be_a_folder(tmp_path):
+    config = load("config.yaml")
+    config["nsd"]["source"] = str(tmp_path / "mirror")
+    with pytest.raises(BraidError, match=rf"nsd.source: '{tmp_path / 'mirror'}' is not a folder"):
+        braid.config.check(config)
+    (tmp_path / "mirror").mkdir()
+    assert not any(p.startswith("nsd.source") for p in braid.config.combination_problems(config))

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,47 @@ def test_every_job_leaves_its_wall_time_and_peak_memory(run):
 def test_second_run_has_nothing_to_do(run):
     proc = snakemake(run, "-n")
     assert planned_rules(proc) == set(), proc.stdout[-3000:]
+
+
+def test_damage_to_a_finished_run_is_found_named_and_repaired(run, tmp_path):
+    """A truncated Zarr chunk, a deleted image and an image replaced by another: a plain dry run
+    trusts all three (Snakemake compares times, not contents); ``braid.verify`` names each with
+    the rule that wrote it and prints one ``--forcerun`` command; running it restores a run that
+    verifies, with the undamaged run's summary.csv."""
+    work = tmp_path / "damaged"
+    shutil.copytree(run, work, symlinks=True, ignore=shutil.ignore_patterns("locks", "incomplete"))
+    verify = [sys.executable, "-m", "braid.verify", str(work)]
+    ok = subprocess.run(verify, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("all outputs verified"), ok.stdout + ok.stderr
+    results = work / "results" / "subj01"
+    chunk = results / "ridge" / "predictions.zarr" / "pred" / "c" / "0" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-10])
+    deleted = sorted((results / "ridge" / "decode" / "images").glob("*.png"))[0]
+    deleted.unlink()
+    replaced, other = sorted((results / "mlp" / "strength-0.3" / "seed-0" / "images").glob("*.png"))[:2]
+    shutil.copyfile(other, replaced)
+    assert planned_rules(snakemake(work, "-n")) == set()  # nothing looks out of date
+
+    found = subprocess.run(verify, capture_output=True, text=True)
+    assert found.returncode == 1, found.stdout + found.stderr
+    lines = found.stdout.splitlines()
+    assert lines[0] == "3 damaged output(s) of " + lines[0].split(" of ")[1]
+    assert any(line.strip().startswith("results/subj01/ridge/predictions.zarr: chunk pred/c/0/0/0/0 is damaged")
+               and line.endswith("written by rule encoder_train") for line in lines), found.stdout
+    assert any(f"results/subj01/ridge/decode/images: {deleted.name} is missing" in line
+               and line.endswith("rule reconstruct_decode") for line in lines), found.stdout
+    assert any(f"seed-0/images: {replaced.name} was changed" in line and line.endswith("rule reconstruct_img2img")
+               for line in lines), found.stdout
+    repair = lines[-1].split()
+    assert repair[:2] == ["snakemake", "--forcerun"] and sorted(repair[2:]) == sorted([
+        "results/subj01/ridge/predictions.zarr/zarr.json", "results/subj01/ridge/decode/images",
+        "results/subj01/mlp/strength-0.3/seed-0/images"])
+
+    snakemake(work, *repair[1:], *PARALLEL)
+    again = subprocess.run(verify, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout
+    pd.testing.assert_frame_equal(pd.read_csv(work / "results" / "summary.csv"),
+                                  pd.read_csv(run / "results" / "summary.csv"), check_exact=False, rtol=1e-6)
 
 
 # the ROI-only and row-only fetches (whose files BRAID lays out) and their manifest; whole-object

@@ -17,29 +17,39 @@ from snakemake_runs import (GPU_RULES, PARALLEL, REPO, SNAKEMAKE, declared_resou
 pytestmark = pytest.mark.integration
 
 
-def test_bad_config_stops_before_any_job(tmp_path):
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["sessions"] = [1, 9]
+BAD_CONFIG = """\
+encoder:
+  ridge: {kind: ridge}
+sessions: [1, 9]
+reconstruct:
+  strengths: [1.5]
+  stepz: 3
+roi:
+  V1: [1]
+split: {train: 0.9, val: 0.1, test: 0.1}
+"""
+
+
+def test_bad_config_stops_before_any_job_naming_every_problem_with_its_line(tmp_path):
+    """Six mistakes in one file: all reported in one message before any job, each schema problem
+    with the file and line that set it, a near-miss key with its likely meaning."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(config))
-    proc = snakemake(tmp_path / "w", "-n", "--configfile", str(bad), check=False)
-    assert proc.returncode != 0 and "sessions [9] exceed synthetic.sessions (4)" in proc.stdout + proc.stderr
-    config["reconstruct"]["strengths"] = [0.05]
-    config["sessions"] = [1]
-    bad.write_text(yaml.safe_dump(config))
-    proc = snakemake(tmp_path / "w", "-n", "--configfile", str(bad), check=False)
-    assert proc.returncode != 0 and "reconstruct.strengths 0.05 with reconstruct.steps 10" in proc.stdout + proc.stderr
-    config["reconstruct"]["strengths"] = [1.5]
-    bad.write_text(yaml.safe_dump(config))
-    proc = snakemake(tmp_path / "w", "-n", "--configfile", str(bad), check=False)
-    assert proc.returncode != 0 and "strengths" in proc.stdout + proc.stderr and "1.5" in proc.stdout + proc.stderr
-    config["reconstruct"]["strengths"] = [0.5]
-    config["roi"] = {"V1": [1]}  # a name NSD does not have, and a split over 1: both named, before any job
-    config["split"].update(train=0.9, val=0.1, test=0.1)
-    bad.write_text(yaml.safe_dump(config))
+    bad.write_text(BAD_CONFIG)
     proc = snakemake(tmp_path / "w", "-n", "--configfile", str(bad), check=False)
     text = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "roi ['V1']: no such ROI file" in text and "= 1.1, not 1" in text
+    assert proc.returncode != 0 and "config: 6 problem(s), nothing was run" in text, text[-3000:]
+    lines = BAD_CONFIG.splitlines()
+    at = {key: lines.index(next(line for line in lines if line.lstrip().startswith(key))) + 1
+          for key in ("encoder:", "stepz:", "strengths:")}
+    assert f"{bad}:{at['encoder:']}: encoder: not a setting; did you mean 'encoders'?" in text
+    assert f"{bad}:{at['stepz:']}: reconstruct.stepz: not a setting of reconstruct; did you mean 'steps'?" in text
+    assert f"{bad}:{at['strengths:']}: reconstruct.strengths[0]: 1.5 is above the maximum 1" in text
+    assert "sessions [9] exceed synthetic.sessions (4)" in text
+    assert "roi ['V1']: no such ROI file" in text and "= 1.1, not 1" in text
+    missing = tmp_path / "no-such-mirror"
+    proc = snakemake(tmp_path / "w", "-n", "--config", f"nsd={{source: {missing}}}", check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"nsd.source: '{missing}' is not a folder" in text, text[-3000:]
     assert not (tmp_path / "w" / "resources").exists()
 
 

@@ -75,7 +75,16 @@ def layered(base: dict, layers: list[dict], schema: dict) -> dict:
 
 
 def check(config: dict) -> None:
-    problems = []
+    """Raise one :class:`BraidError` listing every :func:`combination_problems` of ``config``."""
+    problems = combination_problems(config)
+    if problems:
+        raise BraidError("config: " + "; ".join(problems))
+
+
+def combination_problems(config: dict) -> list[str]:
+    """What a schema cannot say: sessions a subject has, strengths the step count can run, the
+    ROI files and encoder settings that exist, a local ``nsd.source`` folder that exists."""
+    problems = _source_problems(config["nsd"]["source"])
     subjects, sessions = config["subjects"], config["sessions"]
     if config["nsd"]["source"] == "synthetic":
         syn = config["synthetic"]
@@ -118,8 +127,16 @@ def check(config: dict) -> None:
         except BraidError as err:
             problems.append(str(err).removeprefix("config "))
     problems += _roi_problems(config)
-    if problems:
-        raise BraidError("config: " + "; ".join(problems))
+    return problems
+
+
+def _source_problems(source: str) -> list[str]:
+    """A local mirror must exist when the run starts (a bucket is named by the first fetch that reaches it)."""
+    if source == "synthetic" or source.startswith("s3://") or Path(source).is_dir():
+        return []
+    return [f"nsd.source: {source!r} is not a folder (seen from {Path.cwd()}); give a local copy of the bucket's "
+            "keys (nsddata/, nsddata_betas/, nsddata_stimuli/), an s3:// URL such as s3://natural-scenes-dataset, "
+            "or synthetic"]
 
 
 def _roi_problems(config: dict) -> list[str]:
@@ -339,16 +356,148 @@ def sweep_encoders(config: dict) -> dict[str, dict]:
 
 def validate_sweep(config: dict, schema: dict) -> None:
     """Each encoder a sweep makes must satisfy the schema's encoder entry (``rank: ["8"]`` is refused)."""
+    problems = sweep_problems(config, schema)
+    if problems:
+        raise BraidError("config: " + "; ".join(problems))
+
+
+def sweep_problems(config: dict, schema: dict) -> list[str]:
     import jsonschema
 
     entry = schema["properties"]["encoders"]["additionalProperties"]
     problems = []
-    for name, cfg in sweep_encoders(config).items():
+    try:
+        made = sweep_encoders(config)
+    except BraidError as err:
+        return [str(err)]
+    for name, cfg in made.items():
         for err in jsonschema.Draft202012Validator(entry).iter_errors(cfg):
             where = ".".join(str(p) for p in err.path)
             problems.append(f"sweep encoder {name}{'.' + where if where else ''}: {err.message}")
-    if problems:
-        raise BraidError("config: " + "; ".join(problems))
+    return problems
+
+
+# --- every problem of a config, at once, where it was written ---------------------------------
+
+
+def fill_defaults(config: dict, schema: dict) -> dict:
+    """Fill in the schema's defaults where ``config`` leaves a property out (as Snakemake's validate does)."""
+    for key, sub in schema.get("properties", {}).items():
+        if key not in config and "default" in sub:
+            config[key] = copy.deepcopy(sub["default"])
+        if isinstance(config.get(key), dict) and sub.get("type") == "object":
+            fill_defaults(config[key], sub)
+    return config
+
+
+def _short(value, width: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _dotted(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _line(node, path) -> int | None:
+    """1-based line of ``path`` in a composed YAML node tree (the key's line for a mapping entry)."""
+    import yaml
+
+    line = None
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(part)]
+            if not match:
+                return line
+            key, node = match[-1]
+            line = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _has(data, path) -> bool:
+    for part in path:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return False
+    return True
+
+
+def _where(path, sources) -> str:
+    """``file:line: `` of the last source that sets ``path`` (Snakemake applies them in order)."""
+    import yaml
+
+    for name, file, data in reversed(sources):
+        if path and _has(data, path):
+            if file is None:
+                return f"{name}: "
+            try:
+                line = _line(yaml.compose(Path(file).read_text()), path)
+            except (OSError, yaml.YAMLError):
+                line = None
+            return f"{name}:{line}: " if line else f"{name}: "
+    return ""
+
+
+def _describe(err, sources) -> list[str]:
+    import difflib
+
+    path = list(err.absolute_path)
+    value, rule, allowed = err.instance, err.validator, err.validator_value
+    if rule == "additionalProperties" and isinstance(value, dict):
+        known = sorted(err.schema.get("properties", {}))
+        out = []
+        for key in [k for k in value if k not in known]:
+            near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            inside = f"of {_dotted(path)} " if path else ""
+            out.append(f"{_where([*path, key], sources)}{_dotted([*path, key])}: not a setting {inside}{hint}"
+                       f" (allowed: {', '.join(known)})".replace(" ;", ";"))
+        return out
+    if rule == "enum":
+        near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
+        what = f"{_short(value)} is not allowed; allowed: {', '.join(_short(a) for a in allowed)}"
+        what += f"; did you mean {near[0]!r}?" if near else ""
+    elif rule == "type":
+        kinds = allowed if isinstance(allowed, list) else [allowed]
+        what = f"{_short(value)} is not of type {' or '.join(kinds)}"
+    elif rule in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        words = {"minimum": "below the minimum", "maximum": "above the maximum",
+                 "exclusiveMinimum": "not above", "exclusiveMaximum": "not below"}
+        what = f"{_short(value)} is {words[rule]} {allowed}"
+    else:
+        what = err.message if len(err.message) <= 160 else err.message[:157] + "..."
+    return [f"{_where(path, sources)}{_dotted(path)}: {what}"]
+
+
+def problems(config: dict, schema: dict, sources: list[tuple[str, str | None, dict]] = ()) -> list[str]:
+    """Every problem of ``config`` at once, one line each: the file and line that set the key
+    (``sources``: ``(name, file or None, its mapping)`` in the order they were layered), the key
+    path, the value, what is allowed, and a did-you-mean for a near-miss key or value. Schema
+    problems first, then the combination checks (on the config with its defaults filled in)."""
+    import jsonschema
+
+    found = []
+    for err in sorted(jsonschema.Draft202012Validator(schema).iter_errors(config),
+                      key=lambda e: [str(p) for p in e.absolute_path]):
+        found += _describe(err, sources)
+    filled = fill_defaults(copy.deepcopy(config), schema)
+    try:
+        found += combination_problems(filled) + sweep_problems(filled, schema)
+    except Exception:  # noqa: BLE001 - a config the schema refused may break a combination check
+        if not found:
+            raise
+    return found
 
 
 def all_encoders(config: dict) -> dict[str, dict]:
@@ -378,3 +527,62 @@ def metric_weights(evaluate: dict) -> dict[str, str]:
 
 def strength_label(strength: float) -> str:
     return f"{float(strength):g}"
+
+
+# --- python -m braid.config FILE...: a config checked before Snakemake reads it -----------------
+
+
+def read_layer(path: str | Path) -> dict:
+    """One config file as a mapping; an unreadable, malformed or empty file is named with its line."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise BraidError(f"{path}: cannot be read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise BraidError(f"{where}: not valid YAML: {problem} (check the indentation there: spaces only, "
+                         "a space after each ':', brackets and quotes closed)") from None
+    if not isinstance(data, dict):
+        what = "empty" if data is None else f"a {type(data).__name__}, not a mapping of settings"
+        raise BraidError(f"{path}: the file is {what}; a config holds settings at its top level, "
+                         "e.g. `subjects: [1]`")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check config files as the workflow layers them over config/config.yaml; print every problem."""
+    import argparse
+    import sys
+
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="python -m braid.config",
+                                     description="Check BRAID config files (layered in order over config/config.yaml).")
+    parser.add_argument("files", nargs="+")
+    args = parser.parse_args(argv)
+    root = Path(__file__).resolve().parents[2] / "config"
+    schema = yaml.safe_load((root / "schema.yaml").read_text())
+    base = yaml.safe_load((root / "config.yaml").read_text())
+    sources = [("config/config.yaml", str(root / "config.yaml"), base)]
+    found = []
+    for f in args.files:
+        try:
+            sources.append((f, f, read_layer(f)))
+        except BraidError as err:
+            found.append(str(err))
+    if not found:
+        found = problems(layered(base, [data for _, _, data in sources[1:]], schema), schema, sources)
+    for line in found:
+        print(line, file=sys.stderr)
+    if not found:
+        print(f"config ok: {', '.join(args.files)}")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

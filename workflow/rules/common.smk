@@ -35,18 +35,22 @@ pythonpath_first(BRAID_ROOT / "src")
 # --config that names them: a config gets exactly the ROIs and encoders it lists. A config that
 # names its encoders and no sweep gets no sweep (the default's sweep is over the default's encoders).
 _SCHEMA = load_configfile(str(BRAID_ROOT / "config" / "schema.yaml"))
-braid.config.apply_layers(
-    config,
-    [*(load_configfile(f) for f in workflow.config_settings.configfiles), dict(workflow.config_settings.config)],
-    _SCHEMA,
-)
+# where each setting came from, for the messages: the default, each --configfile, --config
+_SOURCES = [
+    (
+        "config/config.yaml",
+        str(BRAID_ROOT / "config" / "config.yaml"),
+        load_configfile(str(BRAID_ROOT / "config" / "config.yaml")),
+    ),
+    *((str(f), str(f), load_configfile(f)) for f in workflow.config_settings.configfiles),
+    ("--config", None, dict(workflow.config_settings.config)),
+]
+braid.config.apply_layers(config, [data for _, _, data in _SOURCES[1:]], _SCHEMA)
+# every problem at once, each with its file and line, before any job; then the schema's defaults
+_PROBLEMS = braid.config.problems(config, _SCHEMA, _SOURCES)
+if _PROBLEMS:
+    raise WorkflowError(f"config: {len(_PROBLEMS)} problem(s), nothing was run:\n  " + "\n  ".join(_PROBLEMS))
 validate(config, "../../config/schema.yaml")
-try:
-    braid.config.check(config)
-    # a sweep's values bypass the schema's encoder entry; check the encoders they make against it
-    braid.config.validate_sweep(config, _SCHEMA)
-except BraidError as err:
-    raise WorkflowError(str(err))
 
 
 # the image every job runs in under --sdm apptainer (envs/braid.def); none by default
