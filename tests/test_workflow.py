@@ -198,6 +198,15 @@ def test_every_job_leaves_its_wall_time_and_peak_memory(run):
     assert table.loc["evaluate_images", "jobs"] == runs * (len(config["encoders"]) + 2) * len(config["subjects"])
 
 
+def test_long_steps_write_their_progress_to_their_logs(run):
+    """Not only the terminal: the job's log file has the step, count, rate (and, until the end, ETA)."""
+    model = (run / "logs" / "model" / "train.log").read_text()
+    steps = 700 + RUN_CHANGES["model"]["train"]["unet_steps"]
+    assert f"tiny model: {steps}/{steps} step (100 %)" in model, model[-2000:]
+    mlp = (run / "logs" / "subj01" / "mlp" / "train.log").read_text()
+    assert re.search(r"epochs: (\d+)/\1 it \(100 %\), [0-9.e+]+ it/s", mlp), mlp[-2000:]
+
+
 def test_second_run_has_nothing_to_do(run):
     proc = snakemake(run, "-n")
     assert planned_rules(proc) == set(), proc.stdout[-3000:]

@@ -231,7 +231,7 @@ def _stack_sessions(root, subject: int, session_files: dict, mask_zyx: np.ndarra
                     table: pd.DataFrame, normalisation: str, pilot_images: int | None) -> _SessionStats:
     """Read the sessions one at a time into ``root["scratch"]`` (z-scoring each within itself for
     ``session``), gathering the statistics and the voxels to drop."""
-    from tqdm import tqdm
+    from .progress import progress
 
     sessions = sorted(session_files)
     per_file, n_vox = first.shape
@@ -243,7 +243,7 @@ def _stack_sessions(root, subject: int, session_files: dict, mask_zyx: np.ndarra
     stats = _SessionStats(scratch, per_file, np.zeros(n_vox, bool), np.zeros((len(sessions), n_vox), np.float32),
                           np.ones((len(sessions), n_vox), np.float32), np.zeros(n_vox, np.float64),
                           np.zeros(n_vox, np.float64), int(is_train.sum()))
-    bar = tqdm(sessions, desc=f"{subject_label(subject)} sessions", unit="session", mininterval=2)
+    bar = progress(sessions, desc=f"{subject_label(subject)} sessions", unit="session", mininterval=2)
     for k, session in enumerate(bar):
         x = first if k == 0 else read_session(session_files[session], mask_zyx, per_file)
         x = x[kept[session]] if pilot_images is not None else x

@@ -211,7 +211,7 @@ def update_cache(
     it compiles once; where compilation fails it runs eagerly, with one warning.
     """
     import torch
-    from tqdm import tqdm
+    from .progress import progress
 
     from .models import load_vae, vae_force_upcast, vae_image_size
 
@@ -246,7 +246,7 @@ def update_cache(
             lat.resize((n + todo.size, *latent_shape))
             idx.resize((n + todo.size,))
         groups = [todo[i : i + CHUNK] for i in range(0, todo.size, CHUNK)]
-        with tqdm(total=int(todo.size), desc="latents", unit="img", mininterval=2) as bar:
+        with progress(total=int(todo.size), desc="latents", unit="img", mininterval=2) as bar:
             def prepared(g):  # in the prefetch thread: read, resize, map to [-1, 1]
                 return preprocess(read_stimuli(stimuli_path, g), size)
 

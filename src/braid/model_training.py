@@ -175,11 +175,11 @@ def train_tiny_sdxl(stimuli_path, out_dir: str | os.PathLike, image_size: int, s
     or not at all.
     """
     import torch
-    from tqdm import tqdm
 
     from .latents import preprocess
     from .models import (TINY_TE_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, assemble_sdxl, save_sdxl,
                          sdxl_components)
+    from .progress import progress
 
     recipe = {**RECIPE_DEFAULTS, **(recipe or {})}
     if image_size % 8:
@@ -197,7 +197,7 @@ def train_tiny_sdxl(stimuli_path, out_dir: str | os.PathLike, image_size: int, s
     steps = recipe["vae_steps"] + recipe["unet_steps"]
     log.info("training the tiny pipeline on %d stimuli at %d px: %d VAE and %d UNet steps", len(x), image_size,
              recipe["vae_steps"], recipe["unet_steps"])
-    with tqdm(total=steps, desc="tiny model", unit="step", mininterval=5) as bar:
+    with progress(total=steps, desc="tiny model", unit="step", mininterval=5) as bar:
         vae_loss = train_vae(vae, x, recipe["vae_steps"], recipe["batch_size"], recipe["vae_lr"],
                              recipe["kl_weight"], generator, bar)
         means = encode_means(vae, x)

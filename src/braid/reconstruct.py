@@ -86,11 +86,11 @@ def _write_pngs(out_dir, ids: np.ndarray, batch: int, images_of, desc: str) -> N
 
     The folder's manifest (names, sizes, SHA-256: :mod:`braid.integrity`) is written last; its readers check it."""
     from PIL import Image
-    from tqdm import tqdm
+    from .progress import progress
 
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()
-        for start in tqdm(range(0, ids.size, batch), desc=desc, unit="batch", mininterval=2):
+        for start in progress(range(0, ids.size, batch), desc=desc, unit="batch", mininterval=2):
             chunk = ids[start : start + batch]
             images = images_of(start, chunk).permute(0, 2, 3, 1).cpu().numpy()
             for i, img in zip(chunk, images):

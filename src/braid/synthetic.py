@@ -307,7 +307,7 @@ def generate_betas(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.Pa
     of the stimuli that :func:`generate_stimuli` wrote under ``out_dir``; return the mirror's metadata."""
     import h5py
     from scipy.io import loadmat
-    from tqdm import tqdm
+    from .progress import progress
 
     from .latents import encode_images
     from .models import load_vae, vae_image_size
@@ -358,7 +358,7 @@ def generate_betas(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.Pa
         response = np.tanh if nonlinear else (lambda v: v)
         signal = response(signal * scale)
         ids = design["subjectim"][s - 1, order] - 1  # 0-based nsd id of each trial
-        for session in tqdm(range(1, cfg["sessions"] + 1), desc=f"{subject_label(s)} betas", mininterval=2):
+        for session in progress(range(1, cfg["sessions"] + 1), desc=f"{subject_label(s)} betas", mininterval=2):
             t = slice((session - 1) * trials_per_session, session * trials_per_session)
             noise = noise_sd * rng.standard_normal((trials_per_session, int(brain_zyx.sum())))
             x = noise

@@ -191,7 +191,7 @@ def _fetch_s3(source, key, dest, part_size: int = PART_SIZE, **s3) -> int:
 def _download_whole(src, key, dest, part_size, lengths) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm import tqdm
+    from .progress import progress
 
     n_parts = len(lengths)
     download = PartialDownload(dest, {"key": key, "size": src.size, "etag": src.etag, "part_size": part_size}, lengths)
@@ -200,7 +200,7 @@ def _download_whole(src, key, dest, part_size, lengths) -> None:
         todo = download.todo()
         if len(todo) < n_parts:
             log.info("%s: resuming, %d of %d parts already here", key, n_parts - len(todo), n_parts)
-        with ThreadPoolExecutor(PART_PARALLEL) as pool, tqdm(total=src.size, initial=src.size - sum(lengths[i] for i in todo),
+        with ThreadPoolExecutor(PART_PARALLEL) as pool, progress(total=src.size, initial=src.size - sum(lengths[i] for i in todo),
                                                  unit="B", unit_scale=True, desc=key.rsplit("/", 1)[-1],
                                                  mininterval=2) as bar:
             def one(i):
@@ -489,9 +489,9 @@ def _download_runs(src, runs: list, todo: list[int], download: PartialDownload, 
     """Request the runs ``todo``, RANGE_PARALLEL at a time, each into ``download`` as it arrives."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm import tqdm
+    from .progress import progress
 
-    with ThreadPoolExecutor(RANGE_PARALLEL) as pool, tqdm(total=sum(runs[k][1] for k in todo), unit="B",
+    with ThreadPoolExecutor(RANGE_PARALLEL) as pool, progress(total=sum(runs[k][1] for k in todo), unit="B",
                                                           unit_scale=True, desc=label, mininterval=2) as bar:
         def one(k):
             data = src.read(runs[k][0], runs[k][1])
