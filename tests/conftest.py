@@ -83,7 +83,9 @@ class FaultProxy:
 
     ``rate``: the fraction of GETs that fail, evenly as a 500, a connection reset, or a body
     cut short after the headers promised more. ``down``: every GET is reset (a dead network);
-    ``fail_after``: the network dies after that many GETs.
+    ``fail_after``: the network dies after that many GETs. ``flips``: GET number (1-based) ->
+    (byte offset, bit mask) to flip in that response's body, its length kept (bytes altered on the
+    way). ``status``: every GET is answered with this status (503: an overloaded endpoint).
     """
 
     def __init__(self, upstream: str, rate: float = 0.0, seed: int = 0):
@@ -100,6 +102,8 @@ class FaultProxy:
         self.rate, self.down, self.gets, self.faults = rate, False, 0, 0
         self.fail_after: int | None = None  # GETs after which the network dies
         self.delay = 0.0  # seconds added to every GET (a slow link)
+        self.flips: dict[int, tuple[int, int]] = {}
+        self.status: int | None = None
         self._rng, self._lock = random.Random(seed), threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
@@ -120,6 +124,13 @@ class FaultProxy:
                 if self.command == "GET":
                     with proxy._lock:
                         proxy.gets += 1
+                        flip = proxy.flips.pop(proxy.gets, None)
+                        if flip and data:
+                            altered = bytearray(data)
+                            altered[min(flip[0], len(data) - 1)] ^= flip[1]
+                            data = bytes(altered)
+                        if proxy.status:
+                            fault = str(proxy.status)
                         r = proxy._rng.random()
                         if proxy.fail_after is not None and proxy.gets > proxy.fail_after:
                             proxy.down = True
@@ -131,9 +142,10 @@ class FaultProxy:
                 if fault == "reset":
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                if fault == "500":
-                    err = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
-                    self.send_response(500)
+                if fault in ("500", "503"):
+                    code = b"InternalError" if fault == "500" else b"SlowDown"
+                    err = b"<Error><Code>" + code + b"</Code><Message>injected</Message></Error>"
+                    self.send_response(int(fault))
                     self.send_header("Content-Length", str(len(err)))
                     self.end_headers()
                     self.wfile.write(err)

@@ -146,9 +146,13 @@ def test_masking_estimate_covers_what_masking_allocates(large_roi_mirror, tmp_pa
     assert peak <= estimate <= 3 * peak
 
 
-def test_use_threads_sets_torchs_thread_count():
-    code = ("import torch; from braid.common import use_threads; use_threads(3); "
-            "import os; print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])")
+@pytest.mark.parametrize("cpus", [None, 1])
+def test_use_threads_sets_torchs_thread_count_within_the_cpus_it_may_use(cpus):
+    """The job's threads, but never more than the CPUs of its affinity (SLURM's allocation, a taskset)."""
+    pin = f"os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:{cpus}]); " if cpus else ""
+    code = (f"import os; {pin}import torch; from braid.common import use_threads; use_threads(3); "
+            "print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=os.environ | {"OMP_NUM_THREADS": "1"}).stdout.split()
-    assert out == ["3", "3"]
+    expected = str(min(3, cpus or len(os.sched_getaffinity(0))))
+    assert out == [expected, expected]

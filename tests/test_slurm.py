@@ -79,6 +79,21 @@ def test_preflight_lists_every_impossible_job_once():
         slurm.preflight([fake_job("evaluate_images", 2, cpus_per_task=20, slurm_partition="gpu")], parts)
 
 
+def test_threads_are_fitted_to_the_largest_node_of_each_partition():
+    parts = slurm.parse_sinfo(SINFO)
+    jobs = [fake_job("encoder_train", 32, slurm_partition="gpu"),  # gpu nodes have 16 CPUs
+            fake_job("encoder_train", 24, slurm_partition="gpu"),
+            fake_job("betas_mask", 48),  # the default partition cpu: 64 fit
+            fake_job("model_train", 80),
+            fake_job("evaluate_images", 20, cpus_per_task=20, slurm_partition="gpu")]  # submitted as asked
+    fits = slurm.fit_threads(jobs, parts)
+    assert fits == {"encoder_train": (32, 16, "gpu"), "model_train": (80, 64, "cpu")}
+    message = slurm.fit_message(fits)
+    assert "encoder_train (32 -> 16, partition 'gpu')" in message and "model_train (80 -> 64" in message
+    assert "set-threads" in message
+    assert slurm.fit_threads([fake_job("x", 8, slurm_partition="nowhere")], parts) == {}  # named by preflight
+
+
 SQUEUE = """\
 41|rule_encoder_train_wildcards_subj01_mlp|PartitionConfig|gpu|32|30000M|gres:gpu:1|N/A|/scratch/run|
 42|rule_betas_mask_wildcards_subj01|Resources|cpu|2|2G|N/A|N/A|/scratch/run|

@@ -468,12 +468,14 @@ def test_the_slurm_profile_runs_the_workflow_through_sbatch(run, tmp_path, slurm
 
 def test_a_job_no_node_can_run_stops_the_run_before_submission(run, tmp_path, slurm_cluster):
     """profiles/slurm with two impossible requests added (a test profile beside it): the run
-    stops before submitting anything, naming each rule and resource."""
+    stops before submitting anything, naming each rule and resource. Threads beyond the node are
+    not among them: they are fitted to it, with one warning."""
     from braid.slurm import cluster_partitions
 
     node = cluster_partitions()["gpu"]
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
-    profile["set-threads"] = {"encoder_train": node.cpus + 1}
+    profile["set-resources"]["encoder_train"] = {"gpu": node.gpus + 1}
+    profile["set-threads"] = {"reconstruct_decode": node.cpus + 3}
     profile["set-resources"]["betas_mask"] = {"mem_mb": node.mem_mb * 2}
     (tmp_path / "profile").mkdir()
     (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
@@ -481,9 +483,12 @@ def test_a_job_no_node_can_run_stops_the_run_before_submission(run, tmp_path, sl
     proc = snakemake(work, "--profile", str(tmp_path / "profile"), "--configfile", str(SLURM_SMALL), check=False)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert f"rule encoder_train: asks for {node.cpus + 1} CPUs (threads / cpus_per_task), but the largest node of " \
-           f"partition 'gpu' has {node.cpus} CPUs" in text
+    assert f"rule encoder_train: asks for {node.gpus + 1} GPUs (gpu), but the largest node of " \
+           f"partition 'gpu' has {node.gpus} GPUs" in text
     assert f"rule betas_mask: asks for {node.mem_mb * 2} MB (mem_mb), but the largest node of partition 'cpu'" in text
+    assert text.count("threads fitted to the largest node of each partition") == 1
+    assert f"reconstruct_decode ({node.cpus + 3} -> {node.cpus}, partition 'gpu')" in text
+    assert "CPUs (threads" not in text
     assert "SLURM jobid" not in text  # nothing was submitted
     assert not (work / "results").exists()
 

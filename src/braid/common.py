@@ -232,7 +232,10 @@ def check_library(expected: str | os.PathLike) -> None:
 
 def use_threads(n: int) -> None:
     """Tell torch (and OpenMP/BLAS libraries loaded later) to use the job's ``threads``: on a
-    SLURM node that is --cpus-per-task; torch would otherwise start one thread per core it sees."""
+    SLURM node that is --cpus-per-task; torch would otherwise start one thread per core it sees.
+    At most the CPUs the process may run on (its affinity: SLURM's allocation, a taskset)."""
+    if hasattr(os, "sched_getaffinity"):  # never more threads than the CPUs this process may run on
+        n = max(1, min(n, len(os.sched_getaffinity(0))))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(n)
     if "torch" in sys.modules:

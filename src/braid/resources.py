@@ -53,12 +53,13 @@ def betas_mask_mb(sessions: int, trials_per_session: int, n_voxels: int, average
 
 def betas_mask_bytes(sessions: int, trials_per_session: int, n_voxels: int, average: bool = False) -> int:
     """The masking stage's arrays at their peak. One session at a time: its int16 chunks (read,
-    then joined), their float32 copy, the first session kept until the statistics are known, and
-    the temporaries of normalising: 40 bytes per trial and voxel (37 measured with tracemalloc,
-    tests/test_resources.py); per-session statistics; when averaging repeats, one float32 running
-    sum per image (at most one per trial)."""
+    then joined), their float32 copy, the first session kept until the statistics are known, the
+    temporaries of normalising, and the compressed, checksummed copy of each chunk written: 48
+    bytes per trial and voxel (44 measured with tracemalloc, tests/test_resources.py);
+    per-session statistics; when averaging repeats, one float32 running sum per image (at most
+    one per trial)."""
     sums = sessions * trials_per_session * n_voxels * 4 if average else 0
-    return 40 * trials_per_session * n_voxels + 2 * sessions * n_voxels * 4 + sums
+    return 48 * trials_per_session * n_voxels + 2 * sessions * n_voxels * 4 + sums
 
 
 def encoder_train_mb(trials: int, n_voxels: int, latent_dim: int, n_params: int) -> int:

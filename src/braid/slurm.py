@@ -93,16 +93,12 @@ def problems(rule: str, request: dict, partitions: dict[str, Partition]) -> list
     """Why a job of ``rule`` with ``request`` (slurm_partition, cpus, mem_mb, gpus; any may be None)
     can never start on these partitions; empty if it can."""
     name = request.get("slurm_partition")
-    if name:
-        if name not in partitions:
-            return [f"rule {rule}: partition {name!r} (slurm_partition) does not exist; this cluster has "
-                    f"{', '.join(sorted(partitions))}"]
-        part = partitions[name]
-    else:
-        defaults = [p for p in partitions.values() if p.default]
-        if not defaults:
-            return []
-        part = defaults[0]
+    if name and name not in partitions:
+        return [f"rule {rule}: partition {name!r} (slurm_partition) does not exist; this cluster has "
+                f"{', '.join(sorted(partitions))}"]
+    part = partition_of(name, partitions)
+    if part is None:
+        return []
     out = []
     for key, have, unit, label in (("cpus", part.cpus, "CPUs", "threads / cpus_per_task"),
                                    ("mem_mb", part.mem_mb, "MB", "mem_mb"), ("gpus", part.gpus, "GPUs", "gpu")):
@@ -111,6 +107,35 @@ def problems(rule: str, request: dict, partitions: dict[str, Partition]) -> list
             out.append(f"rule {rule}: asks for {int(want)} {unit} ({label}), but the largest node of "
                        f"partition {part.name!r} has {have} {unit}")
     return out
+
+
+def partition_of(name: str | None, partitions: dict[str, Partition]) -> Partition | None:
+    """The partition a job goes to: the one it names, else the cluster's default (None if unknown)."""
+    if name:
+        return partitions.get(name)
+    return next((p for p in partitions.values() if p.default), None)
+
+
+def fit_threads(jobs, partitions: dict[str, Partition]) -> dict[str, tuple[int, int, str]]:
+    """Rules whose jobs ask for more threads than the largest node of their partition has:
+    rule -> (threads asked, threads that fit, partition). Threads set the speed of a job, not its
+    result, so they are fitted to the node, as Snakemake fits them to ``--cores`` on one machine.
+    A job that sets ``cpus_per_task`` is submitted as asked (and :func:`preflight` names it)."""
+    fits: dict[str, tuple[int, int, str]] = {}
+    for job in jobs:
+        res = job.resources
+        part = partition_of(res.get("slurm_partition"), partitions)
+        if part is None or res.get("cpus_per_task") is not None or job.threads <= part.cpus:
+            continue
+        asked, cap, _ = fits.get(job.rule.name, (0, part.cpus, part.name))
+        fits[job.rule.name] = (max(asked, job.threads), min(cap, part.cpus), part.name)
+    return fits
+
+
+def fit_message(fits: dict[str, tuple[int, int, str]]) -> str:
+    rules = ", ".join(f"{rule} ({asked} -> {cap}, partition {part!r})" for rule, (asked, cap, part) in sorted(fits.items()))
+    return (f"threads fitted to the largest node of each partition: {rules}. Threads change a job's speed, not its "
+            "results; to choose them yourself, set set-threads (or max-threads) in your profile.")
 
 
 def job_request(job) -> dict:

@@ -27,19 +27,22 @@ log = logging.getLogger(__name__)
 
 PART_SIZE = 16 * 2**20  # ranged parts of whole-object downloads
 PART_PARALLEL = 8  # parts in flight at once
-RANGE_PARALLEL = 64  # ranged GETs in flight at once for ROI-only / row-only fetches and their chunk index
+# ranged GETs in flight at once for ROI-only / row-only fetches and their chunk index (a speed
+# setting: BRAID_RANGE_PARALLEL lowers it for an endpoint that answers 503 under load)
+RANGE_PARALLEL = int(os.environ.get("BRAID_RANGE_PARALLEL", 64))
 # (benchmarks/fetch_link.py: 64 beat 16, 32 and 128 over simulated 20 ms and 60 ms links)
 GAP_CHUNKS = 4  # ROI chunks fewer than this many chunks apart are fetched in one request
 
 
 def s3_client(endpoint_url: str | None = None, region: str = "us-east-2", anonymous: bool = True,
-              profile: str | None = None):
+              profile: str | None = None, request_attempts: int = 8):
     """A boto3 S3 client: unsigned (anonymous) by default, as NSD's public bucket allows.
 
     With ``anonymous=False`` boto3's own credential chain applies: the named ``profile`` (the
     config's ``nsd.profile``) or keys in the environment; credentials never pass through BRAID's
     config, params or logs. Every fetch function takes these four settings as keywords
-    (``**s3``) and hands them here.
+    (``**s3``) and hands them here. ``request_attempts``: botocore's tries of each request (throttling,
+    5xx, connection errors), with its adaptive backoff.
     """
     import boto3
     from botocore import UNSIGNED
@@ -47,7 +50,7 @@ def s3_client(endpoint_url: str | None = None, region: str = "us-east-2", anonym
 
     cfg = Config(
         region_name=region,
-        retries={"max_attempts": 8, "mode": "adaptive"},
+        retries={"max_attempts": request_attempts, "mode": "adaptive"},
         signature_version=UNSIGNED if anonymous else None,
         max_pool_connections=max(RANGE_PARALLEL, PART_PARALLEL),  # one kept-alive connection per thread
     )
@@ -211,19 +214,69 @@ def _download_whole(src, key, dest, part_size, lengths) -> None:
             for future in [pool.submit(one, i) for i in todo]:
                 future.result()
         _check_size(download.part, src.size, key)
-        if re.fullmatch(r"[0-9a-f]{32}", src.etag):
-            md5 = hashlib.md5()
-            with open(download.part, "rb") as f:
-                for block in iter(lambda: f.read(8 << 20), b""):
-                    md5.update(block)
-            if md5.hexdigest() != src.etag:
-                download.discard()
-                raise BraidError(f"{key}: MD5 {md5.hexdigest()} differs from the ETag {src.etag}; the download was "
-                                 f"corrupted, run again")
+        try:
+            checked = verify_download(download.part, src)
+        except BraidError:
+            download.discard()
+            raise
+        log.info("%s: verified (%s)", key, ", ".join(checked) or "size only: the source gives no checksum")
         os.replace(download.part, dest)
         finished = True
     finally:
         download.close(finished)
+
+
+def verify_download(path: Path, src: "RangeSource") -> list[str]:
+    """Check a whole-object download against what S3 says of the object; return what was checked.
+
+    - the ETag: a single-part upload's is the MD5 of the object; a multipart upload's
+      (``<hex>-<parts>``) is the MD5 of its parts' MD5s, with the part size read from S3
+      (``HeadObject`` of part 1);
+    - S3's stored full-object checksums (``ChecksumMode``), SHA-256 and CRC-32, where the
+      object has them.
+    A mismatch raises a :class:`BraidError`: the bytes were altered on the way (nothing else
+    checks them over plain HTTP).
+    """
+    import base64
+    import zlib
+
+    multipart = re.fullmatch(r"([0-9a-f]{32})-(\d+)", src.etag or "")
+    part_size = src.part_size() if multipart else None
+    whole, sha, crc = hashlib.md5(), hashlib.sha256(), 0
+    parts, part, in_part = [], hashlib.md5(), 0  # MD5s of the upload's parts
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            whole.update(block)
+            sha.update(block)
+            crc = zlib.crc32(block, crc)
+            view = memoryview(block)
+            while part_size and len(view):
+                take = min(len(view), part_size - in_part)
+                part.update(view[:take])
+                in_part, view = in_part + take, view[take:]
+                if in_part == part_size:
+                    parts.append(part.digest())
+                    part, in_part = hashlib.md5(), 0
+    if part_size and in_part:
+        parts.append(part.digest())
+    found = {}
+    if re.fullmatch(r"[0-9a-f]{32}", src.etag or ""):
+        found["MD5 (ETag)"] = (whole.hexdigest(), src.etag)
+    elif multipart and part_size:
+        got = f"{hashlib.md5(b''.join(parts)).hexdigest()}-{len(parts)}"
+        found[f"multipart ETag ({multipart.group(2)} parts of {part_size} bytes)"] = (got, src.etag)
+    stored = getattr(src, "checksums", {})
+    if "SHA256" in stored:
+        found["SHA-256 (S3 checksum)"] = (base64.b64encode(sha.digest()).decode(), stored["SHA256"])
+    if "CRC32" in stored:
+        found["CRC-32 (S3 checksum)"] = (base64.b64encode(crc.to_bytes(4, "big")).decode(), stored["CRC32"])
+    for what, (got, want) in found.items():
+        if got != want:
+            raise BraidError(
+                f"{src.label}: the downloaded bytes do not match the object's {what}: {got}, S3 says {want}. They "
+                "were altered on the way (over plain HTTP nothing else checks them: a proxy, a mirror, a faulty "
+                "network). The download was discarded; run again, and use an https:// endpoint if it recurs.")
+    return list(found)
 
 
 def _check_size(path: Path, expected: int, key: str) -> None:
@@ -235,6 +288,20 @@ def _check_size(path: Path, expected: int, key: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Ranged reads: ROI-only betas and the needed rows of the stimuli
 # --------------------------------------------------------------------------------------------
+
+
+_WARNED_PLAIN_HTTP: set[str] = set()
+
+
+def _warn_plain_http(endpoint: str) -> None:
+    """Once per endpoint and process: ranged reads over plain HTTP have no check of their bytes."""
+    if endpoint.startswith("http://") and endpoint not in _WARNED_PLAIN_HTTP:
+        _WARNED_PLAIN_HTTP.add(endpoint)
+        log.warning(
+            "%s is plain HTTP: whole-object downloads are checked against S3's ETag and checksums, but the bytes of "
+            "ranged reads (ROI-only betas, stimulus rows, chunk indexes) are not, and nothing else protects them on "
+            "the way. Use an https:// endpoint, or nsd.fetch: whole, where a proxy or network may alter bytes.",
+            endpoint)
 
 
 class RangeSource:
@@ -258,6 +325,7 @@ class RangeSource:
             self.client = s3_client(**s3)
             self.size = self._head()
             self.label = f"s3://{bucket}/{self.full_key}"
+            _warn_plain_http(self.client.meta.endpoint_url)
         else:
             self.client = None
             self.path = Path(source) / key
@@ -274,8 +342,12 @@ class RangeSource:
 
         endpoint = self.client.meta.endpoint_url
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self.full_key)
+            head = self.client.head_object(Bucket=self.bucket, Key=self.full_key, ChecksumMode="ENABLED")
             self.etag = head.get("ETag", "").strip('"')
+            # full-object checksums only: a multipart object's composite ones ("...-N") are of its parts
+            self.checksums = {algo: head[f"Checksum{algo}"] for algo in ("SHA256", "CRC32")
+                              if head.get(f"Checksum{algo}") and "-" not in head[f"Checksum{algo}"]
+                              and (head.get("ChecksumType") == "FULL_OBJECT" or "-" not in self.etag)}
             return head["ContentLength"]
         except ClientError as err:
             raise _s3_error(err, self.client, self.bucket, self.full_key) from err
@@ -285,6 +357,15 @@ class RangeSource:
                 f"host's network, or nsd.endpoint_url / nsd.region in the config. On a cluster, the fetch rules are "
                 f"local rules: they run on the host where Snakemake runs, which needs internet access."
             ) from err
+
+    def part_size(self) -> int | None:
+        """The size of part 1 of a multipart object (S3's ``HeadObject`` with ``PartNumber=1``)."""
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self.full_key, PartNumber=1)["ContentLength"])
+        except Exception as err:  # noqa: BLE001 - a mirror without part numbers: the ETag cannot be checked
+            log.warning("%s: the part size of this multipart object is not available (%s); its ETag is not checked",
+                        self.label, err)
+            return None
 
     def read(self, offset: int, size: int) -> bytes:
         import time
@@ -313,11 +394,21 @@ class RangeSource:
             log.warning("%s bytes %d-%d: %s (attempt %d/%d)", self.label, offset, offset + size - 1, problem, attempt, self.attempts)
             time.sleep(min(0.2 * 2 ** (attempt - 1), 5.0))
         raise BraidError(f"{self.label}: bytes {offset}-{offset + size - 1} failed {self.attempts} times ({problem}); "
-                         f"check the network or the endpoint and run again")
+                         + (UNAVAILABLE_FIX if _unavailable(problem) else "check the network or the endpoint and run again"))
 
     def close(self) -> None:
         if self.client is None:
             os.close(self._fd)
+
+
+UNAVAILABLE_FIX = (
+    "the endpoint answered 503 (SlowDown / Service Unavailable) through every retry: it is overloaded or "
+    f"throttling this host. Wait a few minutes and run again; if it persists, send fewer requests at once "
+    f"(BRAID_RANGE_PARALLEL=16 in the environment; now {RANGE_PARALLEL}) and check nsd.endpoint_url")
+
+
+def _unavailable(problem: str) -> bool:
+    return any(word in problem for word in ("503", "SlowDown", "ServiceUnavailable", "Service Unavailable"))
 
 
 def _s3_error(err, client, bucket: str, key: str) -> BraidError:
@@ -350,6 +441,8 @@ def _s3_error(err, client, bucket: str, key: str) -> BraidError:
             f"(nsd.anonymous: false uses boto3's profile/env credentials). NSD itself is public for reads, under "
             f"its data-use terms."
         )
+    if code in ("503", "SlowDown", "ServiceUnavailable"):
+        return BraidError(f"{where}: {UNAVAILABLE_FIX}")
     return BraidError(f"{where}: {err}")
 
 
@@ -397,7 +490,9 @@ def _fetch_sparse_locked(src, source, key, dest, name, locate, identity, what) -
     # with it (not with gap_chunks=0: exactly the wanted bytes, one request per run)
     cache = RangeCache(src.read, parallel=RANGE_PARALLEL) if identity["gap_chunks"] else None
     plan_path = dest.with_name(dest.name + ".part.plan.npz")
-    plan = _load_plan(plan_path, identity) or _make_plan(src, source, name, locate, cache, plan_path, identity)
+    plan = _load_plan(plan_path, identity)
+    if plan is None:
+        plan, cache = _plan_read_twice(src, source, name, locate, cache, plan_path, identity)
     metadata_bytes = src.bytes
     coords, addrs = plan["coords"], plan["addrs"]
     chunk_shape, dtype = tuple(int(n) for n in plan["chunk_shape"]), np.dtype(str(plan["dtype"]))
@@ -446,6 +541,30 @@ def _load_plan(plan_path: Path, identity: dict) -> dict | None:
     except Exception:  # noqa: BLE001 - an unreadable plan is made again
         pass
     return None
+
+
+def _plan_read_twice(src, source, name, locate, cache, plan_path, identity):
+    """:func:`_make_plan`; where the file's metadata or chunk index reads as malformed (or as a
+    file cut short), read them once more from the source before blaming the file: bytes altered
+    on the way look the same as a damaged file. Returns the plan and the range cache it used."""
+    from .hdf5_ranges import LayoutError, RangeCache
+
+    try:
+        return _make_plan(src, source, name, locate, cache, plan_path, identity), cache
+    except (BraidError, LayoutError, ValueError, KeyError, IndexError, OverflowError) as err:
+        if src.client is None:
+            raise  # a file on this machine: nothing travelled
+        first = err
+    log.warning("%s: its metadata read as malformed (%s); reading it again, since bytes altered in transit look "
+                "the same", src.label, first)
+    fresh = RangeCache(src.read, parallel=RANGE_PARALLEL) if cache is not None else None
+    try:
+        plan = _make_plan(src, source, name, locate, fresh, plan_path, identity)
+    except type(first):
+        raise first from None
+    log.warning("%s: the second read is well formed: the first was altered in transit (a transfer fault, not the "
+                "file's)", src.label)
+    return plan, fresh
 
 
 def _make_plan(src, source: str, name: str, locate, cache, plan_path: Path, identity: dict) -> dict:

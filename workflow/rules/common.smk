@@ -348,8 +348,9 @@ def mem_metrics(wildcards, attempt):
 
 
 def start_slurm_checks():
-    """Under the SLURM executor: refuse jobs that no node can run, before submitting any, and
-    watch this run's pending jobs for ones SLURM will never start (braid.slurm)."""
+    """Under the SLURM executor: fit threads to the largest node of each job's partition (one
+    warning), refuse jobs that no node can run (memory, GPUs, an explicit cpus_per_task) before
+    submitting any, and watch this run's pending jobs for ones SLURM will never start (braid.slurm)."""
     if getattr(workflow.executor_plugin, "name", None) != "slurm":
         return
     import braid.slurm
@@ -357,6 +358,13 @@ def start_slurm_checks():
     try:
         partitions = braid.slurm.cluster_partitions()
         jobs = [job for job in workflow.dag.needrun_jobs() if not job.is_local]
+        fits = braid.slurm.fit_threads(jobs, partitions)
+        for rule_name, (_, cap, _) in fits.items():
+            workflow.get_rule(rule_name).resources["_cores"] = cap  # what `threads:` set; retries keep it
+        if fits:
+            for job in jobs:
+                job._resources = None  # Snakemake caches a job's resources: recomputed with the fitted threads
+            logger.warning(braid.slurm.fit_message(fits))
         # memory sized from inputs not yet written is an estimate: SLURM judges it at submission
         braid.slurm.preflight(jobs, partitions, check_memory=lambda job: all(Path(f).exists() for f in job.input))
     except BraidError as err:
