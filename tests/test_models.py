@@ -107,6 +107,7 @@ def test_snakemake_jobs_switch_the_hub_off_except_the_download(tmp_path, monkeyp
     from braid.common import snakemake_job
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("BRAID_RULE", "")  # restored afterwards: a job sets it
     job = SimpleNamespace(log=[str(tmp_path / "a.log")], rule="model_fetch", wildcards={}, attempt=1,
                           scriptdir=str(Path(__file__).resolve().parents[1] / "scripts"))
     with snakemake_job(job, offline=False):

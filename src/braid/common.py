@@ -127,7 +127,8 @@ def setup_logging(logfile: str | os.PathLike | None = None, level: int = logging
 
 @contextlib.contextmanager
 def snakemake_job(smk, offline: bool = True) -> Iterator[None]:
-    """Run a rule's script body with logging to its ``log:`` file; errors are logged, then re-raised.
+    """Run a rule's script body with logging to its ``log:`` file; errors are logged, then re-raised
+    (a :class:`BraidError`, whose message says what to do, as exit status 1 without a traceback).
 
     tqdm progress bars write to stderr, which Snakemake shows locally and SLURM keeps in its
     job log; the ``log:`` file gets the messages. With ``offline`` (every rule but the model
@@ -147,11 +148,12 @@ def snakemake_job(smk, offline: bool = True) -> Iterator[None]:
              socket.gethostname(), os.getpid(), dict(smk.wildcards.items()))
     try:
         check_library(Path(smk.scriptdir).parent / "src" / "braid")  # scripts/ beside src/
-        with output_lock(list(smk.output), str(smk.rule)):
+        with output_lock(list(getattr(smk, "output", [])), str(smk.rule)):
             yield
     except BraidError as err:
+        # a message a user acts on: logged once (to the log file and stderr), without a traceback
         log.error("%s", err)
-        raise
+        raise SystemExit(1) from None
     except Exception:
         log.exception("rule %s failed", smk.rule)
         raise
