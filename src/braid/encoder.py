@@ -33,7 +33,7 @@ import pandas as pd
 
 from .common import BraidError, atomic_output
 from .figures import save_figure, stamped
-from .integrity import new_array, new_group, open_store
+from .integrity import file_sha256, new_array, new_group, open_store
 from .scores import rowwise_pearson, standardiser
 
 log = logging.getLogger(__name__)
@@ -470,16 +470,6 @@ class Encoder:
         x = (betas[:, self.voxels] - self.std["x_mean"]) / self.std["x_std"]
         with torch.no_grad():
             return self.model(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device)).float()
-
-
-def file_sha256(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint_of(sp: dict, *arrays) -> str:

@@ -216,7 +216,8 @@ def open_store(path: str | os.PathLike, rule: str | None = None) -> CheckedGroup
 # --- folders ------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -235,7 +236,7 @@ def write_folder_manifest(folder: str | os.PathLike, rule: str | None = None) ->
     Call it last, inside the job's temporary folder, so a folder with a manifest is complete.
     """
     folder = Path(folder)
-    files = {name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for name, p in _listing(folder).items()}
+    files = {name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for name, p in _listing(folder).items()}
     manifest = {RULE_ATTR: rule or current_rule() or "unknown", "files": files}
     tmp = folder / f".tmp-{MANIFEST}"
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -270,7 +271,7 @@ def folder_damage(folder: str | os.PathLike) -> list[str]:
             size = have[name].stat().st_size
             if size != want["bytes"]:
                 problems.append(f"{name} has {size} bytes, not {want['bytes']}")
-            elif _sha256(have[name]) != want["sha256"]:
+            elif file_sha256(have[name]) != want["sha256"]:
                 problems.append(f"{name} was changed (its SHA-256 differs)")
     return problems
 

@@ -35,7 +35,6 @@ float16); the features are otherwise OpenAI's ``encode_image``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -47,6 +46,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .common import BraidError, atomic_output
+from .integrity import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -215,14 +215,6 @@ def weights_of(folder) -> str:
     return weights
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # weights into architectures
 
@@ -359,7 +351,7 @@ def fetch(network: str, out_dir, url: str | None = None) -> dict:
             raise BraidError(f"downloading the {network} weights from {url} failed: {err}{promise}") from None
         _load_weights(network, _architecture(network), dest)  # a wrong file fails here, not on a GPU node
         manifest = _write_manifest(tmp, network=network, source=url, weights=PRETRAINED, weights_file=name,
-                                   sha256=_sha256(dest))
+                                   sha256=file_sha256(dest))
     log.info("fetched the %s weights from %s to %s", network, url, out_dir)
     return manifest
 
