@@ -194,3 +194,26 @@ def test_a_second_writer_of_the_same_outputs_is_refused_naming_the_holder(tmp_pa
     with output_lock(["results/a.txt", "results/b.txt"], "model_train", folder=tmp_path):
         holder_file = json.loads(next(Path(tmp_path).glob("model_train-*.lock")).read_text())
         assert holder_file["pid"] == os.getpid()
+
+
+def test_verify_checks_model_folders_and_notes_stores_without_checksums(tmp_path, capsys):
+    from braid.models import write_model_manifest
+
+    run_tree(tmp_path)
+    model = tmp_path / "resources" / "models" / "tiny-trained-ssd1b-seed0"
+    (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"w" * 100)
+    write_model_manifest(model)
+    old = zarr.open_group(tmp_path / "results" / "subj01" / "old.zarr", mode="w")  # as an older BRAID wrote it
+    old.create_array("x", data=np.zeros(10, np.float32), chunks=(5,))
+    assert verify.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "note: results/subj01/old.zarr has no chunk checksums" in out and "all outputs verified: 2 Zarr stores" in out
+
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"w" * 60)  # cut short
+    assert verify.main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "resources/models/tiny-trained-ssd1b-seed0: the model is incomplete: " \
+           "unet/diffusion_pytorch_model.safetensors (60 of 100 bytes)" in out
+    assert out.strip().splitlines()[-1] == "  snakemake --forcerun resources/models/tiny-trained-ssd1b-seed0"

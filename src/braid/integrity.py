@@ -108,6 +108,16 @@ def store_damage(store: str | os.PathLike) -> list[str]:
     return problems
 
 
+def store_checksummed(store: str | os.PathLike) -> bool:
+    """Whether every array of the store carries chunk checksums (stores of older BRAIDs do not)."""
+    import zarr
+
+    try:
+        return all(_checksummed(a) for a in _arrays(zarr.open_group(Path(store), mode="r")))
+    except Exception:  # noqa: BLE001 - unreadable metadata is reported by store_damage
+        return True
+
+
 def store_rule(store: str | os.PathLike) -> str | None:
     """The rule named in the store's root attributes (None when unreadable or not recorded)."""
     try:

@@ -15,7 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .integrity import (MANIFEST, SHARED_CACHE_RULE, folder_damage, folder_rule, store_damage, store_rule)
+from .integrity import (MANIFEST, SHARED_CACHE_RULE, folder_damage, folder_rule, store_checksummed, store_damage,
+                        store_rule)
 
 
 @dataclass
@@ -37,11 +38,33 @@ def find_outputs(workdir: Path) -> tuple[list[Path], list[Path]]:
     return stores, sorted(folders - set(hidden))
 
 
+def _resource_damage(workdir: Path) -> list[Damaged]:
+    """The models and metric weights under ``resources/`` against their manifests (files and sizes)."""
+    from .common import BraidError
+    from .metric_networks import check as check_weights
+    from .models import check_model
+
+    found = []
+    checks = [(p, "model_fetch or model_train", check_model) for p in sorted((workdir / "resources" / "models").glob("*"))]
+    checks += [(p, "metrics_fetch", lambda f: check_weights(f, f.name))
+               for p in sorted((workdir / "resources" / "metric_weights").glob("*/*"))]
+    for folder, rule, check_folder in checks:
+        if not folder.is_dir() or folder.name.startswith(".tmp-"):
+            continue
+        try:
+            check_folder(folder)
+        except BraidError as err:
+            rel = folder.relative_to(workdir)
+            found.append(Damaged(rel, [str(err).split(": ", 1)[-1].split("; ")[0]], rule, str(rel)))
+    return found
+
+
 def check(workdir: str | os.PathLike = ".") -> tuple[list[Damaged], dict]:
     """Damaged outputs under ``workdir``, and counts of what was checked."""
     workdir = Path(workdir)
     stores, folders = find_outputs(workdir)
-    damaged = []
+    damaged = _resource_damage(workdir)
+    unchecked = [s for s in stores if not store_checksummed(s)]
     for store in stores:
         problems = store_damage(store)
         if problems:
@@ -52,7 +75,7 @@ def check(workdir: str | os.PathLike = ".") -> tuple[list[Damaged], dict]:
         if problems:
             rel = folder.relative_to(workdir)
             damaged.append(Damaged(rel, problems, folder_rule(folder), str(rel)))
-    return damaged, {"stores": len(stores), "folders": len(folders)}
+    return damaged, {"stores": len(stores), "folders": len(folders), "unchecked": unchecked}
 
 
 def repair_commands(damaged: list[Damaged]) -> list[str]:
@@ -77,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{workdir / 'results'}: no results folder; give the run's working directory", file=sys.stderr)
         return 2
     damaged, counts = check(workdir)
+    for store in counts["unchecked"]:
+        print(f"note: {store.relative_to(workdir)} has no chunk checksums (written by an older BRAID): only its "
+              "metadata and chunk reads were checked; rerun its rule to add them")
     if not damaged:
         print(f"all outputs verified: {counts['stores']} Zarr stores (every chunk against its checksum), "
               f"{counts['folders']} folders (every file against its manifest)")
