@@ -204,7 +204,7 @@ def test_long_steps_write_their_progress_to_their_logs(run):
     steps = 700 + RUN_CHANGES["model"]["train"]["unet_steps"]
     assert f"tiny model: {steps}/{steps} step (100 %)" in model, model[-2000:]
     mlp = (run / "logs" / "subj01" / "mlp" / "train.log").read_text()
-    assert re.search(r"epochs: (\d+)/\1 it \(100 %\), [0-9.e+]+ it/s", mlp), mlp[-2000:]
+    assert re.search(r"epochs: (\d+)/\1 epoch \(100 %\), [0-9.e+]+ epoch/s", mlp), mlp[-2000:]
 
 
 def test_second_run_has_nothing_to_do(run):

@@ -370,7 +370,7 @@ def fit_gradient(sp: dict, model, xt, tt, xv, zv, device: str, checkpoint: Path,
         log.info("resumed from %s at epoch %d", checkpoint, start)
     zv_host = zv.cpu().numpy()
     last_save = time.monotonic()
-    bar = progress(range(start + 1, sp["epochs"] + 1), desc="epochs", mininterval=2, initial=start, total=sp["epochs"])
+    bar = progress(range(start + 1, sp["epochs"] + 1), desc="epochs", unit="epoch", mininterval=2, initial=start, total=sp["epochs"])
     for epoch in bar:
         if sp["patience"] and epoch - best["epoch"] > sp["patience"] and best["epoch"] > 0:
             log.info("early stop at epoch %d: no improvement since epoch %d", epoch - 1, best["epoch"])
