@@ -92,6 +92,9 @@ def test_threads_are_fitted_to_the_largest_node_of_each_partition():
     assert "encoder_train (32 -> 16, partition 'gpu')" in message and "model_train (80 -> 64" in message
     assert "set-threads" in message
     assert slurm.fit_threads([fake_job("x", 8, slurm_partition="nowhere")], parts) == {}  # named by preflight
+    # a rule whose jobs go to two partitions gets what fits the smaller node
+    mixed = slurm.fit_threads([fake_job("y", 80, slurm_partition="cpu"), fake_job("y", 32, slurm_partition="gpu")], parts)
+    assert mixed["y"][:2] == (80, 16)
 
 
 SQUEUE = """\
