@@ -233,7 +233,7 @@ def test_a_multipart_object_altered_on_the_way_is_refused_by_its_etag(s3_server,
     assert "verified (multipart ETag (3 parts of 5242880 bytes)" in caplog.text
 
 
-def test_s3s_stored_sha256_is_checked_where_the_object_has_one(s3_server, tmp_path, caplog):
+def test_s3s_stored_sha256_and_crc32_are_checked_where_the_object_has_them(s3_server, tmp_path, caplog):
     import boto3
 
     admin = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-2",
@@ -244,6 +244,10 @@ def test_s3s_stored_sha256_is_checked_where_the_object_has_one(s3_server, tmp_pa
     caplog.set_level(logging.INFO, logger="braid.transfer")
     transfer.fetch(f"s3://{nsd.BUCKET}", nsd.EXPDESIGN, tmp_path / "d.mat", endpoint_url=s3_server)
     assert re.search(r"verified \(MD5 \(ETag\), SHA-256 \(S3 checksum\)", caplog.text), caplog.text
+    admin.put_object(Bucket=nsd.BUCKET, Key=nsd.STIM_INFO, Body=b"info" * 1000, ChecksumAlgorithm="CRC32",
+                     ACL="public-read")
+    transfer.fetch(f"s3://{nsd.BUCKET}", nsd.STIM_INFO, tmp_path / "i.csv", endpoint_url=s3_server)
+    assert re.search(r"verified \(MD5 \(ETag\), CRC-32 \(S3 checksum\)", caplog.text), caplog.text
 
 
 def test_a_malformed_chunk_index_is_read_again_as_a_transfer_fault(s3_server, fault_proxy, mirror, tmp_path, caplog):
