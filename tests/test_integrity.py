@@ -217,3 +217,27 @@ def test_verify_checks_model_folders_and_notes_stores_without_checksums(tmp_path
     assert "resources/models/tiny-trained-ssd1b-seed0: the model is incomplete: " \
            "unet/diffusion_pytorch_model.safetensors (60 of 100 bytes)" in out
     assert out.strip().splitlines()[-1] == "  snakemake --forcerun resources/models/tiny-trained-ssd1b-seed0"
+
+
+def test_a_file_system_without_flock_runs_the_job_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Lustre mounted without -o flock answers flock with ENOSYS: the guard is skipped, not the job.
+    (No such file system here: flock is made to fail as it does there.)"""
+    import errno
+    import fcntl
+    import logging
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    caplog.set_level(logging.WARNING, logger="braid")
+    ran = False
+    with output_lock(["results/a.txt"], "model_train", folder=tmp_path):
+        ran = True
+    assert ran and "cannot lock (Function not implemented)" in caplog.text and "-o flock" in caplog.text
+    # a lock that guards shared data (the latent cache's appends, a fetch's .part files) is not skipped
+    from braid.common import file_lock
+
+    with pytest.raises(BraidError, match=r"cache.lock: cannot lock \(Function not implemented\).*-o flock"):
+        with file_lock(tmp_path / "cache.lock", wait=True):
+            pass

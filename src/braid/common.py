@@ -90,6 +90,11 @@ def file_lock(lockfile: str | os.PathLike, wait: bool, busy: str = "", remove: b
             raise BraidError(busy or f"{lockfile} is held by another process") from None
         log.info("waiting for %s (held by another job)", lockfile)
         fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as err:  # no flock on this file system: what this lock protects cannot be shared safely
+        os.close(fd)
+        raise BraidError(f"{lockfile}: cannot lock ({err.strerror}); jobs that share this file need locks. On "
+                         "Lustre, mount with -o flock, or keep the working directory on a file system with locks "
+                         "(NFS v4, a local disk)") from None
     try:
         yield
     finally:
@@ -186,7 +191,16 @@ def output_lock(outputs: list[str], rule: str, folder: str | os.PathLike = LOCKS
     fd = os.open(lockfile, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = True
     except BlockingIOError:
+        held = False
+    except OSError as err:  # a file system without flock (Lustre mounted without -o flock): run unguarded
+        os.close(fd)
+        log.warning("%s: cannot lock (%s); this job runs without the one-writer guard. On Lustre, mount with "
+                    "-o flock, or keep the working directory on a file system with locks", lockfile, err.strerror)
+        yield
+        return
+    if not held:
         os.close(fd)
         try:
             holder = json.loads(lockfile.read_text())
