@@ -282,7 +282,8 @@ def test_other_layouts_fall_back_to_plane_reads(mirror, tmp_path, caplog):
 
 
 def test_memory_does_not_grow_with_sessions(tmp_path):
-    """Sessions are streamed: three sessions peak at about what one does."""
+    """Sessions are streamed: four sessions peak at about what two do (two already pay the fixed cost
+    of reads and writes that span two chunks)."""
     import tracemalloc
 
     from scipy.io import savemat
@@ -290,25 +291,25 @@ def test_memory_does_not_grow_with_sessions(tmp_path):
     from braid.synthetic import write_betas
 
     rng = np.random.default_rng(0)
-    dims, per_session, n_sessions = (20, 20, 16), 300, 3
+    dims, per_session, n_sessions = (20, 20, 16), 300, 4
     roi = np.zeros(dims, np.int16)
     roi[2:18, 2:18, 4:12] = 1  # 2,048 voxels
     root = tmp_path / "m"
     (root / nsd.roi_key(1, "nsdgeneral")).parent.mkdir(parents=True)
     nib.save(nib.Nifti1Image(roi, np.eye(4)), root / nsd.roi_key(1, "nsdgeneral"))
-    subjectim = np.zeros((8, 450), np.int32)
-    subjectim[0] = np.arange(1, 451)
+    subjectim = np.zeros((8, 600), np.int32)
+    subjectim[0] = np.arange(1, 601)
     (root / nsd.EXPDESIGN).parent.mkdir(parents=True)
-    order = rng.permutation(np.repeat(np.arange(1, 451), 2))[: per_session * n_sessions]
+    order = rng.permutation(np.repeat(np.arange(1, 601), 2))[: per_session * n_sessions]
     savemat(root / nsd.EXPDESIGN, {"masterordering": order[None], "subjectim": subjectim, "sharedix": np.arange(1, 11)[None]})
     brain = np.ones(dims[::-1], bool)
     for k in range(1, n_sessions + 1):
         write_betas(root / nsd.betas_key(1, k), rng.integers(-900, 900, (per_session, brain.sum()), dtype=np.int16), brain)
     run_build(root, tmp_path / "warm", sessions=(1,))  # imports and caches outside the measurement
     peaks = []
-    for sessions in ((1,), (1, 2, 3)):
+    for sessions in ((1, 2), (1, 2, 3, 4)):
         tracemalloc.start()
         run_build(root, tmp_path / str(len(sessions)), sessions=sessions)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
-    assert peaks[1] < 1.3 * peaks[0], peaks
+    assert peaks[1] < 1.5 * peaks[0], peaks  # held whole, four sessions would peak at twice what two do

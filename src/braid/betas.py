@@ -293,12 +293,14 @@ def _voxel_transform(root, stats: _SessionStats, normalisation: str, subject: in
 
 def _write_single(root, scratch, keep: np.ndarray, shift: np.ndarray, scale: np.ndarray, per_file: int,
                   dtype: str) -> None:
-    """``betas``: every trial's kept voxels, normalised, one session file's worth at a time."""
+    """``betas``: every trial's kept voxels, normalised, one output chunk at a time: each chunk is
+    written once, whole (a write that covered part of a chunk would read, decode and re-encode it)."""
     n_rows, n_keep = scratch.shape[0], int(keep.sum())
     out = new_array(root, "betas", shape=(n_rows, n_keep), chunks=(min(256, n_rows), n_keep), dtype=dtype)
-    for start in range(0, n_rows, per_file):
-        block = scratch[start : start + per_file][:, keep]
-        out[start : start + per_file] = ((block - shift[keep]) / scale[keep]).astype(dtype)
+    step = out.chunks[0]
+    for start in range(0, n_rows, step):
+        block = scratch[start : start + step][:, keep]
+        out[start : start + step] = ((block - shift[keep]) / scale[keep]).astype(dtype)
 
 
 def _write_averaged(root, scratch, table: pd.DataFrame, trials: str, keep: np.ndarray, shift: np.ndarray,
