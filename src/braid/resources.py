@@ -55,7 +55,7 @@ def betas_mask_bytes(sessions: int, trials_per_session: int, n_voxels: int, aver
     """The masking stage's arrays at their peak. One session at a time: its int16 chunks (read,
     then joined), their float32 copy, the first session kept until the statistics are known, the
     temporaries of normalising, and the compressed, checksummed copy of each chunk written: 48
-    bytes per trial and voxel (44 measured with tracemalloc, tests/test_resources.py);
+    bytes per trial and voxel (40 measured with tracemalloc, tests/test_resources.py);
     per-session statistics; when averaging repeats, one float32 running sum per image (at most
     one per trial)."""
     sums = sessions * trials_per_session * n_voxels * 4 if average else 0
