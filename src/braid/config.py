@@ -459,10 +459,9 @@ def _describe(err, sources) -> list[str]:
         out = []
         for key in [k for k in value if k not in known]:
             near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            what = f"not a setting of {_dotted(path)}" if path else "not a setting"
             hint = f"; did you mean {near[0]!r}?" if near else ""
-            inside = f"of {_dotted(path)} " if path else ""
-            out.append(f"{_where([*path, key], sources)}{_dotted([*path, key])}: not a setting {inside}{hint}"
-                       f" (allowed: {', '.join(known)})".replace(" ;", ";"))
+            out.append(f"{_where([*path, key], sources)}{_dotted([*path, key])}: {what}{hint} (allowed: {', '.join(known)})")
         return out
     if rule == "enum":
         near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)

@@ -242,13 +242,18 @@ def verify_download(path: Path, src: "RangeSource") -> list[str]:
 
     multipart = re.fullmatch(r"([0-9a-f]{32})-(\d+)", src.etag or "")
     part_size = src.part_size() if multipart else None
-    whole, sha, crc = hashlib.md5(), hashlib.sha256(), 0
+    stored = getattr(src, "checksums", {})  # only the sums S3 holds: each one is a pass over the bytes
+    whole = hashlib.md5() if re.fullmatch(r"[0-9a-f]{32}", src.etag or "") else None
+    sha, crc = (hashlib.sha256() if "SHA256" in stored else None), 0
     parts, part, in_part = [], hashlib.md5(), 0  # MD5s of the upload's parts
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
-            whole.update(block)
-            sha.update(block)
-            crc = zlib.crc32(block, crc)
+            if whole is not None:
+                whole.update(block)
+            if sha is not None:
+                sha.update(block)
+            if "CRC32" in stored:
+                crc = zlib.crc32(block, crc)
             view = memoryview(block)
             while part_size and len(view):
                 take = min(len(view), part_size - in_part)
@@ -260,12 +265,11 @@ def verify_download(path: Path, src: "RangeSource") -> list[str]:
     if part_size and in_part:
         parts.append(part.digest())
     found = {}
-    if re.fullmatch(r"[0-9a-f]{32}", src.etag or ""):
+    if whole is not None:
         found["MD5 (ETag)"] = (whole.hexdigest(), src.etag)
     elif multipart and part_size:
         got = f"{hashlib.md5(b''.join(parts)).hexdigest()}-{len(parts)}"
         found[f"multipart ETag ({multipart.group(2)} parts of {part_size} bytes)"] = (got, src.etag)
-    stored = getattr(src, "checksums", {})
     if "SHA256" in stored:
         found["SHA-256 (S3 checksum)"] = (base64.b64encode(sha.digest()).decode(), stored["SHA256"])
     if "CRC32" in stored:
