@@ -42,27 +42,32 @@ def test_formats_match_nsd(mirror, synthetic_cfg):
     assert np.bincount(mat["masterordering"].ravel()).max() <= 3
 
 
-def test_planted_signal_is_in_the_roi_only(mirror, tiny_model):
-    """Repeats of an image agree inside the ROI (shared signal) and not outside it (noise only)."""
+def test_planted_signal_is_in_the_rois_only(mirror, tiny_model):
+    """Repeats of an image agree inside nsdgeneral and the ventral stream (streams label 5: the
+    semantic signal) and not elsewhere in the brain (noise only)."""
     root, meta = mirror
     design = nsd.ExpDesign.load(root / nsd.EXPDESIGN)
     table = design.trial_images(1, [1, 2], 60)
     roi = np.asarray(nib.load(root / nsd.roi_key(1, "nsdgeneral")).dataobj)
+    ventral = np.asarray(nib.load(root / nsd.roi_key(1, "streams")).dataobj) == 5
     brain = np.asarray(nib.load(root / nsd.brainmask_key(1)).dataobj) > 0
+    assert ventral.sum() >= 20 and not (ventral & (roi == 1)).any()
     vols = []
     for s in (1, 2):
         with h5py.File(root / nsd.betas_key(1, s), "r") as f:
             vols.append(f["betas"][:])
     vol = np.concatenate(vols).astype(np.float32) / 300
     inside = vol[:, roi.T == 1]
-    outside = vol[:, (roi.T == 0) & brain.T]
+    semantic = vol[:, ventral.T]
+    outside = vol[:, (roi.T == 0) & ~ventral.T & brain.T]
     assert np.all(vol[:, ~brain.T] == 0)  # NSD zeroes voxels outside the brain mask
     first = table.index[table["repeat"] == 0]
     pairs = [(i, table.index[(table["nsd_id"] == table.loc[i, "nsd_id"]) & (table["repeat"] == 1)]) for i in first]
     pairs = [(i, j[0]) for i, j in pairs if len(j)]
     r_in = np.mean([np.corrcoef(inside[i], inside[j])[0, 1] for i, j in pairs])
     r_out = np.mean([np.corrcoef(outside[i], outside[j])[0, 1] for i, j in pairs])
-    assert r_in > 0.5 and abs(r_out) < 0.1
+    r_sem = np.mean([np.corrcoef(semantic[i], semantic[j])[0, 1] for i, j in pairs])
+    assert r_in > 0.5 and r_sem > 0.3 and abs(r_out) < 0.1
     assert meta["subjects"]["subj01"]["roi_voxels"] == inside.shape[1]
 
 

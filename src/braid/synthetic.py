@@ -52,7 +52,7 @@ from .common import BraidError, atomic_output, subject_label
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 425
-ROIS = ("nsdgeneral", "prf-visualrois")
+ROIS = ("nsdgeneral", "prf-visualrois", "streams")
 META = "braid_synthetic.json"
 _PHOTOS = (
     "astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "clock", "moon",
@@ -60,13 +60,17 @@ _PHOTOS = (
 )  # fmt: skip
 
 
-def oracle_key(subject: int) -> str:
-    """The oracle's ingredients for ``subject`` beside the mirror (see the module docstring)."""
-    return f"braid_oracle/{subject_label(subject)}.npz"
+def oracle_key(subject: int, target: str = "latent") -> str:
+    """The oracle's ingredients for ``subject`` beside the mirror (see the module docstring):
+    of the latent, or (``target="semantic"``) of the pooled text embedding."""
+    return f"braid_oracle/{subject_label(subject)}{'' if target == 'latent' else '-' + target}.npz"
 
 
 # what generate_stimuli writes (no model needed); the rest depends on the model's latents
-STIMULUS_KEYS = (nsd.EXPDESIGN, nsd.STIM_INFO, nsd.STIM_INFO_PKL, nsd.STIMULI)
+# COCO-format captions of the stimuli, where COCO's annotations_trainval2017.zip puts them (under coco/)
+CAPTION_KEYS = {split: f"coco/annotations/captions_{split}.json" for split in ("train2017", "val2017")}
+CAPTION_FOLDER = "coco"  # the folder a captions source names (braid.captions reads <folder>/annotations/)
+STIMULUS_KEYS = (*CAPTION_KEYS.values(), nsd.EXPDESIGN, nsd.STIM_INFO, nsd.STIM_INFO_PKL, nsd.STIMULI)
 # the keys of the synthetic block that decide those files (a change of noise or volume leaves them be)
 STIMULUS_CONFIG_KEYS = ("design_sessions", "extra_images", "images_per_subject", "seed", "sessions", "shared_images",
                         "subjects", "trials_per_session")
@@ -94,8 +98,13 @@ def keys(cfg: dict, resolution: str = "func1pt8mm", beta_version: str = "betas_f
 # --------------------------------------------------------------------------------------------
 
 
-def make_stimuli(n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` distinct 425x425 RGB photographs: random crops, flips and colour shifts of skimage's samples."""
+def make_stimuli(n: int, rng: np.random.Generator, attributes: bool = False):
+    """``n`` distinct 425x425 RGB photographs: random crops, flips and colour shifts of skimage's samples.
+
+    With ``attributes`` also what made each one (:func:`describe`'s input): its category (the
+    index of its source photograph in :data:`CATEGORIES`), the crop's share of the photograph,
+    the flips and the colour gains; the random draws, and so the images, are the same either way.
+    """
     import skimage.data
     from PIL import Image
 
@@ -106,20 +115,116 @@ def make_stimuli(n: int, rng: np.random.Generator) -> np.ndarray:
             img = np.repeat(img[..., None], 3, axis=-1)
         sources.append(Image.fromarray(np.ascontiguousarray(img[..., :3])))
     out = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    made = []
     for k in range(n):
-        src = sources[rng.integers(len(sources))]
+        category = int(rng.integers(len(sources)))
+        src = sources[category]
         w, h = src.size
-        side = int(min(h, w) * rng.uniform(0.35, 1.0))
+        share = rng.uniform(0.35, 1.0)
+        side = int(min(h, w) * share)
         y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
         img = src.crop((x, y, x + side, y + side)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
         img = np.asarray(img, np.float32) / 255.0
-        if rng.random() < 0.5:
+        mirrored, upside_down = bool(rng.random() < 0.5), False
+        if mirrored:
             img = img[:, ::-1]
         if rng.random() < 0.25:
-            img = img[::-1]
-        img = img * rng.uniform(0.6, 1.4, size=3) + rng.uniform(-0.15, 0.15, size=3)
+            img, upside_down = img[::-1], True
+        gains = rng.uniform(0.6, 1.4, size=3)
+        img = img * gains + rng.uniform(-0.15, 0.15, size=3)
         out[k] = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+        made.append({"category": category, "share": float(share), "mirrored": mirrored, "upside_down": upside_down,
+                     "gains": gains.tolist()})
+    return (out, made) if attributes else out
+
+
+# --------------------------------------------------------------------------------------------
+# Captions: five per image, in COCO's format, from what made the image
+# --------------------------------------------------------------------------------------------
+
+CATEGORIES = _PHOTOS  # a stimulus's category is its source photograph
+# what each source photograph shows, several ways of saying it
+_NOUNS = {
+    "astronaut": ["an astronaut", "a person in a space suit", "a smiling astronaut", "an astronaut with a flag"],
+    "chelsea": ["a cat", "a tabby cat", "a kitten", "a cat looking to the side"],
+    "coffee": ["a cup of coffee", "a coffee cup on a saucer", "a mug of coffee", "a cup of espresso"],
+    "rocket": ["a rocket", "a rocket on a launch pad", "a space rocket", "a rocket before launch"],
+    "camera": ["a man with a camera", "a photographer", "a man holding a camera on a tripod", "a cameraman"],
+    "coins": ["coins", "a pile of old coins", "some ancient coins", "a collection of coins"],
+    "clock": ["a clock", "a wall clock", "a clock face", "an old clock"],
+    "moon": ["the moon", "the surface of the moon", "craters on the moon", "the lunar surface"],
+    "brick": ["a brick wall", "bricks", "a wall of red bricks", "a section of brick wall"],
+    "grass": ["grass", "a lawn", "a patch of green grass", "blades of grass"],
+    "gravel": ["gravel", "small stones", "a gravel path", "pebbles on the ground"],
+    "hubble_deep_field": ["galaxies in deep space", "a starry sky", "distant galaxies", "a telescope image of space"],
+    "immunohistochemistry": ["stained cells under a microscope", "a tissue sample", "cells in a microscope slide",
+                             "a stained tissue section"],
+    "retina": ["an image of a retina", "the back of an eye", "a retinal scan", "an eye fundus photograph"],
+}
+_TEMPLATES = ["{noun}{details}.", "A photo of {noun}{details}.", "A picture of {noun}{details}.",
+              "A view of {noun}{details}.", "An image showing {noun}{details}.", "Here is {noun}{details}."]
+MAX_CAPTION = 75  # characters: the tiny model's byte-level tokenizer fits 75 in CLIP's 77 tokens
+
+
+def describe(made: dict) -> list[str]:
+    """The visible attributes of a stimulus (its zoom, flips, colour cast, brightness) as phrases."""
+    out = []
+    if made["share"] < 0.55:
+        out.append("close up")
+    elif made["share"] > 0.85:
+        out.append("from far away")
+    if made["upside_down"]:
+        out.append("upside down")
+    gains = np.asarray(made["gains"])
+    if gains.max() - gains.min() > 0.35:
+        out.append(("with a red tint", "with a green tint", "with a blue tint")[int(gains.argmax())])
+    if gains.mean() > 1.15:
+        out.append("in bright light")
+    elif gains.mean() < 0.85:
+        out.append("in dim light")
     return out
+
+
+def make_captions(made: list[dict], rng: np.random.Generator, per_image: int = 5) -> list[list[str]]:
+    """``per_image`` varied captions of each stimulus: its category's nouns, templates, and a random
+    subset of its attributes (:func:`describe`), as five annotators would word it differently."""
+    out = []
+    for m in made:
+        nouns, phrases, captions = _NOUNS[CATEGORIES[m["category"]]], describe(m), []
+        for _ in range(per_image):
+            noun = nouns[int(rng.integers(len(nouns)))]
+            kept = [p for p in phrases if rng.random() < 0.7]
+            template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
+            text = template.format(noun=noun, details="".join(f", {p}" for p in kept))
+            while len(text) > MAX_CAPTION and kept:  # fewer details rather than a truncated caption
+                kept.pop()
+                text = template.format(noun=noun, details="".join(f", {p}" for p in kept))
+            captions.append(text[0].upper() + text[1:])
+        out.append(captions)
+    return out
+
+
+
+
+def write_coco_captions(out_dir: str | os.PathLike, info: pd.DataFrame, captions: list[list[str]]) -> None:
+    """COCO-format caption files (``images``, ``annotations`` with ``image_id``/``id``/``caption``) for
+    the stimulus-info rows, split by ``cocoSplit``, at :data:`CAPTION_KEYS` (where COCO's
+    ``annotations_trainval2017.zip`` puts them, under ``coco/``). Annotation ids are unique
+    across both files and not in image order, as COCO's are."""
+    rng = np.random.default_rng(len(info))
+    ann_ids = rng.permutation(sum(len(c) for c in captions)) + 1
+    next_id = iter(ann_ids.tolist())
+    for split, key in CAPTION_KEYS.items():
+        rows = info[info["cocoSplit"] == split]
+        images, annotations = [], []
+        for nsd_id, coco_id in zip(rows.index.tolist(), rows["cocoId"].tolist()):
+            images.append({"id": int(coco_id), "file_name": f"{int(coco_id):012d}.jpg", "height": IMAGE_SIZE,
+                           "width": IMAGE_SIZE})
+            annotations += [{"image_id": int(coco_id), "id": next(next_id), "caption": c} for c in captions[nsd_id]]
+        doc = {"info": {"description": "BRAID synthetic captions in COCO's format"}, "licenses": [],
+               "images": images, "annotations": annotations}
+        with atomic_output(Path(out_dir) / key) as tmp:
+            Path(tmp).write_text(json.dumps(doc))
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,8 +307,14 @@ def _affine(dims, res=1.8) -> np.ndarray:
     return aff
 
 
-def make_rois(dims, rng: np.random.Generator, roi_fraction: float) -> dict[str, np.ndarray]:
-    """Brain mask and ROI volumes (X, Y, Z): -1 outside the brain, 0 not in the ROI, labels >= 1."""
+def make_rois(dims, rng: np.random.Generator, roi_fraction: float, semantic_fraction: float = 0.06
+              ) -> dict[str, np.ndarray]:
+    """Brain mask and ROI volumes (X, Y, Z): -1 outside the brain, 0 not in the ROI, labels >= 1.
+
+    ``streams`` follows NSD's labels (1 early, 2 midventral, 3 midlateral, 4 midparietal, 5 ventral,
+    6 lateral, 7 parietal): here 1 is the visual half of ``nsdgeneral`` and 5 (ventral) the
+    ``semantic_fraction`` of brain voxels just anterior to ``nsdgeneral``, where the semantic
+    signal is planted; the other labels are empty."""
     X, Y, Z = dims
     g = np.stack(np.meshgrid(*(np.linspace(-1, 1, d) for d in dims), indexing="ij"))
     jitter = rng.uniform(0.85, 0.95, size=3)
@@ -219,7 +330,10 @@ def make_rois(dims, rng: np.random.Generator, roi_fraction: float) -> dict[str, 
     prf = np.where(brain, 0, -1).astype(np.int16)
     ranks = np.argsort(np.argsort(g[2][visual] + 0.5 * g[0][visual]))
     prf[visual] = (1 + ranks * 7 // max(ranks.size, 1)).astype(np.int16)
-    rois = {"brainmask": brain.astype(np.int16), "nsdgeneral": nsdgeneral, "prf-visualrois": prf}
+    streams = np.where(brain, 0, -1).astype(np.int16)
+    streams[visual] = 1
+    streams[brain & (y > cut) & (y <= np.quantile(y[brain], min(roi_fraction + semantic_fraction, 1.0)))] = 5
+    rois = {"brainmask": brain.astype(np.int16), "nsdgeneral": nsdgeneral, "prf-visualrois": prf, "streams": streams}
     # hemisphere files, as NSD ships lh./rh. versions: the other half's labels become 0
     left = np.arange(X)[:, None, None] < X // 2
     for name in ROIS:
@@ -273,25 +387,52 @@ def generate_stimuli(cfg: dict, out_dir: str | os.PathLike) -> None:
     rng = np.random.default_rng(cfg["seed"])
     subjects = sorted(cfg["subjects"])
     design = make_design(cfg, rng)
-    stimuli = make_stimuli(design["n_images"], rng)
+    stimuli, made = make_stimuli(design["n_images"], rng, attributes=True)
     with atomic_output(out / nsd.STIMULI) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("imgBrick", data=stimuli, chunks=(1, IMAGE_SIZE, IMAGE_SIZE, 3))
-    write_design_files(out, design, subjects, rng)
+    info = write_design_files(out, design, subjects, rng, [CATEGORIES[m["category"]] for m in made])
+    # captions from their own random stream: the files above are as they were before captions existed
+    write_coco_captions(out, info, make_captions(made, np.random.default_rng([cfg["seed"], 3])))
 
 
-def write_design_files(out_dir: str | os.PathLike, design: dict, subjects: list[int], rng: np.random.Generator) -> None:
+def write_design_files(out_dir: str | os.PathLike, design: dict, subjects: list[int], rng: np.random.Generator,
+                       categories: list[str] | None = None) -> pd.DataFrame:
     """Write ``design``'s experiment-design MAT file and the stimulus-info table (CSV and pickle) under
-    ``out_dir`` with the bucket's keys, as NSD keeps them."""
+    ``out_dir`` with the bucket's keys, as NSD keeps them; return the table. ``categories`` (one per
+    image) becomes a ``category`` column, the synthetic data's ground truth of what each image shows."""
     from scipy.io import savemat
 
     out = Path(out_dir)
     with atomic_output(out / nsd.EXPDESIGN) as tmp:
         savemat(tmp, {k: design[k] for k in ("masterordering", "subjectim", "sharedix")}, format="5")
     info = stim_info_table(design, subjects, rng)
+    if categories is not None:
+        info["category"] = categories
     with atomic_output(out / nsd.STIM_INFO) as tmp:
         info.to_csv(tmp)
     with atomic_output(out / nsd.STIM_INFO_PKL) as tmp:
         info.to_pickle(tmp, compression=None)
+    return info
+
+
+def stimulus_captions(out_dir: str | os.PathLike, n_images: int) -> list[list[str]]:
+    """The captions :func:`generate_stimuli` wrote, per NSD id (0-based), in annotation-id order."""
+    info = pd.read_csv(Path(out_dir) / nsd.STIM_INFO, index_col=0)
+    by_coco: dict[int, list[tuple[int, str]]] = {}
+    for key in CAPTION_KEYS.values():
+        for ann in json.loads((Path(out_dir) / key).read_text())["annotations"]:
+            by_coco.setdefault(ann["image_id"], []).append((ann["id"], ann["caption"]))
+    return [[c for _, c in sorted(by_coco[int(info["cocoId"].iloc[i])])] for i in range(n_images)]
+
+
+def _mean_pooled(pipe, captions: list[list[str]]) -> np.ndarray:
+    """Each image's pooled text embedding, averaged over its captions (float64)."""
+    from .text_embeddings import encode_captions
+
+    flat = [c for cs in captions for c in cs]
+    _, pooled = encode_captions(pipe, flat, batch_size=256)
+    counts = np.array([len(cs) for cs in captions])
+    return np.add.reduceat(pooled.astype(np.float64), np.r_[0, np.cumsum(counts)[:-1]], axis=0) / counts[:, None]
 
 
 def generate(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.PathLike, image_size: int | None = None,
@@ -311,6 +452,7 @@ def generate_betas(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.Pa
 
     from .latents import encode_images
     from .models import load_vae, vae_image_size
+    from .text_embeddings import load_text_encoders
 
     out = Path(out_dir)
     subjects = sorted(cfg["subjects"])
@@ -330,50 +472,71 @@ def generate_betas(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.Pa
     z_mean, z_std = z.mean(0), z.std(0) + 1e-8
     s_all = (z - z_mean) / z_std
     # the oracle's prior: fresh images of the same generator (own random stream: the data do not change)
-    prior_images = make_stimuli(cfg["prior_images"], np.random.default_rng([cfg["seed"], 1]))
+    prior_images, prior_made = make_stimuli(cfg["prior_images"], np.random.default_rng([cfg["seed"], 1]), True)
     s_prior = (encode_images(prior_images, vae, size).reshape(len(prior_images), -1) - z_mean) / z_std
+    # the semantic signal: the model's pooled text embedding, averaged over each image's captions
+    # (what braid.text_embeddings caches), standardised over the stimuli like the latents
+    pipe = load_text_encoders(model_dir, dtype="float32")
+    p_all = _mean_pooled(pipe, stimulus_captions(out, len(stimuli)))
+    p_mean, p_std = p_all.mean(0), p_all.std(0) + 1e-8
+    sem_all = (p_all - p_mean) / p_std
+    sem_prior = (_mean_pooled(pipe, make_captions(prior_made, np.random.default_rng([cfg["seed"], 5]))) - p_mean) / p_std
     gain, noise_sd = cfg["gain"], cfg["noise_sd"]
     nonlinear = cfg.get("nonlinearity", "none") == "tanh"
 
-    meta = {"generative_model": __doc__, "config": cfg, "latent_dims": int(z.shape[1]), "subjects": {}}
+    meta = {"generative_model": __doc__, "config": cfg, "latent_dims": int(z.shape[1]),
+            "semantic_dims": int(p_all.shape[1]), "subjects": {}}
     trials_per_session = cfg["trials_per_session"]
     order = design["masterordering"].ravel() - 1
+    response = np.tanh if nonlinear else (lambda v: v)
     for s in subjects:
-        rois = make_rois(cfg["volume"], rng, cfg["roi_fraction"])
+        rois = make_rois(cfg["volume"], rng, cfg["roi_fraction"], cfg.get("semantic_fraction", 0.06))
         _save_nifti(rois["brainmask"], out / nsd.brainmask_key(s, resolution))
         for name in rois:
             if name != "brainmask":
                 _save_nifti(rois[name], out / nsd.roi_key(s, name, resolution))
         brain_zyx = rois["brainmask"].T > 0
         roi_zyx = rois["nsdgeneral"].T > 0
+        ventral_zyx = rois["streams"].T == 5
         # the noise-ceiling SNR as NSD defines it (signal sd / noise sd), here known exactly: the
-        # signal has unit variance in ROI voxels and none elsewhere
-        ncsnr = np.where(rois["nsdgeneral"] > 0, 1.0 / max(noise_sd, 1e-6), 0.0).astype(np.float32)
-        _save_nifti(ncsnr, out / nsd.ncsnr_key(s, resolution, beta_version))
+        # signal has unit variance in the signal-carrying voxels and none elsewhere
+        ncsnr = np.where((rois["nsdgeneral"] > 0) | (rois["streams"] == 5), 1.0 / max(noise_sd, 1e-6), 0.0)
+        _save_nifti(ncsnr.astype(np.float32), out / nsd.ncsnr_key(s, resolution, beta_version))
         in_roi = roi_zyx[brain_zyx]  # ROI voxels, in the order of the brain voxels
+        in_ventral = ventral_zyx[brain_zyx]
         n_vox = int(roi_zyx.sum())
         weights = rng.standard_normal((n_vox, z.shape[1]))
         signal = s_all @ weights.T
         scale = 1.0 / signal.std(0)
-        response = np.tanh if nonlinear else (lambda v: v)
         signal = response(signal * scale)
+        # the ventral voxels' map from the semantic embedding: its own random stream, so that the
+        # latent signal and every noise draw are what they were before semantics were planted
+        sem_weights = np.random.default_rng([cfg["seed"], 4, s]).standard_normal((int(in_ventral.sum()), p_all.shape[1]))
+        sem_signal = sem_all @ sem_weights.T
+        sem_scale = 1.0 / sem_signal.std(0)
+        sem_signal = response(sem_signal * sem_scale)
         ids = design["subjectim"][s - 1, order] - 1  # 0-based nsd id of each trial
         for session in progress(range(1, cfg["sessions"] + 1), desc=f"{subject_label(s)} betas", mininterval=2):
             t = slice((session - 1) * trials_per_session, session * trials_per_session)
             noise = noise_sd * rng.standard_normal((trials_per_session, int(brain_zyx.sum())))
             x = noise
             x[:, in_roi] += signal[ids[t]]
+            x[:, in_ventral] += sem_signal[ids[t]]
             stored = np.clip(np.round(gain * x * 300), -32767, 32767).astype(np.int16)
             key = nsd.betas_key(s, session, resolution, beta_version)
             write_betas(out / key, stored, brain_zyx)
             write_betas_nifti(out / key.replace(".hdf5", ".nii.gz"), stored, brain_zyx)
-        with atomic_output(out / oracle_key(s)) as tmp, open(tmp, "wb") as f:
-            np.savez(f, prior_s=s_prior.astype(np.float32),
-                     prior_response=response((s_prior @ weights.T) * scale).astype(np.float32),
-                     voxel_ijk=np.argwhere(roi_zyx)[:, ::-1].astype(np.int32), z_mean=z_mean, z_std=z_std,
-                     gain=gain, noise_sd=noise_sd)
-        meta["subjects"][subject_label(s)] = {"roi_voxels": n_vox, "trials": int(ids.size)}
-        log.info("%s: %d ROI voxels, %d trials", subject_label(s), n_vox, ids.size)
+        for target, (prior, prior_response, zyx, mean, std) in {
+            "latent": (s_prior, response((s_prior @ weights.T) * scale), roi_zyx, z_mean, z_std),
+            "semantic": (sem_prior, response((sem_prior @ sem_weights.T) * sem_scale), ventral_zyx, p_mean, p_std),
+        }.items():
+            with atomic_output(out / oracle_key(s, target)) as tmp, open(tmp, "wb") as f:
+                np.savez(f, prior_s=prior.astype(np.float32), prior_response=prior_response.astype(np.float32),
+                         voxel_ijk=np.argwhere(zyx)[:, ::-1].astype(np.int32), z_mean=mean, z_std=std,
+                         gain=gain, noise_sd=noise_sd)
+        meta["subjects"][subject_label(s)] = {"roi_voxels": n_vox, "ventral_voxels": int(in_ventral.sum()),
+                                              "trials": int(ids.size)}
+        log.info("%s: %d ROI voxels, %d ventral voxels, %d trials", subject_label(s), n_vox, in_ventral.sum(), ids.size)
     with atomic_output(out / META) as tmp:
         tmp.write_text(json.dumps(meta, indent=2, default=str))
     return meta
