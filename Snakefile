@@ -2,7 +2,8 @@
 #   snakemake --profile profiles/local                      # the embedded synthetic demo
 #   snakemake --profile profiles/slurm --configfile config/nsd_ssd1b.yaml
 # Stages, one rules file each: nsd (fetch) -> model -> betas -> latents -> encoder
-# -> reconstruct -> evaluate. Helpers and config validation live in rules/common.smk.
+# -> reconstruct -> evaluate; the semantic route (captions -> text embeddings -> semantic
+# encoders -> their scores) beside it. Helpers and config validation live in rules/common.smk.
 
 from pathlib import Path
 
@@ -22,6 +23,7 @@ include: "workflow/rules/latents.smk"
 include: "workflow/rules/encoder.smk"
 include: "workflow/rules/reconstruct.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/semantic.smk"
 
 
 rule all:

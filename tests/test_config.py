@@ -35,7 +35,8 @@ def load(name):
 
 def test_collections_are_the_schemas_named_mappings_and_are_replaced():
     schema = yaml.safe_load(Path(SCHEMA).read_text())
-    assert braid.config.collection_keys(schema) == ["encoders", "roi", "sweep"]
+    assert braid.config.collection_keys(schema) == ["encoders", "roi", "semantic_encoders", "semantic_roi",
+                                                    "semantic_sweep", "sweep"]
     config = {"roi": {"nsdgeneral": [1]}, "encoders": {"mlp": {"lr": 1}, "linear": {}}, "betas": {"trials": "single"}}
     layers = [{"roi": {"prf-visualrois": [1, 2]}, "betas": {"dtype": "float16"}}, {"encoders": {"ridge": {}}}]
     assert braid.config.replace_collections(config, layers, ["encoders", "roi"]) == ["encoders", "roi"]
@@ -58,6 +59,11 @@ def test_layered_deep_merges_mappings_and_replaces_collections():
     assert base["nsd"]["source"] == "s3://a" and base["encoders"] == {"mlp": {"lr": 1}}  # inputs untouched
     kept = braid.config.layered(base, [{"encoders": {"ridge": {}}, "sweep": {"ridge": {"alpha": [1]}}}], schema)
     assert kept["sweep"] == {"ridge": {"alpha": [1]}}
+    # the semantic route's collections follow the same rules
+    base |= {"semantic_roi": {"streams": [5]}, "semantic_encoders": {"mlp": {}}, "semantic_sweep": {"mlp": {"lr": [1]}}}
+    out = braid.config.layered(base, [{"semantic_roi": {"floc-faces": [1]}, "semantic_encoders": {"ridge": {}}}], schema)
+    assert out["semantic_roi"] == {"floc-faces": [1]} and out["semantic_encoders"] == {"ridge": {}}
+    assert out["semantic_sweep"] == {} and out["sweep"] == {"mlp": {"lr": [1, 2]}}
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "nsd_ssd1b.yaml", "nsd_literature.yaml", "rehearsal.yaml"])
@@ -131,11 +137,16 @@ def test_a_split_that_does_not_sum_to_one_is_refused_not_renormalised():
 
 
 def test_roi_names_the_data_set_lacks_are_refused_listing_the_valid_ones():
-    config = load("config.yaml")  # the synthetic NSD: nsdgeneral and prf-visualrois
-    config["roi"] = {"lh.nsdgeneral": [1], "streams": [5]}
-    with pytest.raises(BraidError, match=r"roi \['streams'\]: no such ROI file in the synthetic NSD; valid names are "
-                                         r"nsdgeneral, prf-visualrois, each also with an lh. or rh. prefix"):
+    config = load("config.yaml")  # the synthetic NSD: nsdgeneral, prf-visualrois and streams
+    config["roi"] = {"lh.nsdgeneral": [1], "floc-faces": [1]}
+    with pytest.raises(BraidError, match=r"roi \['floc-faces'\]: no such ROI file in the synthetic NSD; valid names "
+                                         r"are nsdgeneral, prf-visualrois, streams, each also with an lh. or rh. prefix"):
         braid.config.check(config)
+    config["roi"] = {"streams": [5]}
+    config["semantic_roi"] = {"floc-places": [1]}
+    with pytest.raises(BraidError, match=r"semantic_roi \['floc-places'\]: no such ROI file in the synthetic NSD"):
+        braid.config.check(config)
+    config["semantic_roi"] = {"streams": [5]}
     config["nsd"]["source"] = "s3://natural-scenes-dataset"  # NSD has streams, not "nsd_general"
     braid.config.check(config)
     config["roi"] = {"nsd_general": [1], "rh.floc-faces": [2]}
@@ -200,8 +211,8 @@ def test_every_rule_that_runs_library_code_lists_it_as_input():
     downloads = {"nsd_fetch", "model_fetch", "metrics_fetch"}
     seen = set()
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):
-        for block in re.split(r"(?m)^(?=[ \t]*rule \w+:)", smk.read_text())[1:]:
-            name = re.match(r"\s*rule (\w+):", block).group(1)
+        for block in re.split(r"(?m)^(?=[ \t]*(?:use )?rule \w+)", smk.read_text())[1:]:
+            name = re.match(r"\s*(?:use rule \w+ as )?(?:rule )?(\w+)", block).group(1)
             script = re.search(r"scripts/(\w+)\.py", block)
             if not script:
                 continue
@@ -403,3 +414,29 @@ def test_a_local_nsd_source_must_be_a_folder(tmp_path):
         braid.config.check(config)
     (tmp_path / "mirror").mkdir()
     assert not any(p.startswith("nsd.source") for p in braid.config.combination_problems(config))
+
+
+def test_semantic_encoders_are_checked_like_encoders_with_their_target():
+    config = load("config.yaml")
+    assert braid.config.all_encoders(config, "semantic_")["lowrank-rank8"] == {"kind": "lowrank", "rank": 8}
+    config["semantic_encoders"]["student"]["teacher"] = "ridge-tokens"  # a pooled student of a tokens teacher
+    config["semantic_encoders"]["ridge"]["lr"] = 0.1  # not a ridge setting
+    config["encoders"]["semantic"] = {"kind": "ridge"}  # the route's folder
+    problems = braid.config.combination_problems(config)
+    assert "semantic_encoders.student: target 'pooled' differs from its teacher 'ridge-tokens''s; a student learns " \
+           "its teacher's outputs" in problems
+    assert "semantic_encoders.ridge: lr not used by kind 'ridge'; remove them" in problems
+    assert any(p.startswith("encoders.semantic: the name is the semantic route's folder") for p in problems)
+    config = load("config.yaml")
+    config["semantic_sweep"] = {"mlp": {"rank": ["8"]}}
+    problems = braid.config.sweep_problems(config, yaml.safe_load(Path(SCHEMA).read_text()))
+    assert problems and all(p.startswith("semantic_sweep encoder mlp-rank8") for p in problems), problems
+    config["semantic_sweep"] = {"cnn": {"rank": [8]}}
+    assert braid.config.sweep_problems(config, yaml.safe_load(Path(SCHEMA).read_text())) == [
+        "semantic_sweep.cnn: no encoder 'cnn' under semantic_encoders (['lowrank', 'mlp', 'ridge', 'ridge-tokens', "
+        "'student'])"]
+
+
+def test_roi_only_fetching_covers_both_routes_rois():
+    config = {"roi": {"nsdgeneral": [1], "streams": [1]}, "semantic_roi": {"streams": [5, 1], "floc-faces": [2]}}
+    assert braid.config.fetch_rois(config) == {"floc-faces": [2], "nsdgeneral": [1], "streams": [1, 5]}

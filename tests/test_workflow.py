@@ -52,6 +52,11 @@ def run(tmp_path_factory):
 def test_outputs_and_planted_signal_recovered(run):
     config = run_config()
     summary = pd.read_csv(run / "results" / "summary.csv")
+    semantic = summary[summary["mode"] == "semantic"]  # the semantic route's rows (test_semantic_route_...)
+    summary = summary[summary["mode"] != "semantic"]
+    assert sorted(semantic["encoder"]) == sorted(f"semantic/{e}" for e in
+                                                 [*config["semantic_encoders"], "lowrank-rank1", "lowrank-rank2",
+                                                  "lowrank-rank8", "oracle (best linear)"])
     sources = [*config["encoders"], "true-latent", "mean-latent"]
     strengths, seeds = config["reconstruct"]["strengths"], config["reconstruct"]["seeds"]
     assert len(summary) == len(sources) * (1 + len(strengths)) * len(config["subjects"])  # decode-only + each strength
@@ -96,6 +101,7 @@ def test_outputs_and_planted_signal_recovered(run):
         assert (run / path).read_bytes()[:4] == b"\x89PNG", path
     page = (run / "results" / "summary.html").read_text()
     assert "Published (not computed here)" in page and "NOT COMPARABLE" in page
+    assert "Semantic route (this run)" in page and "semantic/ridge-tokens" in page
     assert "weights are synthetic-trained, not pretrained: NOT A RESULT" in page
     for source in sources:
         for folder in ("decode", *(f"strength-{s:g}/seed-{k}" for s in strengths for k in seeds)):
@@ -181,6 +187,55 @@ def test_frontier_scores_every_encoder_and_each_beats_the_mean_predictor(run):
     assert table.loc["mlp", "is_reference"] and table["pareto"].sum() >= 3
     assert table.loc["ridge-k30", "n_voxels"] == 30 and table.loc["lowrank-rank4", "n_parameters"] < table.loc["lowrank", "n_parameters"]
     assert (run / "results" / "subj01" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_semantic_route_recovers_the_planted_semantic_signal(run):
+    """The demo's semantic encoders, read from the ventral ROI: caption retrieval and category accuracy
+    far above chance, the full-size ones close to the semantic oracle; no test image's caption retrieved."""
+    config = run_config()
+    folder = run / "results" / "subj01" / "semantic"
+    table = pd.read_csv(folder / "frontier.csv").set_index("encoder")
+    oracle = table.loc["oracle (best linear)"]
+    assert oracle["test_pooled_r"] > 0.8 and oracle["test_caption_top1"] > 5 * oracle["test_caption_chance_top1"]
+    for name in config["semantic_encoders"]:
+        row = table.loc[name]
+        assert row["test_pooled_two_way"] > 0.85, (name, row)
+        assert row["test_caption_top5"] > 2.5 * row["test_caption_chance_top5"], (name, row)
+        assert row["test_category_accuracy"] > 3 * row["test_category_chance"], (name, row)
+    for name in ("ridge", "ridge-tokens"):  # the linear decoders: a known share of the best linear one
+        row = table.loc[name]
+        assert 0.85 * oracle["test_pooled_r"] < row["test_pooled_r"] < oracle["test_pooled_r"] + 0.03, (name, row)
+    assert 0.5 < table.loc["ridge-tokens", "token_variance_kept"] <= 1
+    params = table["n_parameters"]
+    assert params["lowrank-rank1"] < params["lowrank-rank2"] < params["lowrank"] < params["ridge"] < params["ridge-tokens"]
+    assert table.loc["mean embedding (baseline)", "n_parameters"] == 0
+    trials = pd.read_parquet(folder / "trials.parquet")
+    retrieved = pd.read_parquet(folder / "retrieved.parquet")
+    assert len(retrieved) == (len(table) - 2) * (trials["split"] == "test").sum()  # every encoder, every test row
+    assert not set(retrieved["bank_nsd_id"]) & set(trials.loc[trials["split"] == "test", "nsd_id"])
+    for path in ("frontier.png", "ridge/loss.png"):
+        assert (folder / path).read_bytes()[:4] == b"\x89PNG", path
+
+
+def test_a_semantic_encoder_change_reruns_only_it_and_what_follows(run, tmp_path):
+    config = run_config()
+    config["semantic_encoders"]["mlp"]["epochs"] = 30
+    changed = tmp_path / "semantic.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    plan = snakemake(run, "-n", "--configfile", str(changed))
+    assert planned_rules(plan) == {"semantic_train", "semantic_frontier", "evaluate_summary", "all"}
+    trained = set(re.findall(r"results/subj01/semantic/([\w-]+)/encoder\.safetensors", plan.stdout))
+    assert trained == {"mlp", "student"}  # the MLP and the student it teaches
+    config = run_config()
+    config["semantic"]["token_components"] = 8  # only the tokens target uses it
+    changed.write_text(yaml.safe_dump(config))
+    plan = snakemake(run, "-n", "--configfile", str(changed))
+    assert set(re.findall(r"results/subj01/semantic/([\w-]+)/encoder\.safetensors", plan.stdout)) == {"ridge-tokens"}
+    config = run_config()
+    config["semantic"]["text_batch_size"] = 7  # how the cache is filled, not what it holds
+    config["semantic_roi"] = {"streams": [5]}
+    changed.write_text(yaml.safe_dump(config))
+    assert planned_rules(snakemake(run, "-n", "--configfile", str(changed))) == set()
 
 
 def test_every_job_leaves_its_wall_time_and_peak_memory(run):
@@ -449,7 +504,8 @@ def test_the_slurm_profile_runs_the_workflow_through_sbatch(run, tmp_path, slurm
     jobs = slurm_jobs(run_id)
     rules = {re.match(r"rule_(.+?)(?:_wildcards_|$)", j["Comment"]).group(1) for j in jobs}  # summary: no wildcards
     assert rules == GPU_RULES | {"betas_mask", "latents_statistics", "encoder_frontier", "evaluate_grid",
-                                 "evaluate_oracle", "evaluate_summary"}
+                                 "evaluate_oracle", "evaluate_summary", "betas_mask_semantic", "semantic_bank",
+                                 "semantic_oracle", "semantic_frontier"}
     assert all(j["State"] == "COMPLETED" for j in jobs), jobs
     for job in jobs:
         gpu_rule = any(job["Comment"].startswith(f"rule_{r}_wildcards_") for r in GPU_RULES)

@@ -55,7 +55,8 @@ def test_bad_config_stops_before_any_job_naming_every_problem_with_its_line(tmp_
 
 def test_adding_a_subject_plans_only_its_jobs_and_encodes_only_its_new_images(tmp_path):
     """A finished run of subject 1, then subjects [1, 2]: only subject 2's jobs (and the summary)
-    are planned, one latents_encode among them, and it encodes only the images subject 1 did not see."""
+    are planned, one latents_encode and one semantic_encode among them, and each encodes only the
+    images subject 1 did not see (latents, and text embeddings of their captions)."""
     from scipy.io import loadmat
 
     small = {
@@ -66,6 +67,8 @@ def test_adding_a_subject_plans_only_its_jobs_and_encodes_only_its_new_images(tm
         "reconstruct": {"strengths": [0.5], "steps": 2, "seeds": [0]},
         "evaluate": {"networks": [], "references": []},  # PixCorr and SSIM, no reference rows: this test is about subjects
         "model": {"source": "tiny"},  # random weights: shapes are all this test needs
+        "semantic_encoders": {"ridge": {"kind": "ridge"}},
+        "semantic": {"reference": None},
     }
     one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
     one.write_text(yaml.safe_dump(small))
@@ -74,13 +77,17 @@ def test_adding_a_subject_plans_only_its_jobs_and_encodes_only_its_new_images(tm
     snakemake(work, *PARALLEL, "--configfile", str(one))
     manifest1 = work / "results" / "subj01" / "latents.json"
     stamp = manifest1.stat().st_mtime_ns
+    text1 = work / "results" / "subj01" / "text_embeddings.json"
+    text_stamp = text1.stat().st_mtime_ns
 
     plan = snakemake(work, "-n", "--configfile", str(two))
     outputs = planned_outputs(plan)
     assert outputs and not [o for o in outputs if "subj01" in o], outputs
     assert "subject=subj01" not in plan.stdout
-    assert plan.stdout.count("rule latents_encode:") == 1
-    assert {"nsd_fetch_stimuli_rows", "betas_mask", "latents_encode", "encoder_train", "evaluate_summary"} <= planned_rules(plan)
+    assert plan.stdout.count("rule latents_encode:") == 1 and plan.stdout.count("rule semantic_encode:") == 1
+    assert {"nsd_fetch_stimuli_rows", "betas_mask", "latents_encode", "encoder_train", "evaluate_summary",
+            "semantic_encode", "semantic_train"} <= planned_rules(plan)
+    assert "captions_fetch" not in planned_rules(plan)  # the caption table covers every NSD image already
 
     snakemake(work, *PARALLEL, "--configfile", str(two))
     assert manifest1.stat().st_mtime_ns == stamp
@@ -90,7 +97,14 @@ def test_adding_a_subject_plans_only_its_jobs_and_encodes_only_its_new_images(tm
     assert second["encoded"] == len(seen[1] - seen[0]) and second["reused"] == len(seen[1] & seen[0]) > 0
     assert second["n_cached"] == len(seen[0] | seen[1]) and set(second["nsd_ids"]) == seen[1]
     assert second["store"] == json.loads(manifest1.read_text())["store"]  # one cache for both subjects
-    assert len(pd.read_csv(work / "results" / "summary.csv")) == 2 * 2  # subjects x the linear's (decode, 0.5)
+    assert text1.stat().st_mtime_ns == text_stamp
+    text2 = json.loads((work / "results" / "subj02" / "text_embeddings.json").read_text())
+    assert text2["encoded"] == len(seen[1] - seen[0]) and text2["reused"] == len(seen[1] & seen[0]) > 0
+    assert text2["store"] == json.loads(text1.read_text())["store"]
+    summary = pd.read_csv(work / "results" / "summary.csv")
+    assert (summary["mode"] != "semantic").sum() == 2 * 2  # subjects x the linear's (decode, 0.5)
+    assert sorted(summary.loc[summary["mode"] == "semantic", "encoder"]) == ["semantic/oracle (best linear)"] * 2 + \
+        ["semantic/ridge"] * 2
 
 
 def test_braid_works_as_a_module_of_another_workflow(tmp_path):

@@ -57,8 +57,9 @@ def apply_layers(config: dict, layers: list[dict], schema: dict) -> list[str]:
     default's encoders. Changes ``config`` in place; returns the collections replaced.
     """
     replaced = replace_collections(config, layers, collection_keys(schema))
-    if "encoders" in replaced and "sweep" not in replaced:
-        config["sweep"] = {}
+    for encoders, sweep in (("encoders", "sweep"), ("semantic_encoders", "semantic_sweep")):
+        if encoders in replaced and sweep not in replaced:
+            config[sweep] = {}
     return replaced
 
 
@@ -147,37 +148,48 @@ def _roi_problems(config: dict) -> list[str]:
     synthetic = config["nsd"]["source"] == "synthetic"
     base = ROIS if synthetic else ROI_FILES
     valid = {f"{hemi}{name}" for name in base for hemi in ("", "lh.", "rh.")}
-    unknown = sorted(set(config["roi"]) - valid)
-    if not unknown:
-        return []
     where = "the synthetic NSD" if synthetic else "NSD (func1pt8mm and func1mm)"
-    return [f"roi {unknown}: no such ROI file in {where}; valid names are {', '.join(base)}, each also with an "
-            "lh. or rh. prefix"]
+    problems = []
+    for key in ("roi", "semantic_roi"):
+        unknown = sorted(set(config.get(key) or {}) - valid)
+        if unknown:
+            problems.append(f"{key} {unknown}: no such ROI file in {where}; valid names are {', '.join(base)}, each "
+                            "also with an lh. or rh. prefix")
+    return problems
 
 
-def _encoder_problems(config: dict) -> list[str]:
+def _encoder_problems(config: dict, route: str = "") -> list[str]:
     from .encoder import spec
 
     try:
-        encoders = all_encoders(config)
+        encoders = all_encoders(config, route)
     except BraidError as err:
         return [str(err)]
-    problems = []
+    problems, key = [], f"{route}encoders"
     for name in sorted(encoders):
-        cfg = encoders[name]
+        cfg = dict(encoders[name])
+        target = cfg.pop("target", "pooled") if route else None
         try:
             sp = spec(cfg)
         except BraidError as err:
-            problems.append(f"encoders.{name}: {err}")
+            problems.append(f"{key}.{name}: {err}")
             continue
         teacher = sp.get("teacher")
         if teacher and teacher not in encoders:
-            problems.append(f"encoders.{name}: teacher {teacher!r} is not an encoder ({sorted(encoders)})")
+            problems.append(f"{key}.{name}: teacher {teacher!r} is not an encoder ({sorted(encoders)})")
         elif teacher == name:
-            problems.append(f"encoders.{name}: an encoder cannot be its own teacher")
+            problems.append(f"{key}.{name}: an encoder cannot be its own teacher")
+        elif teacher and route and encoders[teacher].get("target", "pooled") != target:
+            problems.append(f"{key}.{name}: target {target!r} differs from its teacher {teacher!r}'s; a student "
+                            "learns its teacher's outputs")
         ignored = sorted(set(cfg) - set(sp))
         if ignored:
-            problems.append(f"encoders.{name}: {', '.join(ignored)} not used by kind {sp['kind']!r}; remove them")
+            problems.append(f"{key}.{name}: {', '.join(ignored)} not used by kind {sp['kind']!r}; remove them")
+    if not route:
+        problems += _encoder_problems(config, "semantic_")
+        if "semantic" in encoders:
+            problems.append("encoders.semantic: the name is the semantic route's folder (results/<subject>/semantic); "
+                            "rename the encoder")
     return problems
 
 
@@ -314,6 +326,33 @@ def encoder_names(config: dict) -> list[str]:
     return sorted(config.get("train_encoders") or config["encoders"])
 
 
+def fetch_rois(config: dict) -> dict[str, list[int]]:
+    """The ROI files and labels whose voxels are fetched and masked: ``roi`` united with ``semantic_roi``."""
+    out: dict[str, set] = {}
+    for key in ("roi", "semantic_roi"):
+        for name, labels in (config.get(key) or {}).items():
+            out.setdefault(name, set()).update(labels)
+    return {name: sorted(labels) for name, labels in sorted(out.items())}
+
+
+def text_identity(model: dict, text_dtype: str, captions_source: str, stimuli: dict | None = None) -> dict:
+    """What a text-embedding cache's contents depend on: the model's weights (its text encoders),
+    their dtype, and the captions: COCO's are fixed, the synthetic NSD's follow its stimulus
+    settings ``stimuli``."""
+    identity = {"model": model_identity(model), "dtype": text_dtype}
+    if model["source"] == "tiny-trained":
+        identity["trained_on"] = latent_identity(model, stimuli)["trained_on"]
+    identity["captions"] = {"synthetic": stimuli} if captions_source == "synthetic" else "coco-2017"
+    return identity
+
+
+def text_store_name(model: dict, text_dtype: str, captions_source: str, stimuli: dict | None = None) -> str:
+    """``<model>/<dtype>-<digest>``: one text-embedding cache per :func:`text_identity`."""
+    identity = text_identity(model, text_dtype, captions_source, stimuli)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{model_name(model)}/{identity['dtype']}-{digest}"
+
+
 LIST_VALUED = ("hidden", "alphas")  # encoder settings whose value is itself a list
 
 
@@ -323,34 +362,36 @@ def _label(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def sweep_encoders(config: dict) -> dict[str, dict]:
+def sweep_encoders(config: dict, route: str = "") -> dict[str, dict]:
     """Encoders of ``sweep``: for each base encoder, one per combination of the listed values.
 
     ``sweep: {lowrank: {rank: [8, 32]}, mlp: {hidden: [[64, 128]]}, ridge: {voxels: reliability,
     k: [100, 500]}}`` gives ``lowrank-rank8``, ``lowrank-rank32``, ``mlp-hidden64x128``,
     ``ridge-k100`` and ``ridge-k500``. A list is an axis (a list of lists for ``hidden`` and
-    ``alphas``); any other value is a fixed override. Names carry the axes only.
+    ``alphas``); any other value is a fixed override. Names carry the axes only. ``route="semantic_"``:
+    the same for ``semantic_sweep`` over ``semantic_encoders``.
     """
     import itertools
 
     out: dict[str, dict] = {}
-    for base in sorted(config.get("sweep") or {}):
-        if base not in config["encoders"]:
-            raise BraidError(f"sweep.{base}: no encoder {base!r} under encoders ({sorted(config['encoders'])})")
-        grid = config["sweep"][base]
+    named, sweep = config.get(f"{route}encoders") or {}, f"{route}sweep"
+    for base in sorted(config.get(sweep) or {}):
+        if base not in named:
+            raise BraidError(f"{sweep}.{base}: no encoder {base!r} under {route}encoders ({sorted(named)})")
+        grid = config[sweep][base]
         axes, fixed = {}, {}
         for key in sorted(grid):
             value = grid[key]
             is_axis = isinstance(value, list) and (key not in LIST_VALUED or all(isinstance(v, list) for v in value))
             (axes if is_axis else fixed)[key] = value
         if not axes:
-            raise BraidError(f"sweep.{base}: give at least one setting a list of values to sweep")
+            raise BraidError(f"{sweep}.{base}: give at least one setting a list of values to sweep")
         for combo in itertools.product(*axes.values()):
             values = dict(zip(axes, combo))
             name = "-".join([base, *(f"{k}{_label(v)}" for k, v in values.items())])
-            if name in config["encoders"] or name in out:
-                raise BraidError(f"sweep.{base}: encoder name {name!r} is already taken; rename the encoder")
-            out[name] = copy.deepcopy(config["encoders"][base]) | copy.deepcopy(fixed) | copy.deepcopy(values)
+            if name in named or name in out:
+                raise BraidError(f"{sweep}.{base}: encoder name {name!r} is already taken; rename the encoder")
+            out[name] = copy.deepcopy(named[base]) | copy.deepcopy(fixed) | copy.deepcopy(values)
     return out
 
 
@@ -364,16 +405,18 @@ def validate_sweep(config: dict, schema: dict) -> None:
 def sweep_problems(config: dict, schema: dict) -> list[str]:
     import jsonschema
 
-    entry = schema["properties"]["encoders"]["additionalProperties"]
     problems = []
-    try:
-        made = sweep_encoders(config)
-    except BraidError as err:
-        return [str(err)]
-    for name, cfg in made.items():
-        for err in jsonschema.Draft202012Validator(entry).iter_errors(cfg):
-            where = ".".join(str(p) for p in err.path)
-            problems.append(f"sweep encoder {name}{'.' + where if where else ''}: {err.message}")
+    for route in ("", "semantic_"):
+        entry = schema["properties"][f"{route}encoders"]["additionalProperties"]
+        try:
+            made = sweep_encoders(config, route)
+        except BraidError as err:
+            problems.append(str(err))
+            continue
+        for name, cfg in made.items():
+            for err in jsonschema.Draft202012Validator(entry).iter_errors(cfg):
+                where = ".".join(str(p) for p in err.path)
+                problems.append(f"{route}sweep encoder {name}{'.' + where if where else ''}: {err.message}")
     return problems
 
 
@@ -499,15 +542,17 @@ def problems(config: dict, schema: dict, sources: list[tuple[str, str | None, di
     return found
 
 
-def all_encoders(config: dict) -> dict[str, dict]:
-    """Every encoder the config can train: the named ones and the sweep's."""
-    return {**config["encoders"], **sweep_encoders(config)}
+def all_encoders(config: dict, route: str = "") -> dict[str, dict]:
+    """Every encoder the config can train: the named ones and the sweep's (``route="semantic_"``:
+    the semantic encoders)."""
+    return {**(config.get(f"{route}encoders") or {}), **sweep_encoders(config, route)}
 
 
-def frontier_encoders(config: dict) -> list[str]:
+def frontier_encoders(config: dict, route: str = "") -> list[str]:
     """Encoders on a subject's frontier: the trained named ones, the sweep, and their teachers."""
-    encoders = all_encoders(config)
-    names = set(encoder_names(config)) | set(sweep_encoders(config))
+    encoders = all_encoders(config, route)
+    named = encoder_names(config) if not route else sorted(config.get(f"{route}encoders") or {})
+    names = set(named) | set(sweep_encoders(config, route))
     todo = list(names)
     while todo:
         teacher = encoders[todo.pop()].get("teacher")

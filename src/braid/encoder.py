@@ -135,13 +135,20 @@ def load_rows(betas_path, trials_path, split: str):
     return betas, table.iloc[rows].reset_index(drop=True)
 
 
-def load_split(betas_path, trials_path, latents, split: str):
-    """Betas rows, target latents (flattened), trial rows and latent shape of one split.
-    ``latents``: a :class:`braid.latents.LatentCache`, or the path of one."""
+def targets_of(latents):
+    """The targets an encoder fits: ``latents`` itself when it has ``get``/``shape``/``weights`` (a
+    :class:`braid.latents.LatentCache`, a :class:`braid.semantic.SemanticTargets`), else the latent
+    cache at that path."""
     from .latents import LatentCache
 
+    return latents if hasattr(latents, "get") else LatentCache(latents)
+
+
+def load_split(betas_path, trials_path, latents, split: str):
+    """Betas rows, targets (flattened), trial rows and target shape of one split (``latents``: see
+    :func:`targets_of`)."""
     betas, sub = load_rows(betas_path, trials_path, split)
-    cache = latents if isinstance(latents, LatentCache) else LatentCache(latents)
+    cache = targets_of(latents)
     latents = cache.get(sub["nsd_id"].to_numpy()).reshape(len(sub), -1)
     return betas, latents, sub, cache.shape
 
@@ -512,9 +519,7 @@ def train(betas_path, trials_path, latents_path, params: dict, out_model, out_hi
     sp = spec(params)
     if sp["kind"] == "student" and teacher is None:
         raise BraidError(f"student encoder: the teacher {sp['teacher']!r}'s encoder file is required")
-    from .latents import LatentCache
-
-    cache = LatentCache(latents_path)
+    cache = targets_of(latents_path)
     x_all, z_tr, rows_tr, latent_shape = load_split(betas_path, trials_path, cache, "train")
     xv_all, z_va, rows_va, _ = load_split(betas_path, trials_path, cache, "val")
     for name, arr in (("betas (train)", x_all), ("latents (train)", z_tr), ("betas (val)", xv_all)):
@@ -555,7 +560,8 @@ def train(betas_path, trials_path, latents_path, params: dict, out_model, out_hi
                  train_label=f"train (to {sp['teacher']}'s predictions)" if sp["kind"] == "student" else "train")
     enc = Encoder(out_model, device)
     write_predictions(enc, sp, {"val": (xv_all, rows_va), "test": load_rows(betas_path, trials_path, "test")},
-                      out_predictions, n_params)
+                      out_predictions, n_params, getattr(cache, "predictions_arrays", {}),
+                      getattr(cache, "predictions_attrs", {}))
     checkpoint.unlink(missing_ok=True)
     kept = hist["kept"] if "kept" in hist else hist["chosen"]
     return {"n_parameters": n_params, "n_voxels": int(voxels.size), "val_loss": float(hist.loc[kept, "val_loss"].iloc[0])}
@@ -599,13 +605,15 @@ def _save_encoder(out_model, model, standardisers: dict, voxels: np.ndarray, sco
                                          "model_weights": model_weights}, indent=2, sort_keys=True) + "\n")
 
 
-def write_predictions(enc: Encoder, sp: dict, splits: dict, out_path, n_params: int) -> None:
+def write_predictions(enc: Encoder, sp: dict, splits: dict, out_path, n_params: int, arrays: dict | None = None,
+                      attrs: dict | None = None) -> None:
     """Predicted latents in the VAE's scale (as img2img consumes them) for the validation and test
     trials (``splits``: split -> (betas rows, trial rows)): the test split at the root (``pred``,
     ``nsd_id``, ``global_trial``), validation under ``val/``.
 
     With ``restandardise`` each latent element's predictions are re-standardised across the split
-    and rescaled to the training latents' mean/std (Brain-Diffuser's post-processing)."""
+    and rescaled to the training latents' mean/std (Brain-Diffuser's post-processing). ``arrays``
+    and ``attrs``: what the targets add (a semantic target's token components)."""
 
     with atomic_output(out_path) as tmp:
         root = new_group(tmp)
@@ -621,7 +629,9 @@ def write_predictions(enc: Encoder, sp: dict, splits: dict, out_path, n_params: 
             new_array(group, "global_trial", data=rows["global_trial"].to_numpy().astype(np.int64))
         new_array(root, "z_mean", data=enc.std["z_mean"].reshape(enc.latent_shape))
         new_array(root, "z_std", data=enc.std["z_std"].reshape(enc.latent_shape))
-        root.attrs.update({"n_parameters": n_params, "n_voxels": int(enc.voxels.size), "spec": sp,
+        for name, value in (arrays or {}).items():
+            new_array(root, name, data=np.asarray(value, np.float32))
+        root.attrs.update({**(attrs or {}), "n_parameters": n_params, "n_voxels": int(enc.voxels.size), "spec": sp,
                            "model_weights": enc.meta.get("model_weights", "")})
 
 
@@ -699,8 +709,9 @@ def load_predictions(path, split: str = "test"):
         group = root if split == "test" else root[split]
         out = {k: np.asarray(group[k][:]) for k in ("pred", "nsd_id", "global_trial")}
         out |= {k: np.asarray(root[k][:]) for k in ("z_mean", "z_std")}
+        out |= {k: np.asarray(root[k][:]) for k in ("token_mean", "token_basis") if k in root}
         attrs = dict(root.attrs)
         return out | {"n_parameters": int(attrs["n_parameters"]), "n_voxels": int(attrs.get("n_voxels", 0)),
-                      "spec": attrs.get("spec", {})}
+                      "spec": attrs.get("spec", {}), "attrs": attrs}
     except KeyError as err:
         raise BraidError(f"{path}: incomplete predictions store ({err}); rerun the encoder_train rule") from err

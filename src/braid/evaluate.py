@@ -409,10 +409,33 @@ def aggregate(per_image: pd.DataFrame) -> pd.DataFrame:
                            na_position="first").reset_index(drop=True)
 
 
+SEMANTIC_SUMMARY = {"target": "semantic_target", "test_pooled_r": "semantic_pooled_r",
+                    "test_pooled_two_way": "semantic_pooled_two_way", "test_caption_top1": "caption_top1",
+                    "test_caption_top5": "caption_top5", "test_caption_chance_top1": "caption_chance_top1",
+                    "test_caption_chance_top5": "caption_chance_top5", "test_category_accuracy": "category_accuracy",
+                    "test_category_chance": "category_chance", "token_variance_kept": "token_variance_kept"}
+
+
+def semantic_rows(files) -> pd.DataFrame:
+    """The semantic frontiers' encoders and oracle as ``summary.csv`` rows: mode ``semantic``, encoder
+    ``semantic/<name>``, their test scores in embedding space (:data:`SEMANTIC_SUMMARY`)."""
+    if not files:
+        return pd.DataFrame()
+    t = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    t = t[t["kind"] != "baseline"]
+    out = t[["subject", "encoder", "kind", "n_parameters", "weights"]].copy()
+    out["encoder"] = "semantic/" + out["encoder"]
+    out["mode"] = "semantic"
+    for src, dst in SEMANTIC_SUMMARY.items():
+        out[dst] = t[src] if src in t else np.nan
+    return out.reset_index(drop=True)
+
+
 def summarise(per_image_files: list[str], out_csv, out_parquet, out_png, out_html, oracle_files=(), frontier_files=(),
-              out_frontier=None) -> pd.DataFrame:
+              out_frontier=None, semantic_files=()) -> pd.DataFrame:
     """The per-image tables of every run into one Parquet file; their aggregate (with the synthetic
-    oracle's ``oracle_*`` where known) into ``summary.csv``; the metric-vs-strength figure; the
+    oracle's ``oracle_*`` where known) into ``summary.csv``, followed by the semantic encoders' rows
+    (mode ``semantic``, from each subject's semantic frontier); the metric-vs-strength figure; the
     table in the papers' format beside their published rows (HTML); and each subject's frontier
     joined with the image metrics of the encoders that were reconstructed."""
     per_image = pd.concat([pd.read_parquet(f) for f in per_image_files], ignore_index=True)
@@ -423,13 +446,14 @@ def summarise(per_image_files: list[str], out_csv, out_parquet, out_png, out_htm
         oracle = pd.concat([pd.read_csv(f) for f in oracle_files], ignore_index=True)
         oracle = oracle[["subject", *ORACLE_COLUMNS]].rename(columns=ORACLE_COLUMNS)
         table = table.merge(oracle, on="subject", how="left")
+    semantic = semantic_rows(semantic_files)
     with atomic_output(out_csv) as tmp:
-        table.to_csv(tmp, index=False)
+        pd.concat([table, semantic], ignore_index=True).to_csv(tmp, index=False)
     plot_metrics(table, out_png)
     from .published import html_table
 
     with atomic_output(out_html) as tmp:
-        Path(tmp).write_text(html_table(table))
+        Path(tmp).write_text(html_table(table, semantic))
     if out_frontier is not None:
         frontier = pd.concat([pd.read_csv(f) for f in frontier_files], ignore_index=True) if frontier_files else pd.DataFrame()
         joined = join_frontier(frontier, table)

@@ -29,7 +29,8 @@ from .common import BraidError
 
 MANIFEST = "manifest.json"
 RULE_ATTR = "braid_rule"  # the rule that wrote a store (root attribute) or a folder (manifest key)
-SHARED_CACHE_RULE = "latents_encode"  # its store is shared and append-only: repaired by rebuilding it whole
+# rules whose store is a cache shared by subjects and append-only: repaired by rebuilding it whole
+SHARED_CACHE_RULES = ("latents_encode", "semantic_encode")
 _SKIP = (MANIFEST, ".snakemake_timestamp")  # Snakemake adds a timestamp file to directory() outputs
 
 
@@ -131,8 +132,8 @@ def store_rule(store: str | os.PathLike) -> str | None:
 def store_repair(store: str | os.PathLike, rule: str | None) -> str:
     """The command that rebuilds the store: forcerun its output file (a shared cache: rebuilt whole)."""
     store = Path(store)
-    if rule == SHARED_CACHE_RULE:
-        return f"rm -r {store} && snakemake --forcerun {SHARED_CACHE_RULE}"
+    if rule in SHARED_CACHE_RULES:
+        return f"rm -r {store} && snakemake --forcerun {rule}"
     return f"snakemake --forcerun {store / 'zarr.json'}"
 
 
@@ -208,7 +209,7 @@ def open_store(path: str | os.PathLike, rule: str | None = None) -> CheckedGroup
     store = Path(path)
     store = store.parent if store.name == "zarr.json" else store
     if not (store / "zarr.json").is_file():
-        target = SHARED_CACHE_RULE if rule == SHARED_CACHE_RULE else store / "zarr.json"
+        target = rule if rule in SHARED_CACHE_RULES else store / "zarr.json"
         writer = f"rule {rule}" if rule else "the rule that writes it"
         raise BraidError(f"{store}: no Zarr store here (zarr.json is missing); run {writer} "
                          f"(`snakemake --forcerun {target}`)")
@@ -224,6 +225,41 @@ def open_store(path: str | os.PathLike, rule: str | None = None) -> CheckedGroup
 
 
 # --- folders ------------------------------------------------------------------------------------
+
+
+def open_append_store(store: str | os.PathLike, fmt: str, identity: dict, arrays: dict, attrs: dict,
+                      what: str = "data"):
+    """Open (or create) an append-only cache ``store`` after checking that it holds ``identity``'s data.
+
+    ``arrays``: name -> (row shape, rows per chunk, dtype); each array starts with 0 rows and the
+    caller appends, then commits by raising its ``n_committed`` (and any other counter) attribute:
+    rows past a counter are an interrupted append and are ignored. A new store appears whole or
+    not at all; an existing one of another format, identity or row shape is refused.
+    """
+    import zarr
+
+    from .common import atomic_output
+
+    store = Path(store)
+    if (store / "zarr.json").is_file():
+        root = zarr.open_group(store, mode="r+")
+        have = root.attrs.get("identity")
+        if root.attrs.get("format") != fmt or have != identity:
+            raise BraidError(
+                f"{store}: holds {what} of {have}, not {identity}; {what} of other settings are never mixed. "
+                "Use another store path (the workflow names stores by these settings) or delete it."
+            )
+        for name, (row, _, _) in arrays.items():
+            if tuple(root[name].shape[1:]) != tuple(row):
+                raise BraidError(f"{store}: {name} has rows of shape {root[name].shape[1:]}, these settings give {row}")
+        return root
+    with atomic_output(store) as tmp:
+        root = new_group(tmp)
+        for name, (row, chunk, dtype) in arrays.items():
+            new_array(root, name, shape=(0, *row), chunks=(chunk, *row), dtype=dtype,
+                      **({"fill_value": -1} if np.dtype(dtype).kind == "i" else {}))
+        root.attrs.update({"format": fmt, "identity": identity, "n_committed": 0, **attrs})
+    return zarr.open_group(store, mode="r+")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

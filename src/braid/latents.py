@@ -27,7 +27,7 @@ import numpy as np
 
 from .common import BraidError, atomic_output, file_lock
 from .figures import save_figure
-from .integrity import new_array, new_group, open_store
+from .integrity import new_array, new_group, open_append_store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -157,31 +157,11 @@ def _prefetch(read, groups):
 
 def _open_for_append(store: Path, identity: dict, latent_shape: tuple):
     """Open (or create) the append-only cache ``store`` after checking that it holds ``identity``'s latents."""
-    import zarr
-
-    if (store / "zarr.json").is_file():
-        root = zarr.open_group(store, mode="r+")
-        have = root.attrs.get("identity")
-        if root.attrs.get("format") != FORMAT or have != identity:
-            raise BraidError(
-                f"{store}: holds latents of {have}, not {identity}; latents of another model or preprocessing are "
-                "never mixed. Use another store path (the workflow names stores by these settings) or delete it."
-            )
-        if tuple(root["latents"].shape[1:]) != tuple(latent_shape):
-            raise BraidError(f"{store}: latents of shape {root['latents'].shape[1:]}, this model gives {latent_shape}")
-        return root
-    with atomic_output(store) as tmp:  # an empty cache appears whole or not at all
-        root = new_group(tmp)
-        new_array(root, "latents", shape=(0, *latent_shape), chunks=(CHUNK, *latent_shape), dtype="float32")
-        new_array(root, "nsd_id", shape=(0,), chunks=(4096,), dtype="int64", fill_value=-1)
-        root.attrs.update({
-            "format": FORMAT,
-            "identity": identity,
-            "n_committed": 0,
-            "description": "VAE posterior mean x scaling_factor; row k holds NSD id nsd_id[k] (0-based) for "
-                           "k < n_committed; rows past it are an interrupted append and are ignored",
-        })
-    return zarr.open_group(store, mode="r+")
+    return open_append_store(store, FORMAT, identity, {"latents": (latent_shape, CHUNK, "float32"),
+                                                       "nsd_id": ((), 4096, "int64")}, {
+        "description": "VAE posterior mean x scaling_factor; row k holds NSD id nsd_id[k] (0-based) for "
+                       "k < n_committed; rows past it are an interrupted append and are ignored",
+    }, what="latents")
 
 
 def update_cache(

@@ -83,8 +83,35 @@ def _cell(value, percent: bool, as_given: bool = False) -> str:
     return f"{value:.1f}" if percent else f"{value:.3f}"
 
 
-def html_table(summary: pd.DataFrame) -> str:
-    """A standalone HTML page: BRAID's table, then the published rows, clearly apart."""
+def semantic_html(semantic: pd.DataFrame) -> str:
+    """The semantic encoders' test scores in embedding space, with their chance levels."""
+    if semantic is None or semantic.empty:
+        return ""
+    pct = lambda v: "—" if pd.isna(v) else f"{100 * v:.1f}"  # noqa: E731
+    rows = []
+    for r in semantic.sort_values(["subject", "n_parameters"], na_position="last").to_dict("records"):
+        params = "—" if pd.isna(r["n_parameters"]) else f"{int(r['n_parameters']):,}"
+        cells = [r["subject"], r["encoder"], r["semantic_target"], params, f"{r['semantic_pooled_r']:.3f}",
+                 pct(r["semantic_pooled_two_way"]), pct(r["caption_top1"]), pct(r["caption_top5"]),
+                 pct(r["category_accuracy"])]
+        cls = ' class="ref"' if r["kind"] == "oracle" else ""
+        rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    first = semantic.iloc[0]
+    chance = (f"chance: caption top-1 {pct(first['caption_chance_top1'])} %, top-5 {pct(first['caption_chance_top5'])} %"
+              + (f", category {pct(first['category_chance'])} %" if pd.notna(first.get("category_chance")) else ""))
+    head = ["subject", "encoder", "target", "parameters", "pooled r", "pooled 2-way", "caption top-1",
+            "caption top-5", "category"]
+    return f"""<h3>Semantic route (this run)</h3>
+<p class="note">Encoders of the model's text conditioning of each image's captions (mean pooled embedding), scored on
+the test split in %: 2-way identification of the pooled embedding, caption retrieval among the test images, and (synthetic
+data) category accuracy; {chance}. Italic: the synthetic data's semantic oracle (best linear decoder).</p>
+<table><tr>{''.join(f"<th>{h}</th>" for h in head)}</tr>
+{chr(10).join(rows)}
+</table>"""
+
+
+def html_table(summary: pd.DataFrame, semantic: pd.DataFrame | None = None) -> str:
+    """A standalone HTML page: BRAID's table (and its semantic encoders'), then the published rows, clearly apart."""
     ours = braid_table(summary)
     stamps = not_a_result(summary.get("weights", []), summary.get("metric_weights", []))
     percent = {c for c, (_, p) in BRAID_COLUMNS.items() if p}
@@ -123,6 +150,7 @@ the autoencoder's ceiling, img2img = this design's ceiling) and <i>mean-latent</
 <table>{head(lead_ours)}
 {rows_html(ours, lead_ours)}
 </table>
+{semantic_html(semantic)}
 <h3>Published (not computed here)</h3>
 <p class="note">From the papers' code and notebooks ([P]), third-party summaries ([S]) or unverified ([U]); see
 BRAID's docs/method.md. Comparable with BRAID's rows only for a run with config/nsd_literature.yaml

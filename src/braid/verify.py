@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .integrity import (MANIFEST, SHARED_CACHE_RULE, folder_damage, folder_rule, store_checksummed, store_damage,
+from .integrity import (MANIFEST, SHARED_CACHE_RULES, folder_damage, folder_rule, store_checksummed, store_damage,
                         store_rule)
 
 
@@ -80,11 +80,11 @@ def check(workdir: str | os.PathLike = ".") -> tuple[list[Damaged], dict]:
 
 def repair_commands(damaged: list[Damaged]) -> list[str]:
     """The commands that rebuild ``damaged``: one ``snakemake --forcerun`` of their targets; a
-    damaged shared latent cache is removed first and rebuilt by every subject's latents_encode."""
-    caches = [d for d in damaged if d.rule == SHARED_CACHE_RULE]
-    targets = [d.target for d in damaged if d.rule != SHARED_CACHE_RULE]
-    if caches:
-        targets.append(SHARED_CACHE_RULE)
+    damaged shared cache (latents, text embeddings) is removed first and rebuilt by the rule that
+    fills it, for every subject."""
+    caches = [d for d in damaged if d.rule in SHARED_CACHE_RULES]
+    targets = [d.target for d in damaged if d.rule not in SHARED_CACHE_RULES]
+    targets += sorted({d.rule for d in caches})
     commands = [f"rm -r {d.path}" for d in caches]
     if targets:
         commands.append("snakemake --forcerun " + " ".join(targets))

@@ -83,6 +83,20 @@ STRENGTHS = [braid.config.strength_label(s) for s in config["reconstruct"]["stre
 ENCODERS = braid.config.encoder_names(config)  # named encoders: trained, reconstructed, evaluated
 ALL_ENCODERS = braid.config.all_encoders(config)  # and the sweep's, for the frontier
 FRONTIER_ENCODERS = braid.config.frontier_encoders(config)
+# the semantic route (rules/semantic.smk): encoders of the text conditioning of each image's captions
+SEMANTIC = bool(config["semantic_encoders"])
+SEMANTIC_ENCODERS = braid.config.all_encoders(config, "semantic_")
+SEMANTIC_FRONTIER = braid.config.frontier_encoders(config, "semantic_")
+TEXT_STORE = "results/text_embeddings/{}.zarr".format(
+    braid.config.text_store_name(
+        config["model"], config["semantic"]["text_dtype"], config["captions"]["source"], SYNTHETIC_STIMULUS_CONFIG
+    )
+)
+TEXT_IDENTITY = braid.config.text_identity(
+    config["model"], config["semantic"]["text_dtype"], config["captions"]["source"], SYNTHETIC_STIMULUS_CONFIG
+)
+# the ROI files and labels fetched (ROI-only) for both routes
+FETCH_ROIS = braid.config.fetch_rois(config) if SEMANTIC else config["roi"]
 REFERENCES = sorted(config["evaluate"]["references"])  # true-latent / mean-latent rows, scored like encoders
 SEEDS = [str(s) for s in config["reconstruct"]["seeds"]]
 RUNS = ["decode", *(f"strength-{s}/seed-{k}" for s in STRENGTHS for k in SEEDS)]  # a source's reconstructions
@@ -189,13 +203,14 @@ def fetch_sources(*keys):
     return [] if FETCH_SOURCE.startswith("s3://") else [str(Path(FETCH_SOURCE) / k) for k in keys]
 
 
-def get_betas_sources(wildcards):
-    """The sources of what betas_mask and evaluate_oracle read: the design, the sessions, the ROI files."""
+def get_betas_sources(wildcards, rois="roi"):
+    """The sources of what betas_mask and evaluate_oracle read: the design, the sessions, the ROI files
+    (``rois``: the config key of the ROI set)."""
     s = subject_number(wildcards.subject)
     return fetch_sources(
         braid.nsd.EXPDESIGN,
         *(braid.nsd.betas_key(s, n, NSD["resolution"], NSD["beta_version"]) for n in sorted(config["sessions"])),
-        *(braid.nsd.roi_key(s, name, NSD["resolution"]) for name in sorted(config["roi"])),
+        *(braid.nsd.roi_key(s, name, NSD["resolution"]) for name in sorted(config[rois])),
     )
 
 
@@ -210,7 +225,7 @@ def get_session_files(wildcards):
 def get_betas_roi_inputs(wildcards):
     """ROI files of the subject whose betas file is being fetched ROI-only."""
     subject = int(wildcards.path.split("/")[1][4:])
-    return [nsd_file(braid.nsd.roi_key(subject, name, NSD["resolution"])) for name in sorted(config["roi"])]
+    return [nsd_file(braid.nsd.roi_key(subject, name, NSD["resolution"])) for name in sorted(FETCH_ROIS)]
 
 
 def get_manifests(wildcards):
@@ -221,9 +236,10 @@ def get_manifests(wildcards):
     ]
 
 
-def get_roi_files(wildcards):
+def get_roi_files(wildcards, rois="roi"):
+    """ROI file name -> fetched file of the subject, for the ROI set ``rois`` (a config key)."""
     s = int(wildcards.subject[4:])
-    return {name: nsd_file(braid.nsd.roi_key(s, name, NSD["resolution"])) for name in sorted(config["roi"])}
+    return {name: nsd_file(braid.nsd.roi_key(s, name, NSD["resolution"])) for name in sorted(config[rois])}
 
 
 def get_oracle_metrics():
@@ -263,7 +279,73 @@ def get_final_outputs():
         *expand("results/{subject}/latent_stats.png", subject=SUBJECTS),
         *expand("results/{subject}/frontier.png", subject=SUBJECTS),
         *expand("results/{subject}/grid-strength-{strength}.png", subject=SUBJECTS, strength=STRENGTHS),
+        *(expand("results/{subject}/semantic/frontier.png", subject=SUBJECTS) if SEMANTIC else []),
     ]
+
+
+# The semantic route (rules/semantic.smk): its files, settings and resources.
+CAPTIONS = "resources/captions/nsd_captions.parquet"
+CAPTIONS_SOURCE = config["captions"]["source"]
+CAPTIONS_IS_URL = CAPTIONS_SOURCE.startswith(("http://", "https://"))
+
+
+def captions_source_files():
+    """The local files the caption table is read from (none for a URL: the job downloads it)."""
+    if CAPTIONS_SOURCE == "synthetic":
+        return [f"{SYNTHETIC_ROOT}/{key}" for key in braid.synthetic.CAPTION_KEYS.values()]
+    return [] if CAPTIONS_IS_URL else [CAPTIONS_SOURCE]
+
+
+def semantic_spec(name):
+    """A semantic encoder's settings: its kind's, its target, and (tokens) the number of components."""
+    cfg = dict(SEMANTIC_ENCODERS[name])
+    target = cfg.pop("target", "pooled")
+    out = braid.encoder.spec(cfg) | {"target": target}
+    if target == "tokens":
+        out["token_components"] = config["semantic"]["token_components"]
+    return out
+
+
+# the text encoders' weights (CLIP-L and bigG: about 0.25 and 1.4 GB in float16), until on disk (then measured)
+TEXT_WIDTH = 64 if config["model"]["source"] in ("tiny", "tiny-trained") else 2048
+
+
+def mem_semantic_encode(wildcards, attempt):
+    weights = sum(
+        braid.resources.weights_bytes(Path(MODEL_DIR) / sub, config["model"]["variant"]) or estimate
+        for sub, estimate in (("text_encoder", 250 * 2**20), ("text_encoder_2", 1400 * 2**20))
+    )
+    scale = 2 if config["semantic"]["text_dtype"] == "float32" else 1  # fp16 files loaded in float32
+    return braid.resources.model_job_mb(scale * weights, 1, 64) * attempt
+
+
+def mem_semantic_train(wildcards, attempt):
+    """As an encoder's, plus (target tokens) the training images' token embeddings in float32."""
+    shape = braid.resources.zarr_shape(f"results/{wildcards.subject}/semantic/betas.zarr/betas")
+    trials, voxels = shape or (
+        len(config["sessions"]) * TRIALS_PER_SESSION,
+        VOXELS_ESTIMATE[subject_number(wildcards.subject)],
+    )
+    sp = semantic_spec(wildcards.encoder)
+    outputs = 1280 + (sp.get("token_components") or 0)
+    n_params = braid.resources.encoder_parameters(braid.encoder.architecture(sp), voxels, outputs)
+    mb = braid.resources.encoder_train_mb(trials, voxels, outputs, n_params)
+    if sp["target"] == "tokens":
+        mb += trials * 77 * TEXT_WIDTH * 4 * 1.5 / 2**20  # at most one image per trial
+    return int(mb) * attempt
+
+
+def get_semantic_teacher(wildcards):
+    teacher = SEMANTIC_ENCODERS[wildcards.encoder].get("teacher")
+    return f"results/{wildcards.subject}/semantic/{teacher}/encoder.safetensors" if teacher else []
+
+
+def get_semantic_ncsnr(wildcards):
+    if semantic_spec(wildcards.encoder)["voxels"] != "ncsnr":
+        return []
+    return fetched(
+        nsd_file(braid.nsd.ncsnr_key(subject_number(wildcards.subject), NSD["resolution"], NSD["beta_version"]))
+    )
 
 
 # Resources: threads, mem_mb and runtime per rule, sized from what the job will hold

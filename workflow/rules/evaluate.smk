@@ -142,6 +142,7 @@ rule evaluate_summary:
         per_image=get_image_metric_files(),
         oracle=get_oracle_metrics(),
         frontier=expand("results/{subject}/frontier.csv", subject=SUBJECTS),
+        semantic=expand("results/{subject}/semantic/frontier.csv", subject=SUBJECTS) if SEMANTIC else [],
         code=script_code("evaluate_summary"),
     output:
         table="results/summary.csv",

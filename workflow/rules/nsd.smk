@@ -36,7 +36,11 @@ rule nsd_synthetic:
             if key not in braid.synthetic.STIMULUS_KEYS
         ],
         meta=f"{SYNTHETIC_ROOT}/{braid.synthetic.META}",
-        oracle=[f"{SYNTHETIC_ROOT}/{braid.synthetic.oracle_key(s)}" for s in config["synthetic"]["subjects"]],
+        oracle=[
+            f"{SYNTHETIC_ROOT}/{braid.synthetic.oracle_key(s, target)}"
+            for s in config["synthetic"]["subjects"]
+            for target in ("latent", "semantic")
+        ],
     log:
         "logs/nsd/synthetic.log",
     benchmark:
@@ -98,7 +102,7 @@ rule nsd_fetch_betas_roi:
     params:
         source=FETCH_SOURCE,
         s3=S3_SETTINGS,
-        roi_labels=as_json(config["roi"]),
+        roi_labels=as_json(FETCH_ROIS),
     script:
         "../../scripts/nsd_fetch_betas_roi.py"
 
