@@ -250,20 +250,35 @@ def write_manifest(path: str | os.PathLike, result: dict, nsd_ids) -> None:
         Path(tmp).write_text(json.dumps({**result, "nsd_ids": ids.tolist()}, indent=1))
 
 
+def read_manifest(path: str | os.PathLike, what: str, rule: str) -> tuple[Path, np.ndarray | None]:
+    """The store a subject's manifest (``.json``, :func:`write_manifest`) names and the subject's ids;
+    a store path itself gives (the path, None). ``what`` and ``rule`` name the cache in the message."""
+    path = Path(path)
+    if path.suffix != ".json":
+        return path, None
+    try:
+        manifest = json.loads(path.read_text())
+        return Path(manifest["store"]), np.asarray(manifest["nsd_ids"], np.int64)
+    except (OSError, ValueError, KeyError) as err:
+        raise BraidError(f"{path}: not a BRAID {what} manifest ({err}); rerun the {rule} rule") from err
+
+
+def rows_by_id(ids: np.ndarray, order: np.ndarray, nsd_ids, store, what: str, rule: str) -> np.ndarray:
+    """Rows of a cache holding ``nsd_ids``, from its sorted ``ids`` and ``order`` (sorted position ->
+    row); an id the cache lacks is an error naming the first few and the rule that adds them."""
+    nsd_ids = np.asarray(nsd_ids, dtype=np.int64)
+    pos = np.clip(np.searchsorted(ids, nsd_ids), 0, max(ids.size - 1, 0))
+    missing = nsd_ids[ids[pos] != nsd_ids] if ids.size else nsd_ids
+    if missing.size:
+        raise BraidError(f"{store}: no {what} for NSD ids {missing[:5].tolist()}...; rerun the {rule} rule")
+    return order[pos]
+
+
 class LatentCache:
     """Read access to a latent cache by NSD id: the store, or a subject's manifest (``.json``) of it."""
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
-        self.wanted = None
-        if path.suffix == ".json":
-            try:
-                manifest = json.loads(path.read_text())
-                store, self.wanted = Path(manifest["store"]), np.asarray(manifest["nsd_ids"], np.int64)
-            except (OSError, ValueError, KeyError) as err:
-                raise BraidError(f"{path}: not a BRAID latent manifest ({err}); rerun the latents_encode rule") from err
-        else:
-            store = path
+        store, self.wanted = read_manifest(path, "latent", "latents_encode")
         self.path = store
         try:
             root = open_store(store, rule="latents_encode")
@@ -282,13 +297,7 @@ class LatentCache:
         self.ids = ids[self._order]  # sorted; self._order maps back to rows
 
     def get(self, nsd_ids) -> np.ndarray:
-        nsd_ids = np.asarray(nsd_ids, dtype=np.int64)
-        pos = np.searchsorted(self.ids, nsd_ids)
-        pos = np.clip(pos, 0, max(self.ids.size - 1, 0))
-        missing = nsd_ids[self.ids[pos] != nsd_ids] if self.ids.size else nsd_ids
-        if missing.size:
-            raise BraidError(f"{self.path}: no latents for NSD ids {missing[:5].tolist()}...; rerun the latents_encode rule")
-        rows = self._order[pos]
+        rows = rows_by_id(self.ids, self._order, nsd_ids, self.path, "latents", "latents_encode")
         uniq, inverse = np.unique(rows, return_inverse=True)
         return np.asarray(self._latents.get_orthogonal_selection((uniq,)))[inverse]
 

@@ -21,7 +21,6 @@ its own store.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -188,16 +187,9 @@ class TextEmbeddingCache:
     """Read access to a text-embedding cache by NSD id: the store, or a subject's manifest (``.json``) of it."""
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
-        self.wanted = None
-        if path.suffix == ".json":
-            try:
-                manifest = json.loads(path.read_text())
-                store, self.wanted = Path(manifest["store"]), np.asarray(manifest["nsd_ids"], np.int64)
-            except (OSError, ValueError, KeyError) as err:
-                raise BraidError(f"{path}: not a BRAID text-embedding manifest ({err}); rerun semantic_encode") from err
-        else:
-            store = path
+        from .latents import read_manifest
+
+        store, self.wanted = read_manifest(path, "text-embedding", "semantic_encode")
         self.path = store
         root = open_store(store, rule="semantic_encode")
         try:
@@ -215,17 +207,11 @@ class TextEmbeddingCache:
         self._order = np.argsort(ids, kind="stable")
         self.ids = ids[self._order]
 
-    def _rows(self, nsd_ids) -> np.ndarray:
-        nsd_ids = np.asarray(nsd_ids, np.int64)
-        pos = np.clip(np.searchsorted(self.ids, nsd_ids), 0, max(self.ids.size - 1, 0))
-        missing = nsd_ids[self.ids[pos] != nsd_ids] if self.ids.size else nsd_ids
-        if missing.size:
-            raise BraidError(f"{self.path}: no text embeddings for NSD ids {missing[:5].tolist()}...; "
-                             "rerun the semantic_encode rule")
-        return self._order[pos]
-
     def _read(self, array, nsd_ids) -> np.ndarray:
-        uniq, inverse = np.unique(self._rows(nsd_ids), return_inverse=True)
+        from .latents import rows_by_id
+
+        rows = rows_by_id(self.ids, self._order, nsd_ids, self.path, "text embeddings", "semantic_encode")
+        uniq, inverse = np.unique(rows, return_inverse=True)
         return np.asarray(array.get_orthogonal_selection((uniq,)), np.float32)[inverse]
 
     def pooled(self, nsd_ids) -> np.ndarray:
