@@ -62,3 +62,21 @@ def test_a_known_layout_is_prefetched_in_one_round_and_braid_requests_nothing_mo
 def test_the_benchmark_roi_has_subj01s_nsdgeneral_size():
     mask = roi_mask_zyx()
     assert mask.shape == SHAPE[1:] and int(mask.sum()) == ROI_VOXELS == nsd.NSDGENERAL_VOXELS[1]
+
+
+def test_braids_ridge_equals_himalayas_at_the_same_alpha(tmp_path):
+    """benchmarks/ridge_himalaya.py's cross-check, small: BRAID's closed form and himalaya's Ridge (the
+    field's library, an independent implementation) give the same predictions and weights at BRAID's alpha,
+    and himalaya's own validation choice of one alpha is BRAID's."""
+    import re
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ridge_himalaya.py"
+    out = subprocess.run([sys.executable, str(script), "--samples", "300", "--voxels", "400", "--val", "60", "--test",
+                          "60", "--targets", "40", "--methods", "braid,hm-fixed,hm-1a"], capture_output=True, text=True,
+                         check=True).stdout
+    check = re.search(r"test predictions max \|diff\| \S+ \(relative to max \|pred\| (\S+)\); weights max \|diff\| "
+                      r"\S+ \(relative (\S+)\)", out)
+    assert check and float(check.group(1)) < 1e-4 and float(check.group(2)) < 1e-4, out
+    chosen = re.search(r"single alpha chosen: braid (\S+), himalaya hm-1a \(local_alpha=False\) (\S+)", out)
+    assert chosen and float(chosen.group(1)) == float(chosen.group(2)), out
