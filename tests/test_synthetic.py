@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy.io import loadmat
 
-from braid import nsd, synthetic
+from braid import nsd, oracle, synthetic
 
 
 def test_every_key_is_written(mirror, synthetic_cfg):
@@ -96,11 +96,11 @@ def test_oracle_decode_equals_the_closed_form():
     x = rng.standard_normal((5, 40))
     mu, C = s.mean(0), np.cov(s, rowvar=False)
     expected = mu + (C @ A.T @ np.linalg.solve(A @ C @ A.T + 2.0 * np.eye(40), (x - A @ mu).T)).T
-    np.testing.assert_allclose(synthetic.oracle_decode(x, s, s @ A.T, 2.0), expected, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(oracle.oracle_decode(x, s, s @ A.T, 2.0), expected, rtol=1e-8, atol=1e-10)
     # no noise: exact; more noise: shrinks towards the prior mean
     clean = s[:5] @ A.T
-    np.testing.assert_allclose(synthetic.oracle_decode(clean, s, s @ A.T, 1e-4), s[:5], atol=1e-2)
-    far = synthetic.oracle_decode(clean, s, s @ A.T, 1e4)
+    np.testing.assert_allclose(oracle.oracle_decode(clean, s, s @ A.T, 1e-4), s[:5], atol=1e-2)
+    far = oracle.oracle_decode(clean, s, s @ A.T, 1e4)
     assert np.abs(far - mu).max() < 0.1 * np.abs(s[:5] - mu).max()
 
 
@@ -166,7 +166,7 @@ def test_oracle_beats_ridge_on_the_same_test_rows_and_gains_from_averaging(stage
     assert list(pd.read_csv(out / "single.csv").columns) == ["subject", "latent_mse", "latent_r", "latent_two_way",
                                                              "n_test_trials"]
     # the reported r is the oracle's predictions scored with numpy, standardised by the training rows
-    pred = synthetic.oracle_predictions(root / synthetic.oracle_key(1), sessions, rois, {"nsdgeneral": [1]},
+    pred = oracle.oracle_predictions(root / synthetic.oracle_key(1), sessions, rois, {"nsdgeneral": [1]},
                                         root / nsd.EXPDESIGN, trials, 1)
     ps, ts = (pred - z[tr].mean(0)) / z[tr].std(0), (z[te] - z[tr].mean(0)) / z[tr].std(0)
     r = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(ps, ts)])

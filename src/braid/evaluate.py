@@ -360,7 +360,7 @@ def evaluate_oracle(oracle_path, session_files: dict, roi_files: dict, roi_label
     """The synthetic data's oracle (``braid.synthetic``) scored like an encoder, on the same test rows."""
     from .common import subject_number
     from .latents import LatentCache
-    from .synthetic import oracle_predictions
+    from .oracle import oracle_predictions
 
     trials = pd.read_parquet(trials_path)
     pred = oracle_predictions(oracle_path, session_files, roi_files, roi_labels, expdesign_path, trials,

@@ -256,8 +256,8 @@ def write_oracle_predictions(oracle_path, session_files: dict, roi_files: dict, 
                              trials_path, subject: int, out_zarr) -> None:
     """Synthetic data only: the semantic oracle's pooled predictions for the test rows, stored like an
     encoder's (test split only), from the ventral voxels of the fetched betas
-    (:func:`braid.synthetic.oracle_predictions` with the semantic ingredients)."""
-    from .synthetic import oracle_predictions
+    (:func:`braid.oracle.oracle_predictions` with the semantic ingredients)."""
+    from .oracle import oracle_predictions
 
     trials = pd.read_parquet(trials_path)
     test = trials[trials["split"] == "test"]
