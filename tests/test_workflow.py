@@ -422,7 +422,7 @@ def test_a_config_gets_exactly_the_rois_it_names(run, tmp_path):
     override.write_text(yaml.safe_dump({"roi": {"prf-visualrois": [1, 2]}, "encoders": {"tiny": {"hidden": [8]}}}))
     plan = snakemake(work, "-n", "--configfile", str(override))
     assert "encoder_train" in planned_rules(plan) and "encoder=tiny" in plan.stdout
-    assert "encoder=mlp" not in plan.stdout and "encoder=linear" not in plan.stdout
+    assert "results/subj01/mlp/" not in plan.stdout and "results/subj01/linear/" not in plan.stdout
     snakemake(work, "results/subj01/betas.zarr/zarr.json", "--cores", "2", "--configfile", str(override))
     store = zarr.open_group(work / "results" / "subj01" / "betas.zarr", mode="r")
     prf = np.asarray(nib.load(work / "resources/synthetic_nsd/nsddata/ppdata/subj01/func1pt8mm/roi/prf-visualrois.nii.gz").dataobj)

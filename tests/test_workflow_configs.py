@@ -131,8 +131,8 @@ Path("local_rules.json").write_text(json.dumps(sorted(r.name for r in workflow.r
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "braid_encoder_train" in proc.stdout and "braid_evaluate_summary" in proc.stdout
     assert json.loads((work / "local_rules.json").read_text()) == [
-        "braid_metrics_fetch", "braid_nsd_fetch", "braid_nsd_fetch_betas_roi", "braid_nsd_fetch_stimuli_rows",
-        "braid_nsd_manifest"]
+        "braid_captions_fetch", "braid_metrics_fetch", "braid_nsd_fetch", "braid_nsd_fetch_betas_roi",
+        "braid_nsd_fetch_stimuli_rows", "braid_nsd_manifest"]
     target = "resources/synthetic_nsd/nsddata/experiments/nsd/nsd_expdesign.mat"
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(host / "Snakefile"), "-d", str(work),
                            "--cores", "1", target], capture_output=True, text=True)

@@ -320,18 +320,23 @@ def mem_semantic_encode(wildcards, attempt):
 
 
 def mem_semantic_train(wildcards, attempt):
-    """As an encoder's, plus (target tokens) the training images' token embeddings in float32."""
+    """As an encoder's (closed form or gradient), plus (target tokens) the training images' token
+    embeddings in float32 and the components fitted on them."""
     shape = braid.resources.zarr_shape(f"results/{wildcards.subject}/semantic/betas.zarr/betas")
     trials, voxels = shape or (
         len(config["sessions"]) * TRIALS_PER_SESSION,
         VOXELS_ESTIMATE[subject_number(wildcards.subject)],
     )
     sp = semantic_spec(wildcards.encoder)
+    n_in = min(sp["k"], voxels) if sp["voxels"] != "all" and sp["k"] else voxels
     outputs = 1280 + (sp.get("token_components") or 0)
-    n_params = braid.resources.encoder_parameters(braid.encoder.architecture(sp), voxels, outputs)
-    mb = braid.resources.encoder_train_mb(trials, voxels, outputs, n_params)
-    if sp["target"] == "tokens":
-        mb += trials * 77 * TEXT_WIDTH * 4 * 1.5 / 2**20  # at most one image per trial
+    if sp["kind"] in ("ridge", "lowrank"):
+        mb = braid.resources.ridge_path_mb(trials, n_in, outputs)
+    else:
+        n_params = braid.resources.encoder_parameters(braid.encoder.architecture(sp), n_in, outputs)
+        mb = braid.resources.encoder_train_mb(trials, voxels, outputs, n_params)
+    if sp["target"] == "tokens":  # at most one image per trial
+        mb += trials * 77 * TEXT_WIDTH * 4 * 1.5 / 2**20
     return int(mb) * attempt
 
 
