@@ -148,6 +148,7 @@ def test_roi_names_the_data_set_lacks_are_refused_listing_the_valid_ones():
         braid.config.check(config)
     config["semantic_roi"] = {"streams": [5]}
     config["nsd"]["source"] = "s3://natural-scenes-dataset"  # NSD has streams, not "nsd_general"
+    config["captions"]["source"] = "http://images.cocodataset.org/annotations/annotations_trainval2017.zip"
     braid.config.check(config)
     config["roi"] = {"nsd_general": [1], "rh.floc-faces": [2]}
     with pytest.raises(BraidError, match=r"roi \['nsd_general'\]: no such ROI file in NSD .*HCP_MMP1, Kastner2015, MTL"):
@@ -435,6 +436,15 @@ def test_semantic_encoders_are_checked_like_encoders_with_their_target():
     assert braid.config.sweep_problems(config, yaml.safe_load(Path(SCHEMA).read_text())) == [
         "semantic_sweep.cnn: no encoder 'cnn' under semantic_encoders (['lowrank', 'mlp', 'ridge', 'ridge-tokens', "
         "'student'])"]
+
+
+def test_nsd_with_the_synthetic_captions_is_refused():
+    config = load("config.yaml")
+    config["nsd"]["source"] = "s3://natural-scenes-dataset"
+    problems = braid.config.combination_problems(config)
+    assert any(p.startswith("captions.source 'synthetic' holds the synthetic NSD's captions") for p in problems)
+    config["semantic_encoders"] = {}
+    assert not any(p.startswith("captions.source") for p in braid.config.combination_problems(config))
 
 
 def test_roi_only_fetching_covers_both_routes_rois():

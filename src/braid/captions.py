@@ -68,7 +68,7 @@ def read_captions(source: str | os.PathLike) -> dict[str, pd.DataFrame]:
     if (source / ANNOTATIONS_ZIP).is_file():
         return _read_zip(source / ANNOTATIONS_ZIP)
     raise BraidError(f"{source}: holds neither {' and '.join(names)} (directly or under annotations/) nor "
-                     f"{ANNOTATIONS_ZIP}; download {COCO_ANNOTATIONS_URL} there, or rerun the captions rule")
+                     f"{ANNOTATIONS_ZIP}; download {COCO_ANNOTATIONS_URL} there, or rerun the captions_fetch rule")
 
 
 def _read_zip(path: Path) -> dict[str, pd.DataFrame]:
@@ -80,7 +80,7 @@ def _read_zip(path: Path) -> dict[str, pd.DataFrame]:
             for split, member in CAPTION_MEMBERS.items():
                 if member not in names:
                     raise BraidError(f"{path}: has no member {member}; is it COCO's {ANNOTATIONS_ZIP}? Delete it "
-                                     f"and rerun the captions rule, which downloads {COCO_ANNOTATIONS_URL}")
+                                     f"and rerun the captions_fetch rule, which downloads {COCO_ANNOTATIONS_URL}")
                 with zf.open(member) as fh:
                     out[split] = _parse(fh, f"{path}!{member}")
             return out
@@ -89,7 +89,7 @@ def _read_zip(path: Path) -> dict[str, pd.DataFrame]:
 
 
 def _corrupt_zip(path, err) -> str:
-    return (f"{path}: truncated or corrupt zip ({err}); delete it and rerun the captions rule, which downloads it "
+    return (f"{path}: truncated or corrupt zip ({err}); delete it and rerun the captions_fetch rule, which downloads it "
             f"again (an interrupted download resumes from its .part file)")
 
 
@@ -104,9 +104,9 @@ def _parse(fh, name: str) -> pd.DataFrame:
         data = json.load(fh)
     except json.JSONDecodeError as err:
         raise BraidError(f"{name}: not valid JSON at line {err.lineno}, column {err.colno} ({err.msg}); the file is "
-                         f"damaged: delete it (or the zip it came from) and rerun the captions rule") from None
+                         f"damaged: delete it (or the zip it came from) and rerun the captions_fetch rule") from None
     except UnicodeDecodeError as err:
-        raise BraidError(f"{name}: not UTF-8 JSON ({err}); delete it and rerun the captions rule") from None
+        raise BraidError(f"{name}: not UTF-8 JSON ({err}); delete it and rerun the captions_fetch rule") from None
     anns = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(anns, list):
         raise BraidError(f"{name}: no 'annotations' list; is this a COCO captions file (captions_*2017.json)?")
@@ -236,12 +236,12 @@ def download_annotations(url: str, dest: str | os.PathLike, expected_size: int |
     except (zipfile.BadZipFile, zlib.error, EOFError, KeyError) as err:
         part.unlink(missing_ok=True)
         raise BraidError(f"{url}: the download is not COCO's annotation zip with intact caption members ({err}); "
-                         f"deleted {part}; rerun the captions rule to download it again") from None
+                         f"deleted {part}; rerun the captions_fetch rule to download it again") from None
     os.replace(part, dest)
     return dest
 
 
-_NETWORK = ("the captions rule runs on the submit host because it needs the network; check the connection there "
+_NETWORK = ("the captions_fetch rule runs on the submit host because it needs the network; check the connection there "
             "and rerun (the download resumes from its .part file)")
 
 
@@ -263,7 +263,7 @@ def _fetch(url: str, part: Path, expected_size: int | None, timeout: float) -> N
                 return
             part.unlink()
             raise _Interrupted(f"the server refused the range from {have} (file of {total} bytes); restarting")
-        raise BraidError(f"{url}: HTTP {err.code} {err.reason}; check the URL, then rerun the captions rule") from None
+        raise BraidError(f"{url}: HTTP {err.code} {err.reason}; check the URL, then rerun the captions_fetch rule") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         raise BraidError(f"{url}: cannot connect ({getattr(err, 'reason', err)}); {_NETWORK}") from None
     with resp:
@@ -296,7 +296,7 @@ def _fetch(url: str, part: Path, expected_size: int | None, timeout: float) -> N
     if total is not None and size > total:
         part.unlink()
         raise BraidError(f"{url}: got {size} bytes, more than the {total} the server reports; deleted the partial "
-                         f"file, rerun the captions rule")
+                         f"file, rerun the captions_fetch rule")
 
 
 def _check_total(url: str, total: int | None, expected_size: int | None) -> None:
@@ -324,7 +324,7 @@ def check_caption_zip(path: str | os.PathLike) -> None:
         _read_members_through(path)
     except KeyError as err:
         raise BraidError(f"{path}: has no member {err}; is it COCO's {ANNOTATIONS_ZIP}? Delete it and rerun the "
-                         f"captions rule") from None
+                         f"captions_fetch rule") from None
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:
         raise BraidError(_corrupt_zip(path, err)) from None
 

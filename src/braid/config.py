@@ -128,6 +128,11 @@ def combination_problems(config: dict) -> list[str]:
         except BraidError as err:
             problems.append(str(err).removeprefix("config "))
     problems += _roi_problems(config)
+    if config.get("semantic_encoders") and config.get("captions", {}).get("source") == "synthetic" \
+            and config["nsd"]["source"] != "synthetic":
+        problems.append("captions.source 'synthetic' holds the synthetic NSD's captions, not NSD's: set it to COCO's "
+                        "annotation zip (http://images.cocodataset.org/annotations/annotations_trainval2017.zip), a "
+                        "local copy of it or of its caption JSONs, or set semantic_encoders: {}")
     return problems
 
 

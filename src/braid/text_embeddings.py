@@ -107,7 +107,7 @@ def read_caption_table(path: str | os.PathLike) -> pd.DataFrame:
     try:
         table = pd.read_parquet(path, columns=["nsd_id", "caption_index", "caption"])
     except Exception as err:
-        raise BraidError(f"{path}: not a caption table ({err}); rerun the captions rule") from err
+        raise BraidError(f"{path}: not a caption table ({err}); rerun the captions_fetch rule") from err
     return table.sort_values(["nsd_id", "caption_index"], kind="stable").reset_index(drop=True)
 
 
@@ -118,7 +118,7 @@ def captions_of(table: pd.DataFrame, nsd_ids, source="the caption table") -> pd.
     missing = np.setdiff1d(ids, rows["nsd_id"].unique())
     if missing.size:
         raise BraidError(f"{source}: no captions for {missing.size} NSD ids (first {missing[:5].tolist()}); "
-                         "the table must cover every image the subjects saw: rerun the captions rule")
+                         "the table must cover every image the subjects saw: rerun the captions_fetch rule")
     return rows
 
 
