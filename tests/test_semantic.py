@@ -135,8 +135,9 @@ def fit_and_score(world, roi="ventral", manifest=None, kind="ridge", target="poo
     p = load_predictions(out / "p.zarr")
     cache = TextEmbeddingCache(work / "text.json")
     info = nsd.load_stim_info(world["root"] / nsd.STIM_INFO)
-    centre = cache.pooled(train_ids).mean(0)
-    return semantic_scores(p["pred"][:, : cache.pooled_width], p["nsd_id"], cache, centre, info["category"], train_ids)
+    train_ids = np.unique(train_ids)
+    return semantic_scores(p["pred"][:, : cache.pooled_width], p["nsd_id"], cache, train_ids, cache.pooled(train_ids),
+                           info["category"])
 
 
 def test_the_planted_semantic_signal_is_recovered_from_the_ventral_roi(world):

@@ -173,18 +173,20 @@ def category_accuracy(pred: np.ndarray, row_categories: np.ndarray, train_emb: n
     return {"category_accuracy": float(np.mean(guess == row_categories)), "category_chance": 1.0 / cats.size}
 
 
-def semantic_scores(pred_pooled: np.ndarray, row_ids: np.ndarray, cache, centre: np.ndarray,
-                    categories: pd.Series | None = None, train_ids=None) -> dict:
-    """Every semantic score of pooled predictions for rows showing NSD ids ``row_ids``."""
+def semantic_scores(pred_pooled: np.ndarray, row_ids: np.ndarray, cache, train_ids: np.ndarray,
+                    train_pooled: np.ndarray, categories: pd.Series | None = None) -> dict:
+    """Every semantic score of pooled predictions for rows showing NSD ids ``row_ids``, centred on the
+    mean of ``train_pooled`` (the pooled embeddings of the distinct training images ``train_ids``,
+    read once by the caller for every encoder it scores)."""
+    centre = train_pooled.mean(0)
     true = cache.pooled(row_ids)
     out = {"pooled_r": float(np.mean(rowwise_pearson(pred_pooled - centre, true - centre))),
            "pooled_two_way": two_way_identification(true - centre, pred_pooled - centre, row_ids),
            "n_rows": int(len(row_ids))}
     emb, ids, _ = cache.captions(np.unique(row_ids))
     out |= caption_retrieval(pred_pooled, row_ids, emb, ids, centre)
-    if categories is not None and train_ids is not None:
-        train_ids = np.unique(train_ids)
-        out |= category_accuracy(pred_pooled, categories.loc[row_ids].to_numpy(), cache.pooled(train_ids),
+    if categories is not None:
+        out |= category_accuracy(pred_pooled, categories.loc[row_ids].to_numpy(), train_pooled,
                                  categories.loc[train_ids].to_numpy(), centre)
     return out
 
@@ -300,7 +302,7 @@ def frontier_table(subject: str, predictions: dict, cache_path, trials_path, sti
     cache = TextEmbeddingCache(cache_path)
     trials = pd.read_parquet(trials_path)
     train_ids = np.unique(trials.loc[trials["split"] == "train", "nsd_id"])
-    centre = cache.pooled(train_ids).mean(0)
+    train_pooled = cache.pooled(train_ids)
     categories = _categories(stim_info_path)
     rows = []
     sources = {name: (path, "encoder") for name, path in predictions.items()}
@@ -311,7 +313,7 @@ def frontier_table(subject: str, predictions: dict, cache_path, trials_path, sti
         for split in ("val", "test") if role == "encoder" else ("test",):
             p = load_predictions(path, split)
             pooled, _ = predicted_conditioning(p)
-            scores = semantic_scores(pooled, p["nsd_id"], cache, centre, categories, train_ids)
+            scores = semantic_scores(pooled, p["nsd_id"], cache, train_ids, train_pooled, categories)
             row |= {f"{split}_{k}": v for k, v in scores.items()}
         attrs = p["attrs"]
         row |= {"kind": p["spec"].get("kind", role) if role == "encoder" else "oracle",
@@ -340,14 +342,12 @@ def frontier_table(subject: str, predictions: dict, cache_path, trials_path, sti
     return out.sort_values(["n_parameters", "encoder"], na_position="last").reset_index(drop=True)
 
 
-def retrieved_captions(predictions: dict, bank_path, cache_path, trials_path) -> pd.DataFrame:
-    """Each semantic encoder's nearest bank caption for every test row (the "retrieved" conditioning)."""
+def retrieved_captions(predictions: dict, bank_path, centre: np.ndarray) -> pd.DataFrame:
+    """Each semantic encoder's nearest bank caption for every test row (the "retrieved" conditioning),
+    by cosine similarity around ``centre`` (the training images' mean pooled embedding)."""
     from .encoder import load_predictions
-    from .text_embeddings import TextEmbeddingCache
 
     bank = Bank(bank_path)
-    trials = pd.read_parquet(trials_path)
-    centre = TextEmbeddingCache(cache_path).pooled(np.unique(trials.loc[trials["split"] == "train", "nsd_id"])).mean(0)
     parts = []
     for name in sorted(predictions):
         p = load_predictions(predictions[name], "test")
@@ -365,8 +365,12 @@ def write_frontier(subject: str, predictions: dict, cache_path, trials_path, sti
     table = frontier_table(subject, predictions, cache_path, trials_path, stim_info_path, oracle, reference)
     with atomic_output(out_csv) as tmp:
         table.to_csv(tmp, index=False)
-    retrieved = retrieved_captions(predictions, bank_path, cache_path, trials_path)
-    test_ids = set(pd.read_parquet(trials_path).query("split == 'test'")["nsd_id"])
+    from .text_embeddings import TextEmbeddingCache
+
+    trials = pd.read_parquet(trials_path)
+    centre = TextEmbeddingCache(cache_path).pooled(np.unique(trials.loc[trials["split"] == "train", "nsd_id"])).mean(0)
+    retrieved = retrieved_captions(predictions, bank_path, centre)
+    test_ids = set(trials.loc[trials["split"] == "test", "nsd_id"])
     if set(retrieved["bank_nsd_id"]) & test_ids:  # the bank is built to exclude them: a guard, not a filter
         raise BraidError(f"{bank_path}: holds captions of test images; rerun the semantic_bank rule")
     with atomic_output(out_retrieved) as tmp:
