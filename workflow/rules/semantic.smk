@@ -24,12 +24,7 @@ if SEMANTIC:
         conda:
             "../../envs/braid.yaml"
         params:
-            # the synthetic NSD's captions lie in its mirror (coco/annotations/, as COCO's zip has them)
-            source=(
-                f"{SYNTHETIC_ROOT}/{braid.synthetic.CAPTION_FOLDER}"
-                if CAPTIONS_SOURCE == "synthetic"
-                else CAPTIONS_SOURCE
-            ),
+            source=CAPTIONS_SOURCE,
             download="resources/captions/annotations_trainval2017.zip",
         script:
             "../../scripts/captions_fetch.py"
