@@ -9,4 +9,4 @@ with snakemake_job(snakemake):
     i = snakemake.input
     stimulus_features(i.stimuli, i.trials, {Path(w).name: w for w in i.weights}, store_path(snakemake.output[0]),
                       device=device_of(snakemake.config),
-                      batch_size=snakemake.config["evaluate"]["batch_size"])
+                      batch_size=snakemake.config["evaluate"]["batch_size"], stim_info_path=i.stim_info)

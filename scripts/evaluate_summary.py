@@ -5,4 +5,4 @@ from braid.evaluate import summarise
 with snakemake_job(snakemake):
     i, o = snakemake.input, snakemake.output
     summarise(list(i.per_image), o.table, o.per_image, o.plot, o.html, list(i.oracle), list(i.frontier), o.frontier,
-              list(i.semantic))
+              list(i.semantic), o.frontier_images, snakemake.params.reference)

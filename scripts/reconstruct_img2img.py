@@ -1,4 +1,5 @@
-"""Rule reconstruct_img2img: img2img reconstructions of the test images at one strength and seed."""
+"""Rule reconstruct_img2img: img2img reconstructions of the test images in one conditioning, at one
+guidance scale, strength and seed."""
 import json
 
 from braid.common import snakemake_job, store_path
@@ -15,4 +16,6 @@ with snakemake_job(snakemake):
         params=json.loads(snakemake.params.settings),
         device=device_of(snakemake.config),
         batch_size=snakemake.config["reconstruct"]["batch_size"],
+        guidance_scale=float(snakemake.wildcards.guidance),
+        conditioning_path=store_path(snakemake.input.conditioning) if snakemake.input.conditioning else None,
     )

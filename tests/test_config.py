@@ -64,6 +64,14 @@ def test_layered_deep_merges_mappings_and_replaces_collections():
     out = braid.config.layered(base, [{"semantic_roi": {"floc-faces": [1]}, "semantic_encoders": {"ridge": {}}}], schema)
     assert out["semantic_roi"] == {"floc-faces": [1]} and out["semantic_encoders"] == {"ridge": {}}
     assert out["semantic_sweep"] == {} and out["sweep"] == {"mlp": {"lr": [1, 2]}}
+    # img2img's semantic conditioning names encoders: it goes with them, unless the layer sets it
+    base["reconstruct"] = {"steps": 4, "conditioning": {"modes": ["predicted"], "latent": ["mlp"], "semantic": ["mlp"]}}
+    out = braid.config.layered(base, [{"encoders": {"ridge": {}}}], schema)
+    assert out["reconstruct"] == {"steps": 4, "conditioning": {}}
+    mine = {"modes": ["true-caption"], "latent": ["ridge"]}
+    out = braid.config.layered(base, [{"encoders": {"ridge": {}}}, {"reconstruct": {"conditioning": mine}}], schema)
+    assert out["reconstruct"]["conditioning"] == mine | {"semantic": ["mlp"]}  # a mapping: merged
+    assert braid.config.layered(base, [{"sessions": [1]}], schema)["reconstruct"] == base["reconstruct"]
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "nsd_ssd1b.yaml", "nsd_literature.yaml", "rehearsal.yaml"])
@@ -436,6 +444,25 @@ def test_semantic_encoders_are_checked_like_encoders_with_their_target():
     assert braid.config.sweep_problems(config, yaml.safe_load(Path(SCHEMA).read_text())) == [
         "semantic_sweep.cnn: no encoder 'cnn' under semantic_encoders (['lowrank', 'mlp', 'ridge', 'ridge-tokens', "
         "'student'])"]
+
+
+def test_the_semantic_conditionings_name_what_the_config_has():
+    config = load("config.yaml")
+    assert not braid.config.combination_problems(config)
+    config["reconstruct"]["conditioning"] = {"modes": ["retrieved"], "latent": ["ridge", "cnn"], "semantic": ["gru"]}
+    problems = braid.config.combination_problems(config)
+    assert any(p.startswith("reconstruct.conditioning.latent ['cnn'] are neither reconstructed encoders") for p in problems)
+    assert any(p.startswith("reconstruct.conditioning.semantic ['gru'] are not defined under semantic_encoders")
+               for p in problems)
+    config["reconstruct"]["conditioning"] = {"modes": ["predicted"], "latent": [], "semantic": []}
+    problems = braid.config.combination_problems(config)
+    assert any(p.startswith("reconstruct.conditioning.latent is empty") for p in problems)
+    assert any(p.startswith("reconstruct.conditioning.semantic is empty") for p in problems)
+    config["reconstruct"]["conditioning"] = {"modes": ["true-caption"], "latent": ["true-latent"], "semantic": []}
+    assert not braid.config.combination_problems(config)  # the true caption needs no semantic encoder
+    config["semantic_encoders"] = {}
+    assert any(p.startswith("reconstruct.conditioning.modes ['true-caption'] condition img2img on captions")
+               for p in braid.config.combination_problems(config))
 
 
 def test_nsd_with_the_synthetic_captions_is_refused():

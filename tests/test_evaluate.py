@@ -254,16 +254,22 @@ def test_aggregate_averages_seeds_per_image_then_images():
     values = rng.random((2, 4))  # seed x image
     for s in (0, 1):
         for k, i in enumerate([5, 9, 2, 7]):
-            rows.append({"subject": "subj01", "encoder": "ridge", "kind": "ridge", "mode": "img2img", "strength": 0.5,
-                         "seed": s, "nsd_id": i, "n_parameters": 10, "pixcorr": values[s, k], "ssim": 0.5,
-                         "latent_r": 0.3, "weights": "pretrained", "metric_weights": "none"})
+            for conditioning, shift in (("none", 0.0), ("predicted-sem", 0.25)):
+                rows.append({"subject": "subj01", "encoder": "ridge", "kind": "ridge", "mode": "img2img",
+                             "conditioning": conditioning, "semantic_encoder": conditioning[10:], "guidance": 3.0,
+                             "strength": 0.5, "seed": s, "nsd_id": i, "n_parameters": 10 + 5 * (shift > 0),
+                             "pixcorr": values[s, k] + shift, "ssim": 0.5, "latent_r": 0.3, "weights": "pretrained",
+                             "metric_weights": "none"})
     for k, i in enumerate([5, 9, 2, 7]):  # decode-only: one "seed"
-        rows.append({"subject": "subj01", "encoder": "ridge", "kind": "ridge", "mode": "decode", "strength": np.nan,
-                     "seed": -1, "nsd_id": i, "n_parameters": 10, "pixcorr": 0.1 * k, "ssim": 0.4, "latent_r": 0.3,
-                     "weights": "pretrained", "metric_weights": "none"})
+        rows.append({"subject": "subj01", "encoder": "ridge", "kind": "ridge", "mode": "decode", "conditioning": "",
+                     "semantic_encoder": "", "guidance": np.nan, "strength": np.nan, "seed": -1, "nsd_id": i,
+                     "n_parameters": 10, "pixcorr": 0.1 * k, "ssim": 0.4, "latent_r": 0.3, "weights": "pretrained",
+                     "metric_weights": "none"})
     out = aggregate(pd.DataFrame(rows))
-    assert out["mode"].tolist() == ["decode", "img2img"]
-    dec, img = out.iloc[0], out.iloc[1]
+    assert out["mode"].tolist() == ["decode", "img2img", "img2img"]
+    assert out["conditioning"].tolist() == ["", "none", "predicted-sem"]  # each conditioning its own row
+    dec, img, sem = out.iloc[0], out.iloc[1], out.iloc[2]
+    assert sem["pixcorr"] == pytest.approx(values.mean() + 0.25) and sem["n_parameters"] == 15
     per_image = values.mean(0)
     assert img["pixcorr"] == pytest.approx(values.mean())
     assert img["pixcorr_sem"] == pytest.approx(np.std(per_image, ddof=1) / 2)
@@ -321,13 +327,13 @@ def test_evaluate_images_scores_the_right_files(mirror, tiny_model, alexnet_rand
         Image.fromarray(img).save(images / f"{i}.png")
     write_folder_manifest(images)
     args = (preds, tmp_path / "latents.zarr", root / nsd.STIMULI, tmp_path / "features.zarr", weights)
-    table = evaluate_images(images, *args, tmp_path / "m.parquet", "subj01", "lin", "strength-0.5/seed-1")
+    table = evaluate_images(images, *args, tmp_path / "m.parquet", "subj01", "lin", "none/guidance-3/strength-0.5/seed-1")
     saved = pd.read_parquet(tmp_path / "m.parquet")
     pd.testing.assert_frame_equal(saved, table)
     assert saved["nsd_id"].tolist() == [3, 5, 8, 12]
     first = saved.iloc[0]
-    assert (first["subject"], first["encoder"], first["kind"], first["mode"], first["strength"], first["seed"]) == (
-        "subj01", "lin", "ridge", "img2img", 0.5, 1)
+    assert (first["subject"], first["encoder"], first["kind"], first["mode"], first["conditioning"], first["guidance"],
+            first["strength"], first["seed"]) == ("subj01", "lin", "ridge", "img2img", "none", 3.0, 0.5, 1)
     assert (first["n_parameters"], first["n_test_trials"]) == (123, 6)
     assert first["weights"] == "random (not a result)" and first["metric_weights"] == "random (not comparable)"
     assert first["latent_mse"] == 0 and first["latent_r"] == pytest.approx(1) and first["latent_two_way"] == 1
@@ -342,6 +348,26 @@ def test_evaluate_images_scores_the_right_files(mirror, tiny_model, alexnet_rand
     write_folder_manifest(images)  # as a writer that paired them wrongly would
     wrong = evaluate_images(images, *args, tmp_path / "m2.parquet", "subj01", "lin", "decode")
     assert (wrong["ssim"] < 0.9).all() and (wrong["alexnet2"] < 1).all() and wrong["mode"].iloc[0] == "decode"
+    # the synthetic data's category readout: against the training stimuli, stored once per subject
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from braid.evaluate import category_descriptor, read_category_pool
+    from braid.metric_networks import to_256
+
+    assert read_category_pool(tmp_path / "features.zarr") is None  # no training images: no readout
+    train_ids = np.array([0, 1, 2, 4, 6, 7, 9, 10, 11, 13, 14])
+    pd.DataFrame({"nsd_id": np.r_[ids, train_ids], "split": ["test"] * len(ids) + ["train"] * len(train_ids)}
+                 ).to_parquet(trials)
+    stimulus_features(root / nsd.STIMULI, trials, weights, tmp_path / "features2.zarr", stim_info_path=root / nsd.STIM_INFO)
+    pool = read_category_pool(tmp_path / "features2.zarr")
+    scored = evaluate_images(images, preds, tmp_path / "latents.zarr", root / nsd.STIMULI, tmp_path / "features2.zarr",
+                             weights, tmp_path / "m4.parquet", "subj01", "lin", "decode", categories=pool)
+    info = nsd.load_stim_info(root / nsd.STIM_INFO)
+    describe = lambda i: category_descriptor(to_256(np.moveaxis(read_stimuli(root / nsd.STIMULI, i), -1, 1) / 255.0))  # noqa: E731
+    knn = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(describe(train_ids), info["category"].loc[train_ids])
+    recon = np.stack([np.moveaxis(np.asarray(Image.open(images / f"{i}.png")), -1, 0) / 255.0 for i in [3, 5, 8, 12]])
+    expected = knn.predict(category_descriptor(to_256(recon))) == info["category"].loc[[3, 5, 8, 12]].to_numpy()
+    np.testing.assert_array_equal(scored["category"].to_numpy(), expected.astype(float))
     (images / "12.png").unlink()
     with pytest.raises(BraidError, match="12.png is missing.*rebuild it with `snakemake --forcerun .*images`"):
         evaluate_images(images, *args, tmp_path / "m3.parquet", "subj01", "lin", "decode")
@@ -375,13 +401,18 @@ def test_load_images_are_the_pngs_in_0_1():
     np.testing.assert_array_equal(got[0], np.moveaxis(img, -1, 0) / np.float32(255))
 
 
-def per_image_file(tmp_path, name, subject, encoder, mode, strength, seed, pixcorr, ssim=0.3, alexnet2=0.8):
+def per_image_file(tmp_path, name, subject, encoder, mode, strength, seed, pixcorr, ssim=0.3, alexnet2=0.8,
+                   conditioning="none", semantic_parameters=0):
     import pandas as pd
 
     path = tmp_path / f"{name}.parquet"
     n = len(pixcorr)
-    pd.DataFrame({"subject": subject, "encoder": encoder, "kind": "x", "mode": mode, "strength": strength,
-                  "seed": seed, "n_parameters": 7, "nsd_id": np.arange(n), "retrieval_image": 0.5,
+    conditioning = "" if mode == "decode" else conditioning
+    pd.DataFrame({"subject": subject, "encoder": encoder, "kind": "x", "mode": mode, "conditioning": conditioning,
+                  "semantic_encoder": conditioning.partition("-")[2] if conditioning.startswith(("pred", "retr")) else "",
+                  "guidance": np.nan if mode == "decode" else 3.0, "strength": strength,
+                  "seed": seed, "n_parameters": 7 + semantic_parameters, "n_parameters_latent": 7,
+                  "n_parameters_semantic": semantic_parameters, "nsd_id": np.arange(n), "retrieval_image": 0.5,
                   "retrieval_brain": 0.25, "pixcorr": pixcorr, "ssim": ssim, "alexnet2": alexnet2, "latent_mse": 0.1,
                   "latent_r": 0.4, "latent_two_way": 0.9, "n_test_trials": 3 * n, "retrieval_pool": n,
                   "weights": "pretrained", "metric_weights": "random (not comparable)"}).to_parquet(path)
@@ -399,6 +430,8 @@ def test_summary_aggregates_runs_joins_the_oracle_and_the_frontier(tmp_path):
         per_image_file(tmp_path, "c", "subj01", "mlp", "img2img", 0.7, 1, [0.4, 0.6]),
         per_image_file(tmp_path, "d", "subj01", "mlp", "decode", np.nan, -1, [0.5, 0.5]),
         per_image_file(tmp_path, "e", "subj01", "true-latent", "decode", np.nan, -1, [0.9, 0.95]),
+        per_image_file(tmp_path, "f", "subj01", "mlp", "img2img", 0.7, 0, [0.5, 0.7], conditioning="predicted-sem",
+                       semantic_parameters=30),
     ]
     oracle = []
     for subject, r in (("subj01", 0.8), ("subj02", 0.7)):
@@ -411,21 +444,26 @@ def test_summary_aggregates_runs_joins_the_oracle_and_the_frontier(tmp_path):
                   {"subject": "subj01", "encoder": "mlp-small", "n_parameters": 3, "test_latent_r": 0.2}]).to_csv(frontier, index=False)
     out = {k: tmp_path / f"s.{k}" for k in ("csv", "parquet", "png", "html")}
     table = summarise(files, out["csv"], out["parquet"], out["png"], out["html"], oracle, [str(frontier)],
-                      tmp_path / "fm.csv")
-    saved = pd.read_csv(out["csv"])
-    pd.testing.assert_frame_equal(saved, table, check_dtype=False)
-    assert list(zip(saved["subject"], saved["encoder"], saved["mode"])) == [
-        ("subj01", "mlp", "decode"), ("subj01", "mlp", "img2img"), ("subj01", "true-latent", "decode"),
-        ("subj02", "mlp", "img2img")]
+                      tmp_path / "fm.csv", out_frontier_images=tmp_path / "fi.png", reference="mlp")
+    saved = pd.read_csv(out["csv"], keep_default_na=False, na_values=[""])
+    pd.testing.assert_frame_equal(saved.drop(columns=["conditioning", "semantic_encoder"]),
+                                  table.drop(columns=["conditioning", "semantic_encoder"]), check_dtype=False)
+    assert list(zip(saved["subject"], saved["encoder"], saved["mode"], saved["conditioning"].fillna(""))) == [
+        ("subj01", "mlp", "decode", ""), ("subj01", "mlp", "img2img", "none"), ("subj01", "mlp", "img2img", "predicted-sem"),
+        ("subj01", "true-latent", "decode", ""), ("subj02", "mlp", "img2img", "none")]
+    assert saved["n_parameters"].tolist()[:3] == [7, 7, 37]  # the semantic encoder's parameters add
     mlp = saved.iloc[1]
     assert mlp["pixcorr"] == pytest.approx(0.4) and mlp["n_seeds"] == 2 and mlp["n_test_images"] == 2
     assert mlp["pixcorr_sem"] == pytest.approx(np.std([0.3, 0.5], ddof=1) / np.sqrt(2))
     assert mlp["pixcorr_seed_sd"] == pytest.approx(np.std([0.3, 0.5], ddof=1))
-    assert saved["oracle_latent_r"].tolist() == [0.8, 0.8, 0.8, 0.7]
-    assert len(pd.read_parquet(out["parquet"])) == 10
+    assert saved["oracle_latent_r"].tolist() == [0.8, 0.8, 0.8, 0.8, 0.7]
+    assert len(pd.read_parquet(out["parquet"])) == 12
     joined = pd.read_csv(tmp_path / "fm.csv")
-    assert joined["encoder"].tolist() == ["mlp-small", "mlp", "mlp"]  # by parameters; mlp's two runs
-    assert joined["pixcorr"].isna().tolist() == [True, False, False]  # the sweep's encoder is not reconstructed
+    assert joined["encoder"].tolist() == ["mlp-small", "mlp", "mlp", "mlp"]  # by parameters; mlp's three runs
+    assert joined["pixcorr"].isna().tolist() == [True, False, False, False]  # the sweep's encoder is not reconstructed
+    assert (tmp_path / "fi.png").read_bytes()[:4] == b"\x89PNG"
+    page = out["html"].read_text()
+    assert "What the semantic route adds" in page and "PixCorr 0.400 → 0.600" in page and "+30 parameters" in page
     page = out["html"].read_text()
     assert "Published (not computed here)" in page and "MindEye2, 40 sessions" in page
     assert "NOT COMPARABLE" in page  # random metric networks are stamped
@@ -479,3 +517,39 @@ def test_retrieval_of_a_run_uses_latents_z_scored_with_the_training_statistics(m
     np.testing.assert_allclose(per_image["retrieval_image"], ref["per_image"])
     np.testing.assert_allclose(per_image["retrieval_brain"], ref["per_brain"])
     assert per_image["retrieval_image"].mean() < 1 and row["retrieval_pool"] == uniq.size
+
+
+def test_category_descriptor_ignores_position_flips_and_contrast_and_reads_the_synthetic_stimuli():
+    """The descriptor is unchanged by a circular shift, a mirror or upside-down flip and an affine change of
+    grey levels (numpy's own FFT and histogram of the standardised grey image as the reference), and
+    the nearest-neighbour readout equals scikit-learn's 1-NN on it; on the synthetic stimuli it reads a
+    held-out stimulus's category far above chance (14 categories)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from braid.evaluate import CATEGORY_SIZE, category_descriptor, nearest_category, stimuli_as_float
+    from braid.metric_networks import to_256
+    from braid.synthetic import make_stimuli
+
+    rng = np.random.default_rng(4)
+    x = rng.random((1, 3, 256, 256))
+    base = category_descriptor(x)
+    assert base.shape == (1, CATEGORY_SIZE * CATEGORY_SIZE + 16)
+    np.testing.assert_allclose(np.linalg.norm(base), 1)
+    for changed in (np.roll(x, (16, 48), axis=(2, 3)), x[..., ::-1], x[:, :, ::-1], 0.5 * x + 0.2):
+        np.testing.assert_allclose(category_descriptor(changed), base, atol=2e-5)  # (std + 1e-6)
+    # the histogram half by hand: the grey image in 16 x 16 blocks, standardised, 16 bins on [-3, 3]
+    grey = x[0].mean(0).reshape(16, 16, 16, 16).mean((1, 3))
+    grey = (grey - grey.mean()) / (grey.std() + 1e-6)
+    hist = np.histogram(grey, bins=16, range=(-3, 3))[0].astype(float)
+    hist = (hist - hist.mean()) / np.linalg.norm(hist - hist.mean())
+    half = base[0, -16:]
+    np.testing.assert_allclose(half / np.linalg.norm(half), hist, atol=1e-9)
+
+    images, made = make_stimuli(120, np.random.default_rng(0), attributes=True)
+    cats = np.array([m["category"] for m in made])
+    d = category_descriptor(to_256(stimuli_as_float(images)))
+    pool, query = np.arange(90), np.arange(90, 120)
+    ours = nearest_category(d[query], d[pool], cats[pool])
+    knn = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(d[pool], cats[pool]).predict(d[query])
+    np.testing.assert_array_equal(ours, knn)
+    assert (ours == cats[query]).mean() > 4 / 14, (ours == cats[query]).mean()  # measured 0.8 here; chance 1/14

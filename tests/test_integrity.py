@@ -150,7 +150,7 @@ def test_verify_passes_an_intact_run_and_lists_the_repair_of_a_damaged_one(tmp_p
     chunk = tmp_path / "results" / "subj01" / "betas.zarr" / "betas" / "c" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[:5])
     (images / "3.png").unlink()
-    unfinished = tmp_path / "results" / "subj01" / "ridge" / "strength-0.5" / "seed-0" / "images"
+    unfinished = tmp_path / "results" / "subj01" / "ridge" / "none" / "guidance-1" / "strength-0.5" / "seed-0" / "images"
     unfinished.mkdir(parents=True)
     assert verify.main([str(tmp_path)]) == 1
     out = capsys.readouterr().out
@@ -158,7 +158,7 @@ def test_verify_passes_an_intact_run_and_lists_the_repair_of_a_damaged_one(tmp_p
     assert f"{MANIFEST} is missing" in out
     assert out.strip().splitlines()[-1].split() == [
         "snakemake", "--forcerun", "results/subj01/betas.zarr/zarr.json", "results/subj01/ridge/decode/images",
-        "results/subj01/ridge/strength-0.5/seed-0/images"]
+        "results/subj01/ridge/none/guidance-1/strength-0.5/seed-0/images"]
     assert verify.main([str(tmp_path / "nowhere")]) == 2
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from braid.common import BraidError
-from braid.model_training import WEIGHTS, rescale_latents, train_tiny_sdxl
+from braid.model_training import CaptionConditioning, WEIGHTS, read_training_captions, rescale_latents, train_tiny_sdxl
 from braid.models import MANIFEST, TINY_VAE_CONFIG, load_img2img
 
 SHORT = {"vae_steps": 150, "unet_steps": 150, "batch_size": 8}
@@ -39,7 +39,8 @@ def trained(mirror, tmp_path_factory):
 
     root, _ = mirror
     out = tmp_path_factory.mktemp("trained") / "tiny-trained"
-    info = train_tiny_sdxl(root / nsd.STIMULI, out, image_size=32, seed=0, recipe=SHORT)
+    captions = read_training_captions(root / nsd.STIMULI, root / nsd.STIM_INFO)
+    info = train_tiny_sdxl(root / nsd.STIMULI, out, image_size=32, seed=0, recipe=SHORT, captions=captions)
     return out, info, root / nsd.STIMULI
 
 
@@ -90,7 +91,6 @@ def test_the_trained_pipeline_loads_like_ssd1b_and_has_learned_the_stimuli(train
 def test_the_trained_unet_predicts_the_noise_better_than_untrained(trained):
     from diffusers import UNet2DConditionModel
 
-    from braid.model_training import img2img_conditioning
     from braid.models import TINY_UNET_CONFIG
 
     out, _, stimuli_path = trained
@@ -102,7 +102,9 @@ def test_the_trained_unet_predicts_the_noise_better_than_untrained(trained):
     from braid.latents import encode_images
 
     z0 = torch.from_numpy(encode_images(images, pipe.vae, 32))
-    embeds, added = img2img_conditioning(pipe, 32)
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt("", device="cpu", do_classifier_free_guidance=False)
+    added = {"text_embeds": pooled, "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
     a = pipe.scheduler.alphas_cumprod.float()
     g = torch.Generator().manual_seed(1)
     t = torch.full((len(z0),), 500)
@@ -136,3 +138,57 @@ def test_the_same_seed_gives_the_same_model_and_bad_stimuli_are_named(trained, t
     with pytest.raises(BraidError, match="broken.hdf5.*nsd_synthetic_stimuli"):
         train_tiny_sdxl(broken, tmp_path / "c", 32, recipe=recipe)
     assert not (tmp_path / "c").exists()
+
+
+def test_each_training_image_is_conditioned_on_its_own_captions_or_none(tiny_model):
+    """Without dropout every sample's embeddings are diffusers' encoding of one of its image's captions
+    or the mean of all of them (both occur); with dropout 1 half are zeros and half the empty prompt."""
+    pipe = load_img2img(tiny_model)
+    captions = [["a red bus.", "a bus on a road."], ["a cat.", "a small cat.", "a tabby cat."]]
+    with torch.no_grad():
+        def enc(texts):
+            t, _, p, _ = pipe.encode_prompt(texts, device="cpu", do_classifier_free_guidance=False)
+            return t, p
+
+        own = {i: enc(c) for i, c in enumerate(captions)}
+        empty = enc([""])
+        conditioning = CaptionConditioning(pipe, 32, captions, dropout=0.0)
+        index = torch.tensor([0, 1] * 12)
+        tokens, added = conditioning.sample(index, torch.Generator().manual_seed(0))
+    assert tokens.shape == (24, 77, 64) and added["text_embeds"].shape == (24, 32)
+    assert added["time_ids"].tolist()[0] == [32, 32, 0, 0, 32, 32]
+    kinds = set()
+    for row, i in enumerate(index.tolist()):
+        t, p = own[i]
+        choices = {**{f"caption {k}": (t[k], p[k]) for k in range(len(t))}, "mean": (t.mean(0), p.mean(0))}
+        hit = [name for name, (ct, cp) in choices.items()
+               if torch.allclose(tokens[row], ct, atol=1e-5) and torch.allclose(added["text_embeds"][row], cp, atol=1e-5)]
+        assert hit, row  # its own image's text, never the other image's
+        kinds.add("mean" if "mean" in hit else "caption")
+    assert kinds == {"mean", "caption"}
+    with torch.no_grad():
+        tokens, added = CaptionConditioning(pipe, 32, captions, dropout=1.0).sample(index, torch.Generator().manual_seed(1))
+    zeros = (tokens.abs().sum((1, 2)) == 0) & (added["text_embeds"].abs().sum(1) == 0)
+    empties = torch.tensor([torch.allclose(t, empty[0][0], atol=1e-6) for t in tokens])
+    assert (zeros | empties).all() and 0 < int(zeros.sum()) < 24
+    with torch.no_grad():  # no captions: the empty prompt for every image
+        tokens, _ = CaptionConditioning(pipe, 32, None).sample(index, torch.Generator().manual_seed(1))
+    assert all(torch.allclose(t, empty[0][0], atol=1e-6) for t in tokens)
+
+
+def test_the_text_encoders_learn_with_the_unet_on_captions_only(trained, tmp_path):
+    """Trained on captions, the text encoders leave their initial weights (they learn with the UNet);
+    trained without, they keep them."""
+    from safetensors.torch import load_file
+
+    out, info, stimuli_path = trained
+    assert info["captions"] > 0
+    without = train_tiny_sdxl(stimuli_path, tmp_path / "plain", 32, seed=0, recipe={"vae_steps": 2, "unet_steps": 2,
+                                                                                      "batch_size": 4})
+    assert without["captions"] == 0
+    for part in ("text_encoder", "text_encoder_2"):
+        plain = load_file(tmp_path / "plain" / part / "model.safetensors")
+        learned = load_file(out / part / "model.safetensors")
+        weights = [k for k in plain if k.endswith("layers.0.self_attn.q_proj.weight")]  # (SDXL reads TE1's penultimate layer)
+        assert len(weights) == 1 and set(plain) == set(learned)
+        assert not torch.allclose(plain[weights[0]], learned[weights[0]]), part  # the same start (seed 0), then trained

@@ -18,7 +18,7 @@ from braid.common import BraidError
 from braid.models import decode_latents, load_img2img
 from braid.reconstruct import average_by_image, check_strength, decode, reconstruct
 
-PARAMS = {"steps": 4, "guidance_scale": 1.0, "prompt": "", "negative_prompt": "", "dtype": "float32"}
+PARAMS = {"steps": 4, "prompt": "", "negative_prompt": "", "dtype": "float32"}
 
 
 def test_strength_guard_names_the_fix():
@@ -97,8 +97,8 @@ def test_equals_the_diffusers_pipeline_called_by_hand(tiny_model, predictions, t
     """BRAID's PNG for image 11 is diffusers' img2img on the mean of its two predicted latents, with
     the configured prompt, negative prompt and guidance (classifier-free guidance above 1)."""
     path, pred = predictions
-    params = PARAMS | {"prompt": prompt, "negative_prompt": negative, "guidance_scale": guidance}
-    reconstruct(path, tiny_model, tmp_path / "r", 0.5, 0, params, batch_size=1)
+    params = PARAMS | {"prompt": prompt, "negative_prompt": negative}
+    reconstruct(path, tiny_model, tmp_path / "r", 0.5, 0, params, batch_size=1, guidance_scale=guidance)
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_model, local_files_only=True)
     z = torch.from_numpy((pred[0] + pred[2])[None] / 2)
     with torch.inference_mode():
@@ -107,14 +107,15 @@ def test_equals_the_diffusers_pipeline_called_by_hand(tiny_model, predictions, t
     ref = (ref * 255).round().astype(np.int16)
     assert np.abs(png(tmp_path / "r" / "11.png") - ref).max() <= 1
     # another seed k: image 11's generator is seeded with k + 11
-    reconstruct(path, tiny_model, tmp_path / "seed3", 0.5, 3, params, batch_size=1)
+    reconstruct(path, tiny_model, tmp_path / "seed3", 0.5, 3, params, batch_size=1, guidance_scale=guidance)
     with torch.inference_mode():
         ref3 = pipe(prompt=prompt, negative_prompt=negative or None, image=z, strength=0.5, num_inference_steps=4,
                     guidance_scale=guidance, output_type="np", generator=[torch.Generator().manual_seed(3 + 11)]).images[0]
     assert np.abs(png(tmp_path / "seed3" / "11.png") - (ref3 * 255).round().astype(np.int16)).max() <= 1
     assert np.abs(png(tmp_path / "seed3" / "11.png") - ref).max() > 1
     if guidance > 1:  # the prompt matters
-        reconstruct(path, tiny_model, tmp_path / "other", 0.5, 0, params | {"prompt": "a green tree"})
+        reconstruct(path, tiny_model, tmp_path / "other", 0.5, 0, params | {"prompt": "a green tree"},
+                    guidance_scale=guidance)
         assert np.abs(png(tmp_path / "other" / "11.png") - ref).max() > 1
 
 
@@ -230,3 +231,52 @@ def test_a_nan_from_the_unet_is_named_as_the_unets_before_the_vae(tiny_model, pr
     assert "the UNet (torch.float32) produced NaN/inf latents" in text and "NSD ids [4, 11]" in text
     assert "strength 0.5, 6 steps (3 run), guidance_scale 1.0" in text and "VAE was not reached" in text
     assert not (tmp_path / "out").exists()
+
+
+def write_conditioning_store(path, ids, tokens, pooled):
+    from braid.integrity import new_array, new_group
+
+    root = new_group(path)
+    new_array(root, "nsd_id", data=np.asarray(ids, np.int64))
+    new_array(root, "tokens", data=tokens.astype(np.float16))
+    new_array(root, "pooled", data=pooled.astype(np.float32))
+    root.attrs.update({"conditioning": "predicted-test", "n_parameters_semantic": 7})
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_each_image_gets_its_own_conditioning_with_guidance(tiny_model, predictions, tmp_path, guidance):
+    """A conditioning store's embeddings reach the UNet: each image's PNG is diffusers' img2img called by
+    hand with that image's prompt_embeds and pooled embedding (and, above guidance 1, the empty negative
+    prompt's zero embeddings); dropping them (the fixed prompt), swapping images' embeddings or turning
+    guidance off gives other images."""
+    path, pred = predictions
+    rng = np.random.default_rng(3)
+    tokens = rng.standard_normal((2, 77, 64)).astype(np.float16).astype(np.float32) * 2
+    pooled = rng.standard_normal((2, 32)).astype(np.float32) * 2
+    write_conditioning_store(tmp_path / "c.zarr", [4, 11], tokens, pooled)
+    reconstruct(path, tiny_model, tmp_path / "r", 0.5, 0, PARAMS, batch_size=2, guidance_scale=guidance,
+                conditioning_path=tmp_path / "c.zarr")
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_model, local_files_only=True)
+
+    def by_hand(image, k, g=guidance):
+        z = torch.from_numpy(pred[1][None]) if image == 4 else torch.from_numpy((pred[0] + pred[2])[None] / 2)
+        kwargs = {}
+        if g > 1:
+            kwargs = {"negative_prompt_embeds": torch.zeros(1, 77, 64), "negative_pooled_prompt_embeds": torch.zeros(1, 32)}
+        with torch.inference_mode():
+            out = pipe(prompt_embeds=torch.from_numpy(tokens[k][None]), pooled_prompt_embeds=torch.from_numpy(pooled[k][None]),
+                       image=z, strength=0.5, num_inference_steps=4, guidance_scale=g, output_type="np",
+                       generator=[torch.Generator().manual_seed(image)], **kwargs).images[0]
+        return (out * 255).round().astype(np.int16)
+
+    for k, image in enumerate([4, 11]):
+        assert np.abs(png(tmp_path / "r" / f"{image}.png") - by_hand(image, k)).max() <= 1
+    assert np.abs(png(tmp_path / "r" / "11.png") - by_hand(11, 0)).max() > 1  # image 4's embeddings: another image
+    reconstruct(path, tiny_model, tmp_path / "fixed", 0.5, 0, PARAMS, batch_size=2, guidance_scale=guidance)
+    assert np.abs(png(tmp_path / "fixed" / "11.png") - png(tmp_path / "r" / "11.png")).max() > 1
+    if guidance > 1:
+        assert np.abs(png(tmp_path / "r" / "11.png") - by_hand(11, 1, g=1.0)).max() > 1
+    with pytest.raises(BraidError, match=r"no conditioning for NSD ids \[11\]"):
+        write_conditioning_store(tmp_path / "only4.zarr", [4], tokens[:1], pooled[:1])
+        reconstruct(path, tiny_model, tmp_path / "x", 0.5, 0, PARAMS, conditioning_path=tmp_path / "only4.zarr")
+    assert not (tmp_path / "x").exists()

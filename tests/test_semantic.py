@@ -208,3 +208,105 @@ def test_the_bank_never_holds_a_test_images_caption(world, mode, tmp_path):
     assert near["similarity"].le(1 + 1e-6).all()
     with pytest.raises(BraidError, match="semantic.bank 'all' is not one of"):
         bank_ids("all", trials, [])
+
+
+# --- img2img's semantic conditionings (braid.conditioning) ----------------------------------------------------
+
+
+def trained_predictions(world, target="pooled"):
+    """A ridge semantic encoder of the ventral ROI trained as the rule does; its predictions store."""
+    from braid.encoder import train
+
+    work, trials = world["work"], pd.read_parquet(world["trials"])
+    train_ids = trials.loc[trials["split"] == "train", "nsd_id"].unique()
+    out = work / f"conditioning-{target}"
+    if not (out / "p.zarr").exists():
+        out.mkdir(exist_ok=True)
+        targets = SemanticTargets(work / "text.json", target, 8, fit_ids=train_ids)
+        train(world["stores"]["ventral"], world["trials"], targets, {"kind": "ridge"}, out / "e.safetensors",
+              out / "h.csv", out / "l.png", out / "p.zarr")
+    return out / "p.zarr"
+
+
+def by_hand(pipe, captions_list):
+    """Each caption's prompt_embeds and pooled embedding, straight from diffusers' encode_prompt."""
+    import torch
+
+    with torch.no_grad():
+        tokens, _, pooled, _ = pipe.encode_prompt(captions_list, device="cpu", do_classifier_free_guidance=False)
+    return tokens.numpy(), pooled.numpy()
+
+
+def test_each_conditioning_holds_what_its_mode_promises(world, tmp_path):
+    """true-caption: the mean of diffusers' embeddings of the image's own captions; predicted: the
+    encoder's predictions averaged over each image's test trials (pooled) beside the training images'
+    mean tokens, or its token components reassembled; retrieved: the bank caption nearest (cosine
+    around the training mean) to the averaged prediction, encoded by the pipeline."""
+    from braid.conditioning import Conditioning, conditioning_arrays, names, parse, write_conditioning
+    from braid.encoder import load_predictions
+    from braid.text_embeddings import load_text_encoders
+
+    assert parse("predicted-ridge-tokens") == ("predicted", "ridge-tokens") and parse("true-caption") == ("true-caption", None)
+    assert names(["predicted", "true-caption"], ["a", "b"]) == ["predicted-a", "predicted-b", "true-caption"]
+    with pytest.raises(BraidError, match="none of"):
+        parse("predicted")
+    work, trials = world["work"], pd.read_parquet(world["trials"])
+    test_ids = np.unique(trials.loc[trials["split"] == "test", "nsd_id"])
+    train_ids = np.unique(trials.loc[trials["split"] == "train", "nsd_id"])
+    table = pd.read_parquet(world["table"]).sort_values(["nsd_id", "caption_index"])
+    pipe = load_text_encoders(world["model"], dtype="float32")
+    common = {"trials_path": world["trials"], "cache_path": work / "text.json", "captions_path": world["table"]}
+
+    out = write_conditioning("true-caption", tmp_path / "true.zarr", tmp_path / "true.csv", **common)
+    stored = Conditioning(tmp_path / "true.zarr")
+    for i in test_ids[:3]:
+        t, p = by_hand(pipe, table.loc[table["nsd_id"] == i, "caption"].tolist())
+        tokens, pooled = stored.get([i])
+        np.testing.assert_allclose(tokens[0], t.mean(0), atol=2e-2)  # stored in float16
+        np.testing.assert_allclose(pooled[0], p.mean(0), rtol=1e-4, atol=1e-5)
+    assert out["caption"].tolist()[:1] == table.loc[table["nsd_id"] == test_ids[0], "caption"].tolist()[:1]
+
+    path = trained_predictions(world)
+    p = load_predictions(path)
+    ids, tokens, pooled, _, attrs = conditioning_arrays("predicted-x", predictions_path=path, **common)
+    assert ids.tolist() == test_ids.tolist() and attrs["n_parameters_semantic"] == p["n_parameters"] > 0
+    for k, i in enumerate(ids[:4]):
+        np.testing.assert_allclose(pooled[k], p["pred"][p["nsd_id"] == i].mean(0), rtol=1e-5, atol=1e-6)
+    mean_tokens = np.mean([by_hand(pipe, table.loc[table["nsd_id"] == i, "caption"].tolist())[0].mean(0)
+                           for i in train_ids], axis=0)
+    np.testing.assert_allclose(tokens[0], mean_tokens, atol=2e-2)
+    np.testing.assert_array_equal(tokens[0], tokens[-1])  # a pooled target: the same tokens for every image
+
+    token_path = trained_predictions(world, "tokens")
+    q = load_predictions(token_path)
+    _, tokens_t, pooled_t, _, _ = conditioning_arrays("predicted-y", predictions_path=token_path, **common)
+    rows = q["nsd_id"] == ids[0]
+    width = pooled_t.shape[1]
+    by_components = q["token_mean"] + np.tensordot(q["pred"][rows, width:].mean(0), q["token_basis"], axes=(0, 0))
+    np.testing.assert_allclose(tokens_t[0], by_components, rtol=1e-4, atol=1e-4)
+    assert np.abs(tokens_t[0] - tokens_t[1]).max() > 1e-3  # the brain's tokens differ per image
+
+    bank_path = tmp_path / "bank.zarr"
+    build_bank(work / "text.json", world["table"], world["trials"], "train", bank_path)
+    bank = Bank(bank_path)
+    _, tokens_r, pooled_r, caps, _ = conditioning_arrays("retrieved-x", predictions_path=path, bank_path=bank_path,
+                                                          model_dir=world["model"], **common)
+    from braid.text_embeddings import TextEmbeddingCache
+
+    centre = TextEmbeddingCache(work / "text.json").pooled(train_ids).mean(0)
+    unit = lambda x: (x - centre) / np.linalg.norm(x - centre, axis=1, keepdims=True)  # noqa: E731
+    nearest = np.argmax(unit(pooled) @ unit(bank.pooled).T, axis=1)
+    assert caps["caption"].tolist() == bank.captions[nearest].tolist()
+    assert not set(caps["bank_nsd_id"]) & set(test_ids)
+    t, pp = by_hand(pipe, caps["caption"].tolist()[:2])
+    np.testing.assert_allclose(tokens_r[:2], t, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(pooled_r[:2], pp, rtol=1e-4, atol=1e-5)
+
+
+def test_a_conditioning_without_an_image_is_named(world, tmp_path):
+    from braid.conditioning import Conditioning, write_conditioning
+
+    write_conditioning("true-caption", tmp_path / "c.zarr", tmp_path / "c.csv", trials_path=world["trials"],
+                       cache_path=world["work"] / "text.json", captions_path=world["table"])
+    with pytest.raises(BraidError, match=r"no conditioning for NSD ids \[999999\]"):
+        Conditioning(tmp_path / "c.zarr").get([999999])

@@ -26,11 +26,15 @@ pytestmark = pytest.mark.integration
 
 
 # The `run` fixture is the embedded default (`make demo`'s configuration) with one img2img strength
-# and one seed instead of two of each, and a tiny model whose UNet trains 300 steps instead of 1,000
-# (no test here reads the quality of its denoising; the pixel tests read the VAE, trained in full):
+# (the semantic conditionings' too) and one seed instead of two of each, and a tiny model whose UNet
+# trains 300 steps instead of 1,000 (no test here reads the quality of its denoising; the pixel
+# tests read the VAE, trained in full):
 # every rule, the sweep and the frontier, in 65 jobs of the demo's 102 (`snakemake -n`). Every snakemake call on its folder
 # layers this first.
-RUN_CHANGES = {"reconstruct": {"strengths": [0.3], "seeds": [0]}, "model": {"train": {"unet_steps": 300}}}
+RUN_CHANGES = {"reconstruct": {"strengths": [0.3], "seeds": [0],
+                               "conditioning": {"modes": ["predicted", "retrieved", "true-caption"], "latent": ["ridge"],
+                                                "semantic": ["ridge-tokens"], "strengths": [0.3]}},
+               "model": {"train": {"unet_steps": 300}}}
 
 
 def run_config() -> dict:
@@ -59,11 +63,24 @@ def test_outputs_and_planted_signal_recovered(run):
                                                   "lowrank-rank8", "oracle (best linear)"])
     sources = [*config["encoders"], "true-latent", "mean-latent"]
     strengths, seeds = config["reconstruct"]["strengths"], config["reconstruct"]["seeds"]
-    assert len(summary) == len(sources) * (1 + len(strengths)) * len(config["subjects"])  # decode-only + each strength
+    guidance = config["reconstruct"]["guidance_scales"][0]
+    cond = config["reconstruct"]["conditioning"]
+    conditionings = [f"{m}-{e}" if m != "true-caption" else m for m in cond["modes"]
+                     for e in (cond["semantic"] if m != "true-caption" else [None])]
+    runs_of = {s: 1 + len(strengths) * (1 + (len(conditionings) if s in cond["latent"] else 0)) for s in sources}
+    assert len(summary) == sum(runs_of.values()) * len(config["subjects"])  # decode-only + each conditioning x strength
+    semantic_runs = summary[summary["conditioning"].isin(conditionings)]
+    assert set(semantic_runs["encoder"]) == set(cond["latent"]) and set(semantic_runs["conditioning"]) == set(conditionings)
+    latent_params = summary.groupby("encoder")["n_parameters_latent"].first()
+    for r in semantic_runs.itertuples():  # the brain-side total: the latent encoder's plus the semantic one's
+        extra = 0 if r.conditioning == "true-caption" else semantic.set_index("encoder").loc[
+            f"semantic/{r.semantic_encoder}", "n_parameters"]
+        assert r.n_parameters == latent_params[r.encoder] + extra and r.n_parameters_semantic == extra, r
     assert (summary["weights"] == "synthetic-trained (not a result)").all()  # the tiny model: never a result
     assert (summary["metric_weights"] == "random (not comparable)").all()  # random metric networks: stamped
     img2img = summary[summary["mode"] == "img2img"]
     assert sorted(img2img["strength"].unique()) == sorted(strengths) and (img2img["n_seeds"] == len(seeds)).all()
+    assert (img2img["guidance"] == guidance).all()
     assert summary.loc[summary["mode"] == "decode", "strength"].isna().all()
     oracle = pd.read_csv(run / "results" / "subj01" / "oracle_metrics.csv").iloc[0]
     assert oracle["n_test_trials"] == summary["n_test_trials"].iloc[0]  # scored on the same test rows
@@ -93,23 +110,32 @@ def test_outputs_and_planted_signal_recovered(run):
     assert params["student"] == params["lowrank"] < params["ridge"] < params["mlp"]
     per_image = pd.read_parquet(run / "results" / "metrics_per_image.parquet")
     n_images = summary["n_test_images"].iloc[0]
-    assert len(per_image) == len(sources) * (1 + len(strengths) * len(seeds)) * n_images  # every run, every image
-    one = per_image[(per_image["encoder"] == "ridge") & (per_image["strength"] == strengths[0])]
-    row = summary[(summary["encoder"] == "ridge") & (summary["strength"] == strengths[0])].iloc[0]
+    n_runs = sum(1 + (n - 1) * len(seeds) for n in runs_of.values())
+    assert len(per_image) == n_runs * n_images  # every run, every image
+    one = per_image[(per_image["encoder"] == "ridge") & (per_image["strength"] == strengths[0])
+                    & (per_image["conditioning"] == "none")]
+    row = summary[(summary["encoder"] == "ridge") & (summary["strength"] == strengths[0])
+                  & (summary["conditioning"] == "none")].iloc[0]
     assert row["ssim"] == pytest.approx(one["ssim"].mean())  # the summary is the mean of the per-image rows
-    for path in ["results/summary.png", "results/subj01/mlp/loss.png", "results/subj01/grid-strength-0.3.png"]:
+    for path in ["results/summary.png", "results/subj01/mlp/loss.png", "results/subj01/grid-strength-0.3.png",
+                 "results/frontier_images.png"]:
         assert (run / path).read_bytes()[:4] == b"\x89PNG", path
     page = (run / "results" / "summary.html").read_text()
     assert "Published (not computed here)" in page and "NOT COMPARABLE" in page
     assert "Semantic route (this run)" in page and "semantic/ridge-tokens" in page
     assert "weights are synthetic-trained, not pretrained: NOT A RESULT" in page
+    assert "What the semantic route adds (this run)" in page and "retrieved-ridge-tokens" in page
     for source in sources:
-        for folder in ("decode", *(f"strength-{s:g}/seed-{k}" for s in strengths for k in seeds)):
-            images = list((run / "results" / "subj01" / source / folder / "images").glob("*.png"))
-            assert len(images) == n_images, (source, folder)
+        for c in ["none", *(conditionings if source in cond["latent"] else [])]:
+            for folder in ("decode", *(f"{c}/guidance-{guidance:g}/strength-{s:g}/seed-{k}" for s in strengths
+                                       for k in seeds)):
+                images = list((run / "results" / "subj01" / source / folder / "images").glob("*.png"))
+                assert len(images) == n_images, (source, folder)
+    retrieved = pd.read_csv(run / "results" / "subj01" / "conditioning" / "retrieved-ridge-tokens.csv")
+    assert len(retrieved) == n_images and retrieved["caption"].str.len().gt(0).all()  # a caption per image, to read
     joined = pd.read_csv(run / "results" / "frontier_metrics.csv")
     assert set(joined.loc[joined["pixcorr"].notna(), "encoder"]) == set(config["encoders"])  # reconstructed ones
-    assert len(joined) == 12 + 4 * (1 + len(strengths)) + 1  # sweep once, named ones per run, the baseline
+    assert len(joined) == 12 + sum(runs_of[e] for e in config["encoders"]) + 1  # sweep once, named ones per run, the baseline
     assert (run / "logs" / "subj01" / "mlp" / "train.log").read_text().count("parameters") >= 1
     assert not list(run.glob("results/**/.tmp-*"))
 
@@ -282,7 +308,7 @@ def test_damage_to_a_finished_run_is_found_named_and_repaired(run, tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:-10])
     deleted = sorted((results / "ridge" / "decode" / "images").glob("*.png"))[0]
     deleted.unlink()
-    replaced, other = sorted((results / "mlp" / "strength-0.3" / "seed-0" / "images").glob("*.png"))[:2]
+    replaced, other = sorted((results / "mlp" / "none" / "guidance-3" / "strength-0.3" / "seed-0" / "images").glob("*.png"))[:2]
     shutil.copyfile(other, replaced)
     assert planned_rules(snakemake(work, "-n")) == set()  # nothing looks out of date
 
@@ -299,7 +325,7 @@ def test_damage_to_a_finished_run_is_found_named_and_repaired(run, tmp_path):
     repair = lines[-1].split()
     assert repair[:2] == ["snakemake", "--forcerun"] and sorted(repair[2:]) == sorted([
         "results/subj01/ridge/predictions.zarr/zarr.json", "results/subj01/ridge/decode/images",
-        "results/subj01/mlp/strength-0.3/seed-0/images"])
+        "results/subj01/mlp/none/guidance-3/strength-0.3/seed-0/images"])
 
     snakemake(work, *repair[1:], *PARALLEL)
     again = subprocess.run(verify, capture_output=True, text=True)
@@ -392,6 +418,33 @@ def test_config_change_reruns_only_what_it_affects(run, tmp_path):
     config["encoders"]["mlp"] = dict(reversed(list(config["encoders"]["mlp"].items())))
     changed.write_text(yaml.safe_dump(config, sort_keys=False))
     assert planned_rules(snakemake(run, "-n", "--configfile", str(changed))) == set()
+
+
+def test_a_conditioning_mode_or_a_guidance_scale_added_runs_only_its_jobs(run, tmp_path):
+    """One more guidance scale: its img2img and scoring jobs, for every latent source and conditioning,
+    nothing upstream (the grid shows the first). One more semantic encoder for the conditionings: its
+    conditioning stores and their runs only."""
+    config = run_config()
+    config["reconstruct"]["guidance_scales"] = [*config["reconstruct"]["guidance_scales"], 5.0]
+    changed = tmp_path / "guidance.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    plan = snakemake(run, "-n", "--configfile", str(changed))
+    assert planned_rules(plan) == {"reconstruct_img2img", "evaluate_images", "evaluate_summary", "all"}
+    made = [o for o in planned_outputs(plan) if o.strip().endswith("/images")]
+    assert made and all("/guidance-5/" in o for o in made)
+    assert len(made) == 6 + 3  # every latent source's none, and ridge's three semantic conditionings
+    config = run_config()
+    config["reconstruct"]["conditioning"]["semantic"] = ["ridge-tokens", "ridge"]
+    changed.write_text(yaml.safe_dump(config))
+    plan = snakemake(run, "-n", "--configfile", str(changed))
+    assert planned_rules(plan) == {"reconstruct_conditioning", "reconstruct_img2img", "evaluate_images",
+                                   "evaluate_grid", "evaluate_summary", "all"}
+    made = {m.group(1) for o in planned_outputs(plan) for m in re.finditer(r"results/subj01/([\w/-]+)/guidance", o)}
+    assert made == {"ridge/predicted-ridge", "ridge/retrieved-ridge"}
+    config["reconstruct"]["conditioning"]["semantic"] = ["ridge-tokens", "nonexistent"]
+    changed.write_text(yaml.safe_dump(config))
+    bad = snakemake(run, "-n", "--configfile", str(changed), check=False)
+    assert bad.returncode != 0 and "reconstruct.conditioning.semantic ['nonexistent'] are not defined" in bad.stderr
 
 
 def braid_defaults():

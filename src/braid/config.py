@@ -54,12 +54,18 @@ def apply_layers(config: dict, layers: list[dict], schema: dict) -> list[str]:
 
     The collections (:func:`collection_keys`) a layer names are replaced (:func:`replace_collections`),
     and a layer that names its encoders but no sweep gets no sweep: the default's sweep is over the
-    default's encoders. Changes ``config`` in place; returns the collections replaced.
+    default's encoders. Likewise a layer that names its encoders or semantic encoders but no
+    ``reconstruct.conditioning`` gets none (the default's conditions the default's encoders).
+    Changes ``config`` in place; returns the collections replaced.
     """
     replaced = replace_collections(config, layers, collection_keys(schema))
     for encoders, sweep in (("encoders", "sweep"), ("semantic_encoders", "semantic_sweep")):
         if encoders in replaced and sweep not in replaced:
             config[sweep] = {}
+    names_conditioning = any(isinstance(layer, dict) and "conditioning" in (layer.get("reconstruct") or {})
+                             for layer in layers)
+    if {"encoders", "semantic_encoders"} & set(replaced) and not names_conditioning:
+        config.setdefault("reconstruct", {})["conditioning"] = {}
     return replaced
 
 
@@ -128,11 +134,47 @@ def combination_problems(config: dict) -> list[str]:
         except BraidError as err:
             problems.append(str(err).removeprefix("config "))
     problems += _roi_problems(config)
+    problems += _conditioning_problems(config)
     if config.get("semantic_encoders") and config.get("captions", {}).get("source") == "synthetic" \
             and config["nsd"]["source"] != "synthetic":
         problems.append("captions.source 'synthetic' holds the synthetic NSD's captions, not NSD's: set it to COCO's "
                         "annotation zip (http://images.cocodataset.org/annotations/annotations_trainval2017.zip), a "
                         "local copy of it or of its caption JSONs, or set semantic_encoders: {}")
+    return problems
+
+
+def _conditioning_problems(config: dict) -> list[str]:
+    """``reconstruct.conditioning`` names latent sources and semantic encoders the config has."""
+    from .encoder import REFERENCES
+
+    cond = config["reconstruct"].get("conditioning") or {}
+    modes = cond.get("modes") or []
+    if not modes:
+        return []
+    key = "reconstruct.conditioning"
+    problems = []
+    if not config.get("semantic_encoders"):
+        problems.append(f"{key}.modes {modes} condition img2img on captions, which needs the semantic route: define "
+                        "semantic_encoders, or set reconstruct.conditioning.modes: []")
+    sources = set(encoder_names(config)) | set(config["evaluate"].get("references") or [])
+    latent = cond.get("latent") or []
+    if not latent:
+        problems.append(f"{key}.latent is empty: name the latent sources to condition (encoders, or "
+                        f"{' / '.join(REFERENCES)})")
+    unknown = sorted(set(latent) - sources)
+    if unknown:
+        problems.append(f"{key}.latent {unknown} are neither reconstructed encoders nor evaluate.references "
+                        f"({sorted(sources)})")
+    semantic = cond.get("semantic") or []
+    if set(modes) & {"predicted", "retrieved"} and not semantic:
+        problems.append(f"{key}.semantic is empty: predicted and retrieved need semantic encoders to read")
+    unknown = sorted(set(semantic) - set(config.get("semantic_encoders") or {}))
+    if unknown:
+        problems.append(f"{key}.semantic {unknown} are not defined under semantic_encoders "
+                        f"({sorted(config.get('semantic_encoders') or {})})")
+    extra = sorted(set(cond.get("strengths") or []) - set(config["reconstruct"]["strengths"]))
+    if extra:
+        problems.append(f"{key}.strengths {extra} are not in reconstruct.strengths {config['reconstruct']['strengths']}")
     return problems
 
 

@@ -95,7 +95,7 @@ def image_metrics(recons: np.ndarray, stimuli: np.ndarray) -> pd.DataFrame:
 
 # --- the network metrics ---------------------------------------------------------------------
 
-IMAGE_METRICS = ["pixcorr", "ssim", "alexnet2", "alexnet5", "inception", "clip", "efficientnet", "swav"]
+IMAGE_METRICS = ["pixcorr", "ssim", "alexnet2", "alexnet5", "inception", "clip", "efficientnet", "swav", "category"]
 RETRIEVAL = ["retrieval_image", "retrieval_brain"]
 NO_NETWORKS = "none"  # the metric_weights stamp of a run scored without networks
 
@@ -139,21 +139,41 @@ def test_images(trials_path) -> np.ndarray:
     return np.unique(table.loc[table["split"] == "test", "nsd_id"].to_numpy())
 
 
-def stimulus_features(stimuli_path, trials_path, weights: dict, out_zarr, device: str = "cpu", batch_size: int = 32) -> None:
-    """Network features of a subject's test stimuli, once for every run that is scored against them."""
+def stimulus_features(stimuli_path, trials_path, weights: dict, out_zarr, device: str = "cpu", batch_size: int = 32,
+                      stim_info_path=None) -> None:
+    """Network features of a subject's test stimuli, once for every run that is scored against them;
+    with a stimulus info that has categories (the synthetic NSD), also the category readout's pool
+    (:func:`category_pool`) and the test images' categories."""
 
     from .latents import read_stimuli
 
     ids = test_images(trials_path)
     gt256 = to_256(stimuli_as_float(read_stimuli(stimuli_path, ids)))
     feats = network_features(gt256, weights, device, batch_size)
+    pool = category_pool(stimuli_path, trials_path, stim_info_path) if stim_info_path is not None else None
     with atomic_output(out_zarr) as tmp:
         root = new_group(tmp)
         new_array(root, "nsd_id", data=ids.astype(np.int64))
         for metric, f in feats.items():
             new_array(root, metric, data=f.astype(np.float32))
         root.attrs.update({"metric_weights": weights_stamp(weights), "networks": sorted(weights)})
+        if pool is not None:
+            descriptors, labels, by_id = pool
+            new_array(root, "category_pool", data=descriptors.astype(np.float32))
+            root.attrs.update({"category_pool_labels": [str(c) for c in labels],
+                               "category_test": [str(c) for c in by_id.loc[ids]]})
     log.info("features of %d test stimuli: %s", ids.size, {k: v.shape[1] for k, v in feats.items()})
+
+
+def read_category_pool(path) -> tuple[np.ndarray, np.ndarray, pd.Series] | None:
+    """What :func:`stimulus_features` stored for the category readout (as :func:`category_pool`
+    gives it, the categories of the test images only); None where the data have no categories."""
+    root = open_store(path, rule="evaluate_stimuli")
+    if "category_pool_labels" not in root.attrs:
+        return None
+    ids = np.asarray(root["nsd_id"][:])
+    return (np.asarray(root["category_pool"][:], np.float64), np.asarray(root.attrs["category_pool_labels"]),
+            pd.Series(root.attrs["category_test"], index=ids))
 
 
 def read_stimulus_features(path, ids: np.ndarray, metrics) -> dict[str, np.ndarray]:
@@ -249,21 +269,93 @@ def load_images(directory: str | os.PathLike, nsd_ids) -> np.ndarray:
 
 
 def run_keys(run: str) -> dict:
-    """``decode`` or ``strength-<s>/seed-<k>`` (a run's folder) -> mode, strength, seed."""
+    """``decode`` or ``<conditioning>/guidance-<g>/strength-<s>/seed-<k>`` (a run's folder) -> mode
+    (decode, img2img), conditioning, semantic encoder, guidance scale, strength, seed."""
+    from .conditioning import parse
+
     if run == "decode":
-        return {"mode": "decode", "strength": np.nan, "seed": -1}
+        return {"mode": "decode", "conditioning": "", "semantic_encoder": "", "guidance": np.nan,
+                "strength": np.nan, "seed": -1}
     try:
-        strength, seed = run.split("/")
-        return {"mode": "img2img", "strength": float(strength.removeprefix("strength-")),
-                "seed": int(seed.removeprefix("seed-"))}
-    except ValueError:
-        raise BraidError(f"run {run!r} is neither 'decode' nor 'strength-<s>/seed-<k>'") from None
+        conditioning, guidance, strength, seed = run.split("/")
+        _, semantic = parse(conditioning)
+        return {"mode": "img2img", "conditioning": conditioning, "semantic_encoder": semantic or "",
+                "guidance": float(guidance.removeprefix("guidance-")),
+                "strength": float(strength.removeprefix("strength-")), "seed": int(seed.removeprefix("seed-"))}
+    except (ValueError, BraidError):
+        raise BraidError(f"run {run!r} is neither 'decode' nor '<conditioning>/guidance-<g>/strength-<s>/seed-<k>'") \
+            from None
+
+
+# --- the synthetic world's category readout --------------------------------------------------
+
+CATEGORY_SIZE = 16  # px of the grey image the category descriptor is computed on
+
+
+def category_descriptor(images256: np.ndarray) -> np.ndarray:
+    """Unit vectors (n, d) describing what kind of picture each image is, not where things are in it:
+    the grey image averaged into 16 x 16 blocks and standardised, then (1) its log-amplitude
+    spectrum without the mean, symmetrised over u -> -u (so unchanged by translation and by
+    flips) and (2) the histogram of its standardised grey levels (unchanged by brightness and
+    contrast), each centred and scaled to unit length, concatenated and scaled again.
+
+    ``images256``: float (n, 3, 256, 256) in [0, 1]. A stand-in for a classifier on the synthetic
+    NSD, whose categories differ in texture and tone (its stimuli are crops, flips and colour
+    shifts of 14 photographs); real NSD has no categories to read out."""
+    x = np.asarray(images256, np.float64).mean(1)
+    n, h, w = x.shape
+    b = h // CATEGORY_SIZE
+    g = x[:, : b * CATEGORY_SIZE, : b * CATEGORY_SIZE].reshape(n, CATEGORY_SIZE, b, CATEGORY_SIZE, b).mean((2, 4))
+    g = (g - g.mean((1, 2), keepdims=True)) / (g.std((1, 2), keepdims=True) + 1e-6)
+    amp = np.abs(np.fft.fft2(g))
+    amp = amp + np.roll(np.flip(amp, axis=-1), 1, axis=-1)
+    amp[:, 0, 0] = 0.0
+    hist = np.stack([np.histogram(gi, bins=16, range=(-3, 3))[0] for gi in g]).astype(np.float64)
+
+    def unit(v):
+        v = v.reshape(n, -1)
+        v = v - v.mean(1, keepdims=True)
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+    return unit(np.concatenate([unit(np.log1p(amp)), unit(hist)], axis=1))
+
+
+def nearest_category(query: np.ndarray, pool: np.ndarray, pool_categories) -> np.ndarray:
+    """The category of each ``query`` descriptor's nearest ``pool`` descriptor (cosine; the first on ties)."""
+    return np.asarray(pool_categories)[np.argmax(query @ pool.T, axis=1)]
+
+
+def category_pool(stimuli_path, trials_path, stim_info_path) -> tuple[np.ndarray, np.ndarray, pd.Series] | None:
+    """Descriptors and categories of the subject's training stimuli (the pool the category readout
+    matches against), and every image's category by NSD id; None where the stimulus info has no
+    ``category`` column (NSD)."""
+    from .latents import read_stimuli
+    from .semantic import _categories
+
+    categories = _categories(stim_info_path)
+    if categories is None:
+        return None
+    trials = pd.read_parquet(trials_path)
+    ids = np.unique(trials.loc[trials["split"] == "train", "nsd_id"].to_numpy())
+    if not ids.size:
+        log.warning("%s: no training images to read categories against; no category readout", trials_path)
+        return None
+    descriptors = np.concatenate([
+        category_descriptor(to_256(stimuli_as_float(read_stimuli(stimuli_path, ids[i : i + 64]))))
+        for i in range(0, len(ids), 64)])
+    return descriptors, categories.loc[ids].to_numpy(), categories
 
 
 def evaluate_images(images, predictions, latents, stimuli_path, features_path, weights: dict, out_parquet,
                     subject: str, source: str, run: str, pool: int = 300, draws: int = 30, device: str = "cpu",
-                    batch_size: int = 32) -> pd.DataFrame:
-    """Every metric of one run, per test image, into a Parquet table (run-level latent metrics repeated)."""
+                    batch_size: int = 32, conditioning_path=None, categories=None) -> pd.DataFrame:
+    """Every metric of one run, per test image, into a Parquet table (run-level latent metrics repeated).
+
+    ``conditioning_path``: the run's :mod:`braid.conditioning` store, whose semantic encoder's
+    parameters add to the latent encoder's (``n_parameters``: the brain-side total).
+    ``categories``: :func:`category_pool`'s: a reconstruction is read as the category of its
+    nearest training stimulus, right or wrong (``category``, 1 or 0; the stimuli themselves
+    score the readout's ceiling)."""
     from .latents import read_stimuli
 
     row, per_image, preds = latent_scores(predictions, latents, pool, draws)
@@ -276,8 +368,18 @@ def evaluate_images(images, predictions, latents, stimuli_path, features_path, w
         gt = read_stimulus_features(features_path, ids, list(rec))
         for metric, values in network_scores(rec, gt).items():
             table[metric] = values
+    if categories is not None:
+        descriptors, pool_categories, by_id = categories
+        guess = nearest_category(category_descriptor(rec256), descriptors, pool_categories)
+        table["category"] = (guess == by_id.loc[ids].to_numpy()).astype(np.float64)
+    semantic = 0
+    if conditioning_path is not None:
+        from .conditioning import Conditioning
+
+        semantic = int(Conditioning(conditioning_path).attrs.get("n_parameters_semantic", 0))
     keys = {"subject": subject, "encoder": source, "kind": preds["spec"].get("kind", ""), **run_keys(run),
-            "n_parameters": preds["n_parameters"]}
+            "n_parameters": preds["n_parameters"] + semantic, "n_parameters_latent": preds["n_parameters"],
+            "n_parameters_semantic": semantic}
     for k, v in reversed(keys.items()):
         table.insert(0, k, v)
     for k, v in row.items():
@@ -293,8 +395,12 @@ def evaluate_images(images, predictions, latents, stimuli_path, features_path, w
 # --- per subject: the picture of every row at one strength ------------------------------------
 
 
-def save_grid(stimuli: np.ndarray, rows: list[tuple[str, np.ndarray]], labels, path, title: str, n: int = 8) -> None:
-    """PNG: the stimuli on top, then one row of reconstructions per (label, images)."""
+def save_grid(stimuli: np.ndarray, rows: list[tuple[str, np.ndarray]], labels, path, title: str, n: int = 8,
+              notes: list | None = None) -> None:
+    """PNG: the stimuli on top, then one row of reconstructions per (label, images); ``notes``: per
+    row None or one text per image, printed (wrapped) under it."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,50 +409,89 @@ def save_grid(stimuli: np.ndarray, rows: list[tuple[str, np.ndarray]], labels, p
     n = max(min(n, len(stimuli)), 1)
     all_rows = [("seen", [im for im in stimuli[:n]])] + [
         (label, [np.moveaxis(np.clip(r, 0, 1), 0, -1) for r in recs[:n]]) for label, recs in rows]
-    fig, axes = plt.subplots(len(all_rows), n, figsize=(1.25 * n + 1.6, 1.3 * len(all_rows) + 0.6), squeeze=False)
+    all_notes = [None] + list(notes or [None] * len(rows))
+    heights = [1.0 + (0.45 if note else 0.0) for note in all_notes]
+    fig, axes = plt.subplots(len(all_rows), n, figsize=(1.25 * n + 1.6, 1.3 * sum(heights) + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     for i, (label, images) in enumerate(all_rows):
         for k in range(n):
             ax = axes[i, k]
             ax.axis("off")
             if k < len(images):
                 ax.imshow(images[k])
+            if all_notes[i] and k < len(all_notes[i]):
+                ax.text(0.5, -0.04, textwrap.fill(all_notes[i][k], 24), transform=ax.transAxes, ha="center", va="top",
+                        fontsize=5, color="#333")
         axes[i, 0].text(-0.08, 0.5, label, transform=axes[i, 0].transAxes, ha="right", va="center", fontsize=7)
     for k in range(min(n, len(labels))):
         axes[0, k].set_title(str(labels[k]), fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0.1, 0, 1, 1))
+    height = fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0.1, 0, 1, 1 - 0.18 * (title.count("\n") + 1) / height))  # room for the title's lines
     save_figure(fig, path, dpi=100)
 
 
 REFERENCE_LABELS = {"true-latent": "true z0", "mean-latent": "mean z0"}
 
 
-def grid_rows(sources: list[str], strength: str) -> list[tuple[str, str, str]]:
-    """(label, source, run) of a subject's grid at one strength: the references, then each encoder decoded and through img2img."""
+CONDITIONING_LABELS = {"none": "img2img", "true-caption": "true caption\n(semantic ceiling)"}
+
+
+def conditioning_label(conditioning: str) -> str:
+    """A grid row's name for an img2img conditioning."""
+    from .conditioning import parse
+
+    mode, encoder = parse(conditioning)
+    return CONDITIONING_LABELS.get(mode) or f"{mode}\n({encoder})"
+
+
+def grid_rows(sources: dict[str, list[str]], strength: str) -> list[tuple[str, str, str]]:
+    """(label, source, run) of a subject's grid at one strength: the references, then each encoder
+    decoded and through img2img in each of its conditionings (``sources``: source -> conditionings,
+    ``none`` first); ``run`` is ``decode`` or the conditioning."""
     refs = [s for s in ("true-latent", "mean-latent") if s in sources]
-    encoders = [s for s in sources if s not in refs]
+    encoders = sorted(s for s in sources if s not in refs)
     rows = []
+
+    def conditioned(source, name):
+        return [(f"{name}, {conditioning_label(c)}", source, c) for c in sources[source] if c != "none"]
+
     if "true-latent" in refs:
         rows += [("true z0, decoded\n(VAE ceiling)", "true-latent", "decode"),
-                 ("true z0, img2img\n(ceiling)", "true-latent", "img2img")]
+                 ("true z0, img2img\n(ceiling)", "true-latent", "none"), *conditioned("true-latent", "true z0")]
     for enc in encoders:
-        rows += [(f"{enc}\ndecoded", enc, "decode"), (f"{enc}\nimg2img", enc, "img2img")]
+        rows += [(f"{enc}\ndecoded", enc, "decode"), (f"{enc}\nimg2img", enc, "none"), *conditioned(enc, enc)]
     if "mean-latent" in refs:
-        rows += [("mean z0, img2img\n(chance)", "mean-latent", "img2img")]
+        rows += [("mean z0, img2img\n(chance)", "mean-latent", "none"), *conditioned("mean-latent", "mean z0")]
     return rows
 
 
 def evaluate_grid(subject: str, strength: str, seed: int, image_dirs: dict, stimuli_path, trials_path, out_png,
-                  weights: str = "pretrained") -> None:
-    """``image_dirs``: (source, "decode" | "img2img") -> folder of PNGs."""
+                  weights: str = "pretrained", captions: dict | None = None, guidance: str = "1") -> None:
+    """``image_dirs``: (source, "decode" | conditioning) -> folder of PNGs; ``captions``: conditioning
+    -> its captions CSV (:mod:`braid.conditioning`), printed under the images of its rows."""
     from .latents import read_stimuli
 
     ids = test_images(trials_path)[:8]
     stimuli = read_stimuli(stimuli_path, ids)
-    rows = [(label, load_images(image_dirs[(source, run)], ids))
-            for label, source, run in grid_rows(sorted({s for s, _ in image_dirs}), strength)]
-    title = f"{subject}: test images and their reconstructions (img2img at strength {strength}, seed {seed})"
-    save_grid(stimuli, rows, ids, out_png, stamped(title, [weights]))
+    sources: dict[str, list[str]] = {}
+    for source, run in image_dirs:
+        if run != "decode":
+            sources.setdefault(source, []).append(run)
+    for source in sources:
+        sources[source].sort(key=lambda c: c != "none")
+    texts = {}
+    for conditioning, path in (captions or {}).items():
+        table = pd.read_csv(path, keep_default_na=False).set_index("nsd_id")["caption"]
+        if table.astype(bool).any():  # retrieved (and true) captions; predicted embeddings have none
+            texts[conditioning] = [str(table.get(int(i), "")) for i in ids]
+    rows, notes = [], []
+    for label, source, run in grid_rows(sources, strength):
+        rows.append((label, load_images(image_dirs[(source, run)], ids)))
+        notes.append(texts.get(run) if run.startswith("retrieved-") else None)
+    title = (f"{subject}: test images and their reconstructions (img2img at strength {strength}, guidance {guidance}, "
+             f"seed {seed})")
+    save_grid(stimuli, rows, ids, out_png, stamped(title, [weights]), notes=notes)
 
 
 # --- the synthetic data's oracle ------------------------------------------------------------
@@ -380,13 +525,14 @@ def evaluate_oracle(oracle_path, session_files: dict, roi_files: dict, roi_label
 
 # --- all runs: tables, figures, the literature's rows ---------------------------------------------
 
-KEYS = ["subject", "encoder", "mode", "strength"]
-RUN_LEVEL = ["kind", "n_parameters", "latent_mse", "latent_r", "latent_two_way", "n_test_trials", "retrieval_pool",
+KEYS = ["subject", "encoder", "mode", "conditioning", "semantic_encoder", "guidance", "strength"]
+RUN_LEVEL = ["kind", "n_parameters", "n_parameters_latent", "n_parameters_semantic", "latent_mse", "latent_r", "latent_two_way", "n_test_trials", "retrieval_pool",
              "weights", "metric_weights"]
 
 
 def aggregate(per_image: pd.DataFrame) -> pd.DataFrame:
-    """One row per subject × encoder × mode × strength: each per-image metric's mean over images
+    """One row per subject × encoder × mode × conditioning × guidance × strength (a run without its
+    seed): each per-image metric's mean over images
     and seeds, its s.e.m. over images (of the per-image means over seeds), and the standard
     deviation of the per-seed means across seeds (``_seed_sd``; NaN with one seed)."""
     metrics = [m for m in IMAGE_METRICS + RETRIEVAL if m in per_image]
@@ -404,9 +550,11 @@ def aggregate(per_image: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_seed_sd"] = float(by_seed[m].std(ddof=1)) if len(seeds) > 1 else np.nan
         rows.append(row)
     out = pd.DataFrame(rows)
-    order = {"decode": 0, "img2img": 1}
-    return out.sort_values(["subject", "encoder", "mode", "strength"], key=lambda c: c.map(order) if c.name == "mode" else c,
-                           na_position="first").reset_index(drop=True)
+    order = {"decode": 0, "img2img": 1, "none": 0, "true-caption": 3}
+    rank = lambda c: c.map(lambda v: order.get(v, 1 if str(v).startswith("predicted") else 2)) \
+        if c.name in ("mode", "conditioning") else c  # noqa: E731
+    return out.sort_values(["subject", "encoder", "mode", "conditioning", "semantic_encoder", "guidance", "strength"],
+                           key=rank, na_position="first").reset_index(drop=True)
 
 
 SEMANTIC_SUMMARY = {"target": "semantic_target", "test_pooled_r": "semantic_pooled_r",
@@ -432,12 +580,14 @@ def semantic_rows(files) -> pd.DataFrame:
 
 
 def summarise(per_image_files: list[str], out_csv, out_parquet, out_png, out_html, oracle_files=(), frontier_files=(),
-              out_frontier=None, semantic_files=()) -> pd.DataFrame:
+              out_frontier=None, semantic_files=(), out_frontier_images=None, reference: str | None = None) -> pd.DataFrame:
     """The per-image tables of every run into one Parquet file; their aggregate (with the synthetic
     oracle's ``oracle_*`` where known) into ``summary.csv``, followed by the semantic encoders' rows
     (mode ``semantic``, from each subject's semantic frontier); the metric-vs-strength figure; the
     table in the papers' format beside their published rows (HTML); and each subject's frontier
-    joined with the image metrics of the encoders that were reconstructed."""
+    joined with the image metrics of the encoders that were reconstructed; the frontier of image
+    quality against brain-side parameters (:func:`braid.frontier.plot_images`, ``reference``: the
+    seed design's encoder)."""
     per_image = pd.concat([pd.read_parquet(f) for f in per_image_files], ignore_index=True)
     with atomic_output(out_parquet) as tmp:
         per_image.to_parquet(tmp, index=False)
@@ -459,6 +609,10 @@ def summarise(per_image_files: list[str], out_csv, out_parquet, out_png, out_htm
         joined = join_frontier(frontier, table)
         with atomic_output(out_frontier) as tmp:
             joined.to_csv(tmp, index=False)
+    if out_frontier_images is not None:
+        from .frontier import plot_images
+
+        plot_images(table, out_frontier_images, reference)
     return table
 
 
@@ -468,7 +622,8 @@ def join_frontier(frontier: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     if frontier.empty:
         return frontier
     metrics = [m for m in IMAGE_METRICS + RETRIEVAL if m in table]
-    runs = table[["subject", "encoder", "mode", "strength", "metric_weights", *metrics]]
+    runs = table[["subject", "encoder", "mode", "conditioning", "semantic_encoder", "guidance", "strength",
+                  "n_parameters_semantic", "metric_weights", *metrics]]
     return frontier.merge(runs, on=["subject", "encoder"], how="left").sort_values(
         ["subject", "n_parameters", "encoder", "mode", "strength"]).reset_index(drop=True)
 
@@ -476,7 +631,8 @@ def join_frontier(frontier: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
 METRIC_LABELS = {"latent_r": "latent r", "latent_two_way": "latent 2-way", "pixcorr": "PixCorr", "ssim": "SSIM",
                  "alexnet2": "AlexNet(2) 2-way", "alexnet5": "AlexNet(5) 2-way", "inception": "Inception 2-way",
                  "clip": "CLIP 2-way", "efficientnet": "EffNet-B1 distance ↓", "swav": "SwAV distance ↓",
-                 "retrieval_image": "image retrieval (top-1)", "retrieval_brain": "brain retrieval (top-1)"}
+                 "retrieval_image": "image retrieval (top-1)", "retrieval_brain": "brain retrieval (top-1)",
+                 "category": "category readout"}
 
 
 def plot_metrics(table: pd.DataFrame, out_png) -> None:

@@ -126,3 +126,106 @@ def plot(t: pd.DataFrame, path, subject: str, reference: str | None) -> None:
     fig.suptitle(stamped(title, [t["weights"].iloc[0]]), fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+# --- the frontier of image quality: every reconstructed run against its brain-side parameters ---
+
+IMAGE_PANELS = [("pixcorr", "PixCorr"), ("ssim", "SSIM"), ("alexnet5", "AlexNet(5) 2-way"),
+                ("inception", "Inception 2-way"), ("clip", "CLIP 2-way"), ("category", "category readout (synthetic)")]
+CONDITIONING_MARKERS = {"none": "o", "predicted": "s", "retrieved": "D", "true-caption": "^"}
+
+
+def image_points(summary: pd.DataFrame) -> tuple[pd.DataFrame, float, float]:
+    """The img2img runs at the highest strength and the first guidance scale (averaged over seeds):
+    one point per (subject, latent source, conditioning); and that strength and guidance."""
+    from .conditioning import parse
+
+    runs = summary[summary["mode"] == "img2img"]
+    strength = float(runs["strength"].max())
+    guidance = float(runs["guidance"].min())
+    points = runs[(runs["strength"] == strength) & (runs["guidance"] == guidance)].copy()
+    points["conditioning_mode"] = [parse(c)[0] for c in points["conditioning"]]
+    # a point on the front is a brain-side model: references and the true caption (a ceiling) are not
+    points["on_front"] = ~points["encoder"].isin(["true-latent", "mean-latent"]) & (points["conditioning_mode"] != "true-caption")
+    return points, strength, guidance
+
+
+def plot_images(summary: pd.DataFrame, path, reference: str | None = None) -> None:
+    """Image quality against brain-side parameters (latent encoder + semantic encoder): each
+    reconstructed run (marker: conditioning), the Pareto front of the brain-side models, the seed
+    design, the latent ceiling (true z0) and chance (mean z0) as lines, the true caption hollow,
+    and the published methods whose parameter counts are known (:data:`braid.published.PARAMETERS`;
+    hollow where the count is an estimate). Percent metrics are drawn as fractions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
+
+    from .figures import not_a_result
+    from .published import BRAID_COLUMNS, PARAMETERS, published_table
+
+    points, strength, guidance = image_points(summary)
+    panels = [(m, label) for m, label in IMAGE_PANELS if m in points and points[m].notna().any()]
+    published = published_table().set_index("model")
+    column = {metric: (col, pct) for col, (metric, pct) in BRAID_COLUMNS.items()}
+    ncol = min(3, len(panels))
+    nrow = -(-len(panels) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.8 * nrow + 0.9), squeeze=False)
+    subjects = sorted(points["subject"].unique())
+    for ax, (metric, label) in zip(axes.ravel(), panels):
+        for subject in subjects:
+            pts = points[points["subject"] == subject]
+            models = pts[pts["on_front"]]
+            for mode, g in models.groupby("conditioning_mode"):
+                ax.scatter(g["n_parameters"], g[metric], marker=CONDITIONING_MARKERS.get(mode, "o"), s=30, zorder=3,
+                           color=[KIND_COLOURS.get(k, "gray") for k in g["kind"]],
+                           label=f"{mode} conditioning" if subject == subjects[0] else None)
+            front = models[pareto_front(models["n_parameters"], models[metric])].sort_values("n_parameters")
+            ax.step(front["n_parameters"], front[metric], where="post", color="k", lw=1, alpha=0.6,
+                    label="Pareto front" if subject == subjects[0] else None)
+            seed = models[(models["encoder"] == reference) & (models["conditioning"] == "none")]
+            if len(seed):
+                ax.scatter(seed["n_parameters"], seed[metric], marker="*", s=220, facecolor="none", edgecolor="red",
+                           lw=1.5, zorder=4, label=f"seed design ({reference})" if subject == subjects[0] else None)
+            true_caption = pts[(pts["conditioning_mode"] == "true-caption") & ~pts["encoder"].isin(["true-latent",
+                                                                                                     "mean-latent"])]
+            if len(true_caption):
+                ax.scatter(true_caption["n_parameters"], true_caption[metric], marker="^", s=40, facecolor="none",
+                           edgecolor="k", zorder=3, label="true caption (ceiling)" if subject == subjects[0] else None)
+            for source, style, name in (("true-latent", "--", "true z0 (ceiling)"), ("mean-latent", ":", "mean z0 (chance)")):
+                ref = pts[(pts["encoder"] == source) & (pts["conditioning"] == "none")]
+                if len(ref):
+                    ax.axhline(float(ref[metric].iloc[0]), color="k" if source == "true-latent" else "gray", ls=style,
+                               lw=1, label=name if subject == subjects[0] else None)
+        col, pct = column.get(metric, (None, False))
+        if col is not None:
+            for model, (count, estimate, _) in PARAMETERS.items():
+                value = published.loc[model, col] if model in published.index else None
+                if value is None or pd.isna(value):
+                    continue
+                y = float(value) / 100 if pct else float(value)
+                ax.scatter([count], [y], marker="P", s=55, color="tab:red" if not estimate else "none",
+                           edgecolor="tab:red", zorder=3)
+                ax.annotate(model + (" (est.)" if estimate else ""), (count, y), fontsize=6, xytext=(3, -8),
+                            textcoords="offset points", color="tab:red")
+        ax.set_xscale("log")
+        ax.set_xlabel("brain-side parameters (latent + semantic encoder)")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3, which="both", lw=0.5)
+    # one parameter axis for every panel (BRAID's models and the published methods), major ticks only
+    counts = [c for c, _, _ in PARAMETERS.values()] + [float(v) for v in points["n_parameters"] if v > 0]
+    for ax in axes.ravel()[: len(panels)]:
+        ax.set_xlim(min(counts) / 3, max(counts) * 3)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    handles.append(plt.Line2D([], [], marker="P", color="tab:red", ls="", label="published (hollow: count estimated)"))
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    stamps = not_a_result(summary.get("weights", []), summary.get("metric_weights", []))
+    title = (f"Image quality against brain-side parameters (img2img strength {strength:g}, guidance {guidance:g}; "
+             "colour: latent encoder kind; published: their own test sets and metric weights)")
+    fig.suptitle("\n".join([*stamps, title]), fontsize=9, color="tab:red" if stamps else "k")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    save_figure(fig, path, dpi=100)

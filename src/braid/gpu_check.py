@@ -408,7 +408,7 @@ def step_img2img(device: str, size: dict, work: Path) -> dict:
            "steps_run": run_steps}
     dtypes = ("float16", "bfloat16") if device.startswith("cuda") else ("bfloat16",)  # no float16 on a CPU
     for dtype in dtypes:
-        params = {"steps": size["steps"], "guidance_scale": 1.0, "prompt": "", "negative_prompt": "", "dtype": dtype,
+        params = {"steps": size["steps"], "prompt": "", "negative_prompt": "", "dtype": dtype,
                   "variant": "fp16"}
         hashes = []
         for repeat in range(2):

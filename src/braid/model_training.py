@@ -24,7 +24,15 @@ on the same machine and software):
 3. **UNet**: a denoiser of the scaled latents with the epsilon objective and the pipeline's
    own noise schedule (``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``, ``a_t`` the scheduler's
    ``alphas_cumprod``, t uniform over its 1,000 steps), conditioned as img2img conditions it:
-   the empty prompt through both text encoders and the time ids (size, crop, target size).
+   text embeddings through both text encoders (which keep their random weights: they play
+   SSD-1B's frozen ones) and the time ids (size, crop, target size). With the stimuli's
+   captions (the synthetic NSD's COCO-format ones) each training image is conditioned on one of
+   its captions or on the mean embeddings of all of them (what BRAID's ``true-caption`` and
+   ``predicted`` conditioning pass), and with probability ``caption_dropout`` on no caption:
+   half of those on zero embeddings (the negative branch of classifier-free guidance: SDXL's
+   ``force_zeros_for_empty_prompt``), half on the empty prompt (the ``none`` conditioning's).
+   This is the recipe that lets classifier-free guidance work (Ho & Salimans 2022,
+   arXiv:2207.12598). Without captions every image is conditioned on the empty prompt.
 
 The manifest records the recipe, the training time and the VAE's reconstruction PSNR/SSIM on
 the stimuli (skimage), and stamps the weights ``synthetic-trained (not a result)``.
@@ -36,6 +44,7 @@ import logging
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -44,7 +53,8 @@ from .common import BraidError
 log = logging.getLogger(__name__)
 
 WEIGHTS = "synthetic-trained (not a result)"  # the manifest's stamp: every number from it is a demo's
-RECIPE_DEFAULTS = dict(vae_steps=700, unet_steps=1000, batch_size=16, vae_lr=3e-3, unet_lr=2e-3, kl_weight=1e-3)
+RECIPE_DEFAULTS = dict(vae_steps=700, unet_steps=1000, batch_size=16, vae_lr=3e-3, unet_lr=2e-3, kl_weight=1e-3,
+                       caption_dropout=0.2)
 
 
 def read_training_images(stimuli_path) -> np.ndarray:
@@ -57,6 +67,26 @@ def read_training_images(stimuli_path) -> np.ndarray:
     except (OSError, KeyError) as err:
         raise BraidError(f"{stimuli_path}: cannot read the stimuli to train the tiny model on ({err}); rerun the "
                          "rule nsd_synthetic_stimuli") from err
+
+
+def read_training_captions(stimuli_path, stim_info_path) -> list[list[str]]:
+    """The captions of every stimulus of a synthetic NSD mirror (the COCO-format files beside its
+    stimulus info), in the stimuli's order."""
+    import h5py
+
+    from .nsd import STIM_INFO
+    from .synthetic import stimulus_captions
+
+    path = Path(stim_info_path).resolve()
+    if path.parts[-len(Path(STIM_INFO).parts):] != Path(STIM_INFO).parts:
+        raise BraidError(f"{stim_info_path}: not a mirror's {STIM_INFO}")
+    with h5py.File(stimuli_path, "r") as f:
+        n = len(f["imgBrick"])
+    try:
+        return stimulus_captions(path.parents[len(Path(STIM_INFO).parts) - 1], n)
+    except (OSError, KeyError, ValueError) as err:
+        raise BraidError(f"{stim_info_path}: cannot read the captions beside it ({err}); rerun the rule "
+                         "nsd_synthetic_stimuli") from err
 
 
 def rescale_latents(vae, factor: float) -> None:
@@ -119,38 +149,81 @@ def encode_means(vae, x, batch_size: int = 64):
         return torch.cat([vae.encode(x[i : i + batch_size]).latent_dist.mean for i in range(0, len(x), batch_size)])
 
 
-def img2img_conditioning(pipe, size: int, prompt: str = ""):
-    """What img2img feeds the UNet besides latents and time for ``prompt`` at ``size`` px (no guidance):
-    the prompt embeddings, and ``added_cond_kwargs`` (pooled text embedding, time ids)."""
+def time_ids(size: int):
+    """SDXL's time ids without aesthetic score: original size, crop top-left, target size."""
     import torch
 
-    with torch.no_grad():
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, device="cpu", num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-    # SDXL's time ids without aesthetic score: original size, crop top-left, target size
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.dtype)
-    return embeds, {"text_embeds": pooled, "time_ids": time_ids}
+    return torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
 
 
-def train_unet(unet, latents, embeds, added: dict, alphas_cumprod, steps: int, batch_size: int, lr: float, generator,
-               progress=None) -> float:
-    """Fit ``unet`` to predict the noise added to scaled ``latents`` at uniform timesteps; return the last loss."""
+class CaptionConditioning:
+    """The training conditions of the UNet, through the pipeline's text encoders (trained with it):
+    per image one of its captions or the mean embeddings of all of them and, with probability
+    ``dropout``, none (half zeros, half the empty prompt). Without captions every image gets the
+    empty prompt."""
+
+    def __init__(self, pipe, size: int, captions: list[list[str]] | None = None, dropout: float = 0.2):
+        if captions and not all(len(cs) for cs in captions):
+            raise BraidError("every stimulus needs at least one caption to train the tiny model on captions")
+        self.pipe, self.captions = pipe, captions
+        self.dropout = float(dropout) if captions else 1.0
+        self.time_ids = time_ids(size)
+
+    def encode(self, texts: list[str]):
+        """``prompt_embeds`` and ``pooled_prompt_embeds`` of ``texts``, differentiable in the text encoders."""
+        embeds, _, pooled, _ = self.pipe.encode_prompt(texts, device="cpu", num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=False)
+        return embeds, pooled
+
+    def sample(self, index, generator):
+        """Tokens and ``added_cond_kwargs`` (pooled embeddings, time ids) for the images ``index``."""
+        import torch
+
+        n = len(index)
+        u = torch.rand(n, generator=generator).tolist()
+        texts, groups = [""], []  # groups[i]: the rows of `texts` whose mean conditions sample i
+        for i, k in enumerate(index.tolist()):
+            if not self.captions:
+                groups.append([0])
+                continue
+            if u[i] < self.dropout:
+                groups.append(None if u[i] < self.dropout / 2 else [0])
+                continue
+            caps = self.captions[k]
+            if u[i] < self.dropout + (1 - self.dropout) / 2:
+                chosen = caps
+            else:
+                chosen = [caps[int(torch.randint(len(caps), (1,), generator=generator))]]
+            groups.append(list(range(len(texts), len(texts) + len(chosen))))
+            texts += chosen
+        embeds, pooled = self.encode(texts)
+        tokens = torch.stack([embeds[g].mean(0) if g else torch.zeros_like(embeds[0]) for g in groups])
+        pooled = torch.stack([pooled[g].mean(0) if g else torch.zeros_like(pooled[0]) for g in groups])
+        return tokens, {"text_embeds": pooled, "time_ids": self.time_ids.to(tokens.dtype).expand(n, -1)}
+
+
+def train_unet(unet, latents, conditioning: CaptionConditioning, alphas_cumprod, steps: int, batch_size: int,
+               lr: float, generator, progress=None) -> float:
+    """Fit ``unet`` to predict the noise added to scaled ``latents`` at uniform timesteps, under
+    ``conditioning``'s captions; return the last loss."""
     import torch
     import torch.nn.functional as F
 
     a = alphas_cumprod.float()
-    cond = embeds.expand(batch_size, -1, -1)
-    added = {k: v.expand(batch_size, -1) for k, v in added.items()}
 
     def step_loss():
-        x0 = latents[torch.randint(0, len(latents), (batch_size,), generator=generator)]
+        index = torch.randint(0, len(latents), (batch_size,), generator=generator)
+        x0 = latents[index]
         t = torch.randint(0, len(a), (batch_size,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
+        cond, added = conditioning.sample(index, generator)
         at = a[t].view(-1, 1, 1, 1)
         xt = at.sqrt() * x0 + (1 - at).sqrt() * noise
         return F.mse_loss(unet(xt, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample, noise)
 
-    return _fit(unet, lr, steps, step_loss, progress)
+    text = [m for m in (conditioning.pipe.text_encoder, conditioning.pipe.text_encoder_2) if m is not None]
+    trained = torch.nn.ModuleList([unet, *text]) if conditioning.captions else unet
+    return _fit(trained, lr, steps, step_loss, progress)
 
 
 def reconstruction_quality(vae, x) -> dict:
@@ -168,8 +241,9 @@ def reconstruction_quality(vae, x) -> dict:
 
 
 def train_tiny_sdxl(stimuli_path, out_dir: str | os.PathLike, image_size: int, seed: int = 0,
-                    recipe: dict | None = None) -> dict:
-    """Train the tiny SSD-1B-shaped pipeline on every image of ``stimuli_path``; save it to ``out_dir``.
+                    recipe: dict | None = None, captions: list[list[str]] | None = None) -> dict:
+    """Train the tiny SSD-1B-shaped pipeline on every image of ``stimuli_path`` (and, given, each
+    image's ``captions``, in the stimuli's order); save it to ``out_dir``.
 
     Returns the manifest (recipe, seconds, VAE PSNR/SSIM on the stimuli). The folder appears whole
     or not at all.
@@ -188,6 +262,9 @@ def train_tiny_sdxl(stimuli_path, out_dir: str | os.PathLike, image_size: int, s
     images = read_training_images(stimuli_path)
     if len(images) < 2:
         raise BraidError(f"{stimuli_path}: {len(images)} stimuli; the tiny model needs at least 2 to learn from")
+    if captions is not None and len(captions) != len(images):
+        raise BraidError(f"{stimuli_path}: {len(images)} stimuli but captions for {len(captions)}; rerun the rule "
+                         "nsd_synthetic_stimuli")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     components = sdxl_components(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TE_CONFIG, TINY_TE_CONFIG)
@@ -204,8 +281,8 @@ def train_tiny_sdxl(stimuli_path, out_dir: str | os.PathLike, image_size: int, s
         rescale_latents(vae, 1.0 / (vae.config.scaling_factor * float(means.std())))
         latents = encode_means(vae, x) * vae.config.scaling_factor  # unit variance, as img2img receives them
         pipe = assemble_sdxl(components)
-        embeds, added = img2img_conditioning(pipe, image_size)
-        unet_loss = train_unet(unet, latents, embeds, added, pipe.scheduler.alphas_cumprod, recipe["unet_steps"],
+        conditioning = CaptionConditioning(pipe, image_size, captions, recipe["caption_dropout"])
+        unet_loss = train_unet(unet, latents, conditioning, pipe.scheduler.alphas_cumprod, recipe["unet_steps"],
                                recipe["batch_size"], recipe["unet_lr"], generator, bar)
     vae.to(memory_format=torch.contiguous_format)
     quality = reconstruction_quality(vae, x.contiguous())
@@ -215,7 +292,7 @@ def train_tiny_sdxl(stimuli_path, out_dir: str | os.PathLike, image_size: int, s
             raise BraidError(f"training the tiny model's {name} diverged (loss {loss}); lower model.train's learning rate")
     info = {"source": "tiny-trained", "seed": seed, "image_size": image_size, "recipe": recipe,
             "n_images": int(len(x)), "seconds": seconds, "final_loss": {"vae": vae_loss, "unet": unet_loss},
-            "latent_std": float(latents.std()), **quality}
+            "latent_std": float(latents.std()), "captions": sum(map(len, captions or [])), **quality}
     save_sdxl(pipe, out_dir, info, weights=WEIGHTS)
     log.info("tiny pipeline trained in %.0f s: VAE reconstruction PSNR %.2f dB, SSIM %.3f on the %d stimuli", seconds,
              quality["vae_psnr_db"], quality["vae_ssim"], len(x))

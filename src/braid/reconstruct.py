@@ -127,12 +127,17 @@ def reconstruct(
     params: dict,
     device: str = "cpu",
     batch_size: int = 8,
+    guidance_scale: float = 1.0,
+    conditioning_path=None,
 ) -> None:
     """Write ``<nsd_id>.png`` for every test image into ``out_dir``.
 
-    ``params``: steps, guidance_scale, prompt, negative_prompt, dtype (and variant), the
-    settings that decide the images with ``strength`` and ``seed`` (image i's generator is seeded
+    ``params``: steps, prompt, negative_prompt, dtype (and variant), the settings that decide
+    the images with ``strength``, ``guidance_scale`` and ``seed`` (image i's generator is seeded
     with ``seed + i``); ``batch_size`` only decides how many go through at once.
+    ``conditioning_path``: a :mod:`braid.conditioning` store whose per-image embeddings replace
+    the prompt's (the semantic modes); classifier-free guidance (``guidance_scale`` > 1) takes its
+    negative branch from ``negative_prompt`` in every mode.
     """
     import torch
 
@@ -140,16 +145,34 @@ def reconstruct(
 
     steps = int(params["steps"])
     check_strength(strength, steps)
+    if guidance_scale < 0:
+        raise BraidError(f"guidance scale {guidance_scale} is negative (config reconstruct.guidance_scales)")
     ids, latents = _load_averaged(predictions_path)
     pipe = load_img2img(model_dir, device=device, dtype=params["dtype"], variant=params.get("variant"))
     dtype = pipe.unet.dtype
+    guided = guidance_scale > 1
     embeds = pipe.encode_prompt(
         prompt=params["prompt"], device=device, num_images_per_prompt=1,
-        do_classifier_free_guidance=params["guidance_scale"] > 1, negative_prompt=params.get("negative_prompt") or None,
+        do_classifier_free_guidance=guided, negative_prompt=params.get("negative_prompt") or None,
     )
     prompt_embeds, negative_embeds, pooled, negative_pooled = embeds
-    log.info("reconstructing %d images at strength %s, seed %d, %d steps, %s, on %s", ids.size, strength, seed, steps,
-             dtype, device)
+    conditioning = None
+    if conditioning_path is not None:
+        from .conditioning import Conditioning
+
+        conditioning = Conditioning(conditioning_path)
+        conditioning.get(ids)  # every test image has its conditioning, before any image is made
+    what = conditioning.attrs["conditioning"] if conditioning else f"prompt {params['prompt']!r}"
+    log.info("reconstructing %d images at strength %s, guidance %s, seed %d, %d steps, %s, on %s, conditioned on %s",
+             ids.size, strength, guidance_scale, seed, steps, dtype, device, what)
+
+    def text_of(chunk):
+        """The positive branch's embeddings of the images ``chunk``: the prompt's, or their own."""
+        if conditioning is None:
+            return prompt_embeds.repeat(chunk.size, 1, 1), pooled.repeat(chunk.size, 1)
+        tokens, pooled_own = conditioning.get(chunk)
+        return (torch.from_numpy(tokens).to(device=device, dtype=prompt_embeds.dtype),
+                torch.from_numpy(pooled_own).to(device=device, dtype=pooled.dtype))
 
     def images_of(start, chunk):
         n = chunk.size
@@ -159,21 +182,22 @@ def reconstruct(
         if negative_embeds is not None:
             kwargs = dict(negative_prompt_embeds=negative_embeds.repeat(n, 1, 1),
                           negative_pooled_prompt_embeds=negative_pooled.repeat(n, 1))
+        text, text_pooled = text_of(chunk)
         with torch.inference_mode():
             denoised = pipe(
-                prompt_embeds=prompt_embeds.repeat(n, 1, 1),
-                pooled_prompt_embeds=pooled.repeat(n, 1),
+                prompt_embeds=text,
+                pooled_prompt_embeds=text_pooled,
                 image=z,
                 strength=strength,
                 num_inference_steps=steps,
-                guidance_scale=params["guidance_scale"],
+                guidance_scale=guidance_scale,
                 generator=gens,
                 output_type="latent",
                 **kwargs,
             ).images
         if len(denoised) != n:
             raise BraidError(f"the pipeline returned {len(denoised)} latents for {n} inputs")
-        check_denoised(denoised, chunk, dtype, strength, steps, params["guidance_scale"])
+        check_denoised(denoised, chunk, dtype, strength, steps, guidance_scale)
         return decode_latents(pipe.vae, denoised)
 
-    _write_pngs(out_dir, ids, int(batch_size), images_of, f"img2img s={strength} seed={seed}")
+    _write_pngs(out_dir, ids, int(batch_size), images_of, f"img2img s={strength} g={guidance_scale} seed={seed}")

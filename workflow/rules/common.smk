@@ -21,6 +21,7 @@ BRAID_ROOT = Path(str(workflow.current_basedir)).resolve().parents[1]
 # this checkout's.
 sys.path.insert(0, str(BRAID_ROOT / "src"))
 
+import braid.conditioning
 import braid.config
 import braid.encoder
 import braid.metric_networks
@@ -63,7 +64,9 @@ wildcard_constraints:
     subject=r"subj0[1-8]",
     encoder=r"[A-Za-z0-9_-]+",
     strength=r"[0-9.]+",
+    guidance=r"[0-9.]+",
     seed=r"[0-9]+",
+    conditioning=r"none|true-caption|(predicted|retrieved)-[A-Za-z0-9_-]+",
 
 
 NSD = config["nsd"]
@@ -99,7 +102,39 @@ TEXT_IDENTITY = braid.config.text_identity(
 FETCH_ROIS = braid.config.fetch_rois(config) if SEMANTIC else config["roi"]
 REFERENCES = sorted(config["evaluate"]["references"])  # true-latent / mean-latent rows, scored like encoders
 SEEDS = [str(s) for s in config["reconstruct"]["seeds"]]
-RUNS = ["decode", *(f"strength-{s}/seed-{k}" for s in STRENGTHS for k in SEEDS)]  # a source's reconstructions
+GUIDANCES = [braid.config.strength_label(g) for g in config["reconstruct"]["guidance_scales"]]
+# img2img's text conditioning (braid.conditioning): `none` (the fixed prompt) for every latent source;
+# the semantic modes for the sources reconstruct.conditioning.latent names
+CONDITIONING = config["reconstruct"]["conditioning"]
+SEMANTIC_CONDITIONINGS = braid.conditioning.names(CONDITIONING["modes"], CONDITIONING["semantic"]) if SEMANTIC else []
+
+
+CONDITIONING_STRENGTHS = [
+    braid.config.strength_label(s) for s in (CONDITIONING.get("strengths") or config["reconstruct"]["strengths"])
+]
+
+
+def conditionings_of(source, strength=None):
+    """A latent source's conditionings (at ``strength``: the semantic modes run at CONDITIONING_STRENGTHS)."""
+    if source not in CONDITIONING["latent"] or (strength is not None and strength not in CONDITIONING_STRENGTHS):
+        return ["none"]
+    return ["none", *SEMANTIC_CONDITIONINGS]
+
+
+def runs_of(source):
+    """A latent source's reconstructions: decode-only, and img2img per conditioning, guidance, strength and seed."""
+    return [
+        "decode",
+        *(
+            f"{c}/guidance-{g}/strength-{s}/seed-{k}"
+            for s in STRENGTHS
+            for c in conditionings_of(source, s)
+            for g in GUIDANCES
+            for k in SEEDS
+        ),
+    ]
+
+
 # network -> its weights folder (resources/metric_weights/<pretrained|random-seedN>/<network>)
 METRIC_WEIGHTS = braid.config.metric_weights(config["evaluate"])
 
@@ -249,22 +284,59 @@ def get_oracle_metrics():
 
 
 def get_image_metric_files():
-    return expand(
-        "results/{subject}/{encoder}/{run}/image_metrics.parquet",
-        subject=SUBJECTS,
-        encoder=[*ENCODERS, *REFERENCES],
-        run=RUNS,
-    )
+    return [
+        f"results/{subject}/{source}/{run}/image_metrics.parquet"
+        for subject in SUBJECTS
+        for source in [*ENCODERS, *REFERENCES]
+        for run in runs_of(source)
+    ]
 
 
 def get_grid_images(wildcards):
-    """Image folders of a subject's grid at one strength: every source decoded and through img2img (first seed)."""
-    runs = {"decode": "decode", "img2img": f"strength-{wildcards.strength}/seed-{SEEDS[0]}"}
-    return {
-        f"{source}|{kind}": f"results/{wildcards.subject}/{source}/{run}/images"
-        for source in [*ENCODERS, *REFERENCES]
-        for kind, run in runs.items()
-    }
+    """Image folders of a subject's grid at one strength: every source decoded and through img2img
+    in each of its conditionings (first guidance scale, first seed)."""
+    img2img = f"guidance-{GUIDANCES[0]}/strength-{wildcards.strength}/seed-{SEEDS[0]}"
+    out = {}
+    for source in [*ENCODERS, *REFERENCES]:
+        out[f"{source}|decode"] = f"results/{wildcards.subject}/{source}/decode/images"
+        for c in conditionings_of(source, wildcards.strength):
+            out[f"{source}|{c}"] = f"results/{wildcards.subject}/{source}/{c}/{img2img}/images"
+    return out
+
+
+def get_grid_captions(wildcards):
+    """The captions of the semantic conditionings (printed under their rows)."""
+    if wildcards.strength not in CONDITIONING_STRENGTHS:
+        return []
+    return [f"results/{wildcards.subject}/conditioning/{c}.csv" for c in SEMANTIC_CONDITIONINGS]
+
+
+def get_run_conditioning(wildcards):
+    """The conditioning store of a semantic img2img run (its semantic encoder's parameters count)."""
+    conditioning = wildcards.run.split("/")[0]
+    if wildcards.run == "decode" or conditioning == "none":
+        return []
+    return zarr_store(f"results/{wildcards.subject}/conditioning/{conditioning}.zarr")
+
+
+def get_conditioning(wildcards):
+    """The conditioning store an img2img job reads (none for the fixed prompt)."""
+    if wildcards.conditioning == "none":
+        return []
+    return zarr_store(f"results/{wildcards.subject}/conditioning/{wildcards.conditioning}.zarr")
+
+
+def get_conditioning_inputs(wildcards):
+    """What reconstruct_conditioning reads: the text cache and captions; a semantic encoder's
+    predictions (predicted, retrieved); the retrieval bank and the model's text encoders (retrieved)."""
+    mode, encoder = braid.conditioning.parse(wildcards.conditioning)
+    out = {"cache": f"results/{wildcards.subject}/text_embeddings.json", "captions": CAPTIONS}
+    if encoder:
+        out["predictions"] = zarr_store(f"results/{wildcards.subject}/semantic/{encoder}/predictions.zarr")
+    if mode == "retrieved":
+        out["bank"] = zarr_store(f"results/{wildcards.subject}/semantic/bank.zarr")
+        out["model"] = MODEL_DIR
+    return out
 
 
 def get_final_outputs():
@@ -275,6 +347,7 @@ def get_final_outputs():
         "results/summary.png",
         "results/summary.html",
         "results/frontier_metrics.csv",
+        "results/frontier_images.png",
         *expand("results/{subject}/{encoder}/loss.png", subject=SUBJECTS, encoder=ENCODERS),
         *expand("results/{subject}/latent_stats.png", subject=SUBJECTS),
         *expand("results/{subject}/frontier.png", subject=SUBJECTS),
@@ -338,6 +411,16 @@ def mem_semantic_train(wildcards, attempt):
     if sp["target"] == "tokens":  # at most one image per trial
         mb += trials * 77 * TEXT_WIDTH * 4 * 1.5 / 2**20
     return int(mb) * attempt
+
+
+def mem_conditioning(wildcards, attempt):
+    """The test images' conditioning (tokens in float32, three copies at most) and, to encode the
+    retrieved captions, the text encoders (as semantic_encode)."""
+    images = 1000 if NSD["source"] != "synthetic" else config["synthetic"]["images_per_subject"]
+    mb = int(images * 77 * TEXT_WIDTH * 4 * 3 / 2**20) + 512
+    if wildcards.conditioning.startswith("retrieved-"):
+        mb += mem_semantic_encode(wildcards, 1)
+    return mb * attempt
 
 
 def get_semantic_teacher(wildcards):

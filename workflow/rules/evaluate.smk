@@ -1,6 +1,6 @@
 # Stage 6: the field's metrics. Network weights are fetched once (a local rule); each subject's
-# test stimuli are featurised once; every run (subject x encoder x decode-only or strength x seed)
-# is scored per image; one summary job aggregates over images and seeds, draws the figures and
+# test stimuli are featurised once; every run (subject x latent source x decode-only, or img2img
+# conditioning x guidance x strength x seed) is scored per image; one summary job aggregates over images and seeds, draws the figures and
 # prints the table beside the published rows; per subject and strength one grid of every row.
 
 
@@ -24,10 +24,12 @@ rule metrics_fetch:
 
 
 rule evaluate_stimuli:
-    """Network features of the subject's test stimuli (the ground truth of every run)."""
+    """Network features of the subject's test stimuli (the ground truth of every run), and on the
+    synthetic data the category readout's descriptors of its training stimuli."""
     input:
         stimuli=lambda wc: fetched(stimuli_file(wc.subject)),
-        sources=fetch_sources(braid.nsd.STIMULI),
+        sources=fetch_sources(braid.nsd.STIMULI, braid.nsd.STIM_INFO),
+        stim_info=fetched(nsd_file(braid.nsd.STIM_INFO)),
         trials="results/{subject}/trials.parquet",
         weights=list(METRIC_WEIGHTS.values()),
         code=script_code("evaluate_stimuli"),
@@ -58,6 +60,7 @@ rule evaluate_images:
         sources=fetch_sources(braid.nsd.STIMULI),
         features=zarr_store("results/{subject}/stimulus_features.zarr"),
         weights=list(METRIC_WEIGHTS.values()),
+        conditioning=get_run_conditioning,
         code=script_code("evaluate_images"),
     output:
         "results/{subject}/{encoder}/{run}/image_metrics.parquet",
@@ -66,7 +69,7 @@ rule evaluate_images:
     benchmark:
         "logs/benchmark/evaluate_images/{subject}/{encoder}/{run}/evaluate.tsv"
     wildcard_constraints:
-        run=r"decode|strength-[0-9.]+/seed-[0-9]+",
+        run=r"decode|(none|true-caption|(predicted|retrieved)-[A-Za-z0-9_-]+)/guidance-[0-9.]+/strength-[0-9.]+/seed-[0-9]+",
     conda:
         "../../envs/braid.yaml"
     threads: 4
@@ -83,9 +86,11 @@ rule evaluate_images:
 
 
 rule evaluate_grid:
-    """Stimuli and every row's reconstructions (first seed) at one strength."""
+    """Stimuli and every row's reconstructions (first guidance scale and seed) at one strength, the
+    retrieved captions under their rows."""
     input:
         unpack(get_grid_images),
+        captions=get_grid_captions,
         stimuli=lambda wc: fetched(stimuli_file(wc.subject)),
         sources=fetch_sources(braid.nsd.STIMULI),
         trials="results/{subject}/trials.parquet",
@@ -106,6 +111,7 @@ rule evaluate_grid:
         "../../envs/braid.yaml"
     params:
         seed=SEEDS[0],
+        guidance=GUIDANCES[0],
     script:
         "../../scripts/evaluate_grid.py"
 
@@ -150,11 +156,16 @@ rule evaluate_summary:
         plot=report("results/summary.png", caption="../report/summary.rst", category="Summary"),
         html=report("results/summary.html", caption="../report/summary_table.rst", category="Summary"),
         frontier="results/frontier_metrics.csv",
+        frontier_images=report(
+            "results/frontier_images.png", caption="../report/frontier_images.rst", category="Summary"
+        ),
     log:
         "logs/summary.log",
     benchmark:
         "logs/benchmark/evaluate_summary/summary.tsv"
     conda:
         "../../envs/braid.yaml"
+    params:
+        reference=config["frontier"]["reference"],
     script:
         "../../scripts/evaluate_summary.py"

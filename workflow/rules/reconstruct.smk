@@ -1,6 +1,8 @@
 # Stage 5: reconstructions of each test image from its predicted latent: decoded only (the VAE
-# decoder, no diffusion), and img2img at every strength and seed, one job each. Encoders and the
-# reference rows (true-latent, mean-latent) alike.
+# decoder, no diffusion), and img2img per conditioning, guidance scale, strength and seed, one job
+# each. Encoders and the reference rows (true-latent, mean-latent) alike. The semantic conditionings
+# (predicted, retrieved, true-caption: braid.conditioning) are written once per subject and mode and
+# read by every img2img job of that mode.
 
 
 rule reconstruct_decode:
@@ -27,17 +29,52 @@ rule reconstruct_decode:
         "../../scripts/reconstruct_decode.py"
 
 
+rule reconstruct_conditioning:
+    """The text embeddings that condition img2img in one semantic mode, for the subject's test images."""
+    input:
+        unpack(get_conditioning_inputs),
+        trials="results/{subject}/trials.parquet",
+        code=script_code("reconstruct_conditioning"),
+    output:
+        store=zarr_store("results/{subject}/conditioning/{conditioning}.zarr"),
+        captions="results/{subject}/conditioning/{conditioning}.csv",
+    log:
+        "logs/{subject}/conditioning/{conditioning}.log",
+    benchmark:
+        "logs/benchmark/reconstruct_conditioning/{subject}/{conditioning}.tsv"
+    wildcard_constraints:
+        conditioning=r"true-caption|(predicted|retrieved)-[A-Za-z0-9_-]+",
+    conda:
+        "../../envs/braid.yaml"
+    threads: 4
+    resources:
+        mem_mb=mem_conditioning,
+        runtime=60,
+        gpu=lambda wc: GPU if wc.conditioning.startswith("retrieved-") else 0,
+    params:
+        settings=lambda wc: as_json(
+            {"dtype": config["semantic"]["text_dtype"], "variant": config["model"]["variant"]}
+            if wc.conditioning.startswith("retrieved-")
+            else {}
+        ),
+    script:
+        "../../scripts/reconstruct_conditioning.py"
+
+
 rule reconstruct_img2img:
     input:
         predictions=zarr_store("results/{subject}/{encoder}/predictions.zarr"),
         model=MODEL_DIR,
+        conditioning=get_conditioning,
         code=script_code("reconstruct_img2img"),
     output:
-        directory("results/{subject}/{encoder}/strength-{strength}/seed-{seed}/images"),
+        directory(
+            "results/{subject}/{encoder}/{conditioning}/guidance-{guidance}/strength-{strength}/seed-{seed}/images"
+        ),
     log:
-        "logs/{subject}/{encoder}/strength-{strength}/seed-{seed}/reconstruct.log",
+        "logs/{subject}/{encoder}/{conditioning}/guidance-{guidance}/strength-{strength}/seed-{seed}/reconstruct.log",
     benchmark:
-        "logs/benchmark/reconstruct_img2img/{subject}/{encoder}/strength-{strength}/seed-{seed}/reconstruct.tsv"
+        "logs/benchmark/reconstruct_img2img/{subject}/{encoder}/{conditioning}/guidance-{guidance}/strength-{strength}/seed-{seed}/reconstruct.tsv"
     conda:
         "../../envs/braid.yaml"
     threads: 8
@@ -47,7 +84,7 @@ rule reconstruct_img2img:
         gpu=GPU,
     params:
         settings=as_json(
-            without(config["reconstruct"], "strengths", "seeds", "batch_size")
+            without(config["reconstruct"], "strengths", "seeds", "batch_size", "guidance_scales", "conditioning")
             | {"variant": config["model"]["variant"]}
         ),
     script:
