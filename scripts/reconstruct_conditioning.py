@@ -17,7 +17,7 @@ with snakemake_job(snakemake):
         predictions_path=store_path(i.predictions) if "predictions" in i.keys() else None,
         bank_path=store_path(i.bank) if "bank" in i.keys() else None,
         model_dir=i.model if "model" in i.keys() else None,
-        device=device_of(snakemake.config, gpu_rule=snakemake.wildcards.conditioning.startswith("retrieved-")),
+        device=device_of(snakemake.config),
         dtype=settings.get("dtype", "float32"),
         variant=settings.get("variant"),
         batch_size=snakemake.config["semantic"]["text_batch_size"],

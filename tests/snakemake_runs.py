@@ -42,7 +42,8 @@ def planned_rules(proc: subprocess.CompletedProcess) -> set[str]:
 PARALLEL = ["--cores", "2", "--set-threads", *(f"{rule}=1" for rule in (
     "encoder_train", "reconstruct_decode", "reconstruct_img2img", "evaluate_stimuli", "evaluate_images"))]
 # the rules that use a GPU (they declare gpu=1)
-GPU_RULES = {"latents_encode", "semantic_encode", "semantic_train", "encoder_train", "reconstruct_decode", "reconstruct_img2img", "evaluate_stimuli",
+GPU_RULES = {"latents_encode", "semantic_encode", "semantic_train", "encoder_train", "reconstruct_decode",
+             "reconstruct_conditioning", "reconstruct_img2img", "evaluate_stimuli",
              "evaluate_images"}
 
 

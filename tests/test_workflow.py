@@ -556,14 +556,14 @@ def test_the_slurm_profile_runs_the_workflow_through_sbatch(run, tmp_path, slurm
     run_id = re.search(r"SLURM run ID: (\S+)", proc.stdout + proc.stderr).group(1)
     jobs = slurm_jobs(run_id)
     rules = {re.match(r"rule_(.+?)(?:_wildcards_|$)", j["Comment"]).group(1) for j in jobs}  # summary: no wildcards
-    assert rules == GPU_RULES | {"betas_mask", "latents_statistics", "encoder_frontier", "evaluate_grid",
+    assert rules == GPU_RULES - {"reconstruct_conditioning"} | {"betas_mask", "latents_statistics", "encoder_frontier", "evaluate_grid",
                                  "evaluate_oracle", "evaluate_summary", "betas_mask_semantic", "semantic_bank",
                                  "semantic_oracle", "semantic_frontier"}
     assert all(j["State"] == "COMPLETED" for j in jobs), jobs
     for job in jobs:
         gpu_rule = any(job["Comment"].startswith(f"rule_{r}_wildcards_") for r in GPU_RULES)
         assert (job["Partition"], "gpu:1" in job["tres-per-job"]) == (("gpu", True) if gpu_rule else ("cpu", False)), job
-    key = ["encoder", "mode", "strength", "seed", "nsd_id"]
+    key = ["encoder", "mode", "conditioning", "strength", "seed", "nsd_id"]
     on_slurm = pd.read_parquet(cluster / "results" / "metrics_per_image.parquet").sort_values(key)
     local = pd.read_parquet(run / "results" / "metrics_per_image.parquet")
     local = local.merge(on_slurm[key], on=key).sort_values(key)  # the same runs in the default's

@@ -417,7 +417,7 @@ def mem_conditioning(wildcards, attempt):
     """The test images' conditioning (tokens in float32, three copies at most) and, to encode the
     retrieved captions, the text encoders (as semantic_encode)."""
     images = 1000 if NSD["source"] != "synthetic" else config["synthetic"]["images_per_subject"]
-    mb = int(images * 77 * TEXT_WIDTH * 4 * 3 / 2**20) + 512
+    mb = int(images * 77 * TEXT_WIDTH * 4 * 3 / 2**20) + 1024
     if wildcards.conditioning.startswith("retrieved-"):
         mb += mem_semantic_encode(wildcards, 1)
     return mb * attempt

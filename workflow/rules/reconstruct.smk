@@ -30,7 +30,8 @@ rule reconstruct_decode:
 
 
 rule reconstruct_conditioning:
-    """The text embeddings that condition img2img in one semantic mode, for the subject's test images."""
+    """The text embeddings that condition img2img in one semantic mode, for the subject's test images
+    (retrieved: the pipeline's text encoders, on the GPU; the other modes read arrays, in seconds)."""
     input:
         unpack(get_conditioning_inputs),
         trials="results/{subject}/trials.parquet",
@@ -50,7 +51,7 @@ rule reconstruct_conditioning:
     resources:
         mem_mb=mem_conditioning,
         runtime=60,
-        gpu=lambda wc: GPU if wc.conditioning.startswith("retrieved-") else 0,
+        gpu=GPU,
     params:
         settings=lambda wc: as_json(
             {"dtype": config["semantic"]["text_dtype"], "variant": config["model"]["variant"]}
