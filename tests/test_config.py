@@ -72,6 +72,16 @@ def test_layered_deep_merges_mappings_and_replaces_collections():
     out = braid.config.layered(base, [{"encoders": {"ridge": {}}}, {"reconstruct": {"conditioning": mine}}], schema)
     assert out["reconstruct"]["conditioning"] == mine | {"semantic": ["mlp"]}  # a mapping: merged
     assert braid.config.layered(base, [{"sessions": [1]}], schema)["reconstruct"] == base["reconstruct"]
+    # named before the encoders, it goes with the default's encoders too (layers apply in order)
+    out = braid.config.layered(base, [{"reconstruct": {"conditioning": mine}}, {"encoders": {"ridge": {}}}], schema)
+    assert out["reconstruct"]["conditioning"] == {}
+    # the modes' strengths go with reconstruct.strengths, unless named after them
+    base["reconstruct"]["conditioning"]["strengths"] = [0.7]
+    out = braid.config.layered(base, [{"reconstruct": {"strengths": [0.5]}}], schema)
+    assert out["reconstruct"]["conditioning"]["strengths"] is None and out["reconstruct"]["strengths"] == [0.5]
+    out = braid.config.layered(base, [{"reconstruct": {"strengths": [0.5, 0.9], "conditioning": {"strengths": [0.9]}}}],
+                               schema)
+    assert out["reconstruct"]["conditioning"]["strengths"] == [0.9]
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "nsd_ssd1b.yaml", "nsd_literature.yaml", "rehearsal.yaml"])

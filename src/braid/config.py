@@ -54,18 +54,29 @@ def apply_layers(config: dict, layers: list[dict], schema: dict) -> list[str]:
 
     The collections (:func:`collection_keys`) a layer names are replaced (:func:`replace_collections`),
     and a layer that names its encoders but no sweep gets no sweep: the default's sweep is over the
-    default's encoders. Likewise a layer that names its encoders or semantic encoders but no
-    ``reconstruct.conditioning`` gets none (the default's conditions the default's encoders).
+    default's encoders. Likewise ``reconstruct.conditioning`` goes with the encoders it names: after
+    the last layer that names encoders or semantic encoders, a layer must name it again, or there is
+    none; and ``reconstruct.conditioning.strengths`` goes with ``reconstruct.strengths`` (all
+    strengths unless named again after them).
     Changes ``config`` in place; returns the collections replaced.
     """
     replaced = replace_collections(config, layers, collection_keys(schema))
     for encoders, sweep in (("encoders", "sweep"), ("semantic_encoders", "semantic_sweep")):
         if encoders in replaced and sweep not in replaced:
             config[sweep] = {}
-    names_conditioning = any(isinstance(layer, dict) and "conditioning" in (layer.get("reconstruct") or {})
-                             for layer in layers)
-    if {"encoders", "semantic_encoders"} & set(replaced) and not names_conditioning:
+    def last(has) -> int:  # the index of the last layer for which has(layer, reconstruct block) holds; -1: none
+        found = [i for i, layer in enumerate(layers) if isinstance(layer, dict)
+                 and has(layer, layer.get("reconstruct") if isinstance(layer.get("reconstruct"), dict) else {})]
+        return found[-1] if found else -1
+
+    named = last(lambda layer, rec: "encoders" in layer or "semantic_encoders" in layer)
+    if named >= 0 and last(lambda layer, rec: "conditioning" in rec) < named:
         config.setdefault("reconstruct", {})["conditioning"] = {}
+    cond = config.get("reconstruct", {}).get("conditioning")
+    strengths = last(lambda layer, rec: "strengths" in rec)
+    if strengths >= 0 and isinstance(cond, dict) and last(
+            lambda layer, rec: "strengths" in (rec.get("conditioning") or {})) < strengths:
+        cond["strengths"] = None  # the modes' strengths go with the strengths they were chosen from
     return replaced
 
 

@@ -637,12 +637,17 @@ METRIC_LABELS = {"latent_r": "latent r", "latent_two_way": "latent 2-way", "pixc
 
 def plot_metrics(table: pd.DataFrame, out_png) -> None:
     """Each metric against img2img strength (decode-only at 0), one line per subject × encoder with
-    the s.e.m. over images as bars; reference rows dashed; the oracle's latent scores as ticks."""
+    the s.e.m. over images as bars, with the fixed prompt at the first guidance scale (the semantic
+    conditionings are in the frontier of image quality and the table); reference rows dashed; the
+    oracle's latent scores as ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    img2img = table["mode"] == "img2img"
+    first = table.loc[img2img, "guidance"].min()
+    table = table[~img2img | ((table["conditioning"] == "none") & (table["guidance"] == first))]
     cols = [c for c in ["latent_r", "latent_two_way", *IMAGE_METRICS, *RETRIEVAL] if c in table and table[c].notna().any()]
     ncol = 4
     nrow = int(np.ceil(len(cols) / ncol))
@@ -673,7 +678,7 @@ def plot_metrics(table: pd.DataFrame, out_png) -> None:
         ax.axis("off")
     handles, labels = axes.ravel()[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7, frameon=False)
-    title = "Every metric against img2img strength (bars: s.e.m. over test images)"
+    title = f"Every metric against img2img strength (fixed prompt, guidance {first:g}; bars: s.e.m. over test images)"
     stamps = not_a_result(table.get("weights", []), table.get("metric_weights", []))
     fig.suptitle("\n".join([*stamps, title]), fontsize=9, color="tab:red" if stamps else "k")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
