@@ -348,6 +348,15 @@ def test_evaluate_images_scores_the_right_files(mirror, tiny_model, alexnet_rand
     write_folder_manifest(images)  # as a writer that paired them wrongly would
     wrong = evaluate_images(images, *args, tmp_path / "m2.parquet", "subj01", "lin", "decode")
     assert (wrong["ssim"] < 0.9).all() and (wrong["alexnet2"] < 1).all() and wrong["mode"].iloc[0] == "decode"
+    # a semantic conditioning's encoder adds its parameters to the latent encoder's (brain-side total)
+    from braid.integrity import new_group
+
+    new_group(tmp_path / "cond.zarr").attrs.update({"n_parameters_semantic": 40})
+    conditioned = evaluate_images(images, *args, tmp_path / "m5.parquet", "subj01", "lin",
+                                  "predicted-sem/guidance-3/strength-0.5/seed-1", conditioning_path=tmp_path / "cond.zarr")
+    first = conditioned.iloc[0]
+    assert (first["n_parameters"], first["n_parameters_latent"], first["n_parameters_semantic"]) == (163, 123, 40)
+    assert (first["conditioning"], first["semantic_encoder"]) == ("predicted-sem", "sem")
     # the synthetic data's category readout: against the training stimuli, stored once per subject
     from sklearn.neighbors import KNeighborsClassifier
 

@@ -269,13 +269,15 @@ def test_each_image_gets_its_own_conditioning_with_guidance(tiny_model, predicti
                        generator=[torch.Generator().manual_seed(image)], **kwargs).images[0]
         return (out * 255).round().astype(np.int16)
 
+    # both images in one batch of 2, diffusers one at a time: another batch size moves a pixel by
+    # at most 2 of 255 (test_batch_size_changes_an_image_by_at_most_2_of_255); a wrong conditioning by far more
     for k, image in enumerate([4, 11]):
-        assert np.abs(png(tmp_path / "r" / f"{image}.png") - by_hand(image, k)).max() <= 1
-    assert np.abs(png(tmp_path / "r" / "11.png") - by_hand(11, 0)).max() > 1  # image 4's embeddings: another image
+        assert np.abs(png(tmp_path / "r" / f"{image}.png") - by_hand(image, k)).max() <= 2
+    assert np.abs(png(tmp_path / "r" / "11.png") - by_hand(11, 0)).max() > 6  # image 4's embeddings: another image
     reconstruct(path, tiny_model, tmp_path / "fixed", 0.5, 0, PARAMS, batch_size=2, guidance_scale=guidance)
-    assert np.abs(png(tmp_path / "fixed" / "11.png") - png(tmp_path / "r" / "11.png")).max() > 1
+    assert np.abs(png(tmp_path / "fixed" / "11.png") - png(tmp_path / "r" / "11.png")).max() > 6
     if guidance > 1:
-        assert np.abs(png(tmp_path / "r" / "11.png") - by_hand(11, 1, g=1.0)).max() > 1
+        assert np.abs(png(tmp_path / "r" / "11.png") - by_hand(11, 1, g=1.0)).max() > 6
     with pytest.raises(BraidError, match=r"no conditioning for NSD ids \[11\]"):
         write_conditioning_store(tmp_path / "only4.zarr", [4], tokens[:1], pooled[:1])
         reconstruct(path, tiny_model, tmp_path / "x", 0.5, 0, PARAMS, conditioning_path=tmp_path / "only4.zarr")

@@ -59,21 +59,10 @@ def names(modes, semantic_encoders) -> list[str]:
     return out
 
 
-def average_by_image(values: np.ndarray, nsd_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of ``values`` rows per distinct id, ids ascending (as :mod:`braid.reconstruct` orders images)."""
-    from .reconstruct import average_by_image as by_image
-
-    return by_image(values, nsd_ids)
-
-
-def _test_ids(trials_path) -> np.ndarray:
-    trials = pd.read_parquet(trials_path)
-    return np.unique(trials.loc[trials["split"] == "test", "nsd_id"].to_numpy())
-
-
-def _train_ids(trials_path) -> np.ndarray:
-    trials = pd.read_parquet(trials_path)
-    return np.unique(trials.loc[trials["split"] == "train", "nsd_id"].to_numpy())
+def _ids(trials_path, split: str) -> np.ndarray:
+    """The distinct images of one split, ascending."""
+    trials = pd.read_parquet(trials_path, columns=["nsd_id", "split"])
+    return np.unique(trials.loc[trials["split"] == split, "nsd_id"].to_numpy())
 
 
 def mean_tokens(cache, nsd_ids, block: int = 256) -> np.ndarray:
@@ -88,13 +77,14 @@ def mean_tokens(cache, nsd_ids, block: int = 256) -> np.ndarray:
 def _predicted(predictions_path, cache, trials_path, test_ids):
     """Per test image: the predicted pooled embedding and tokens (the training mean for a pooled target)."""
     from .encoder import load_predictions
+    from .reconstruct import average_by_image  # the images in the order img2img makes them
     from .semantic import predicted_conditioning
 
     p = load_predictions(predictions_path, "test")
     pooled, tokens = predicted_conditioning(p)
     ids, pooled = average_by_image(pooled, p["nsd_id"])
     if tokens is None:
-        mean = mean_tokens(cache, _train_ids(trials_path))
+        mean = mean_tokens(cache, _ids(trials_path, "train"))
         tokens = np.broadcast_to(mean, (len(ids), *mean.shape))
     else:
         tokens = average_by_image(tokens, p["nsd_id"])[1]
@@ -116,7 +106,7 @@ def conditioning_arrays(name: str, trials_path, cache_path, captions_path, predi
     if mode == "none":
         raise BraidError("the 'none' conditioning is the fixed prompt, encoded by the img2img job")
     cache = TextEmbeddingCache(cache_path)
-    ids = _test_ids(trials_path)
+    ids = _ids(trials_path, "test")
     attrs = {"format": FORMAT, "conditioning": name, "mode": mode, "semantic_encoder": encoder or "",
              "n_parameters_semantic": 0, "weights": cache.weights}
     if mode == "true-caption":
@@ -134,7 +124,7 @@ def conditioning_arrays(name: str, trials_path, cache_path, captions_path, predi
     from .semantic import Bank
     from .text_embeddings import encode_captions, load_text_encoders
 
-    centre = cache.pooled(_train_ids(trials_path)).mean(0)
+    centre = cache.pooled(_ids(trials_path, "train")).mean(0)
     near = Bank(bank_path).nearest(pooled, centre, k=1)
     captions = pd.DataFrame({"nsd_id": ids, "caption": near["caption"].to_numpy(),
                              "bank_nsd_id": near["bank_nsd_id"].to_numpy(),
@@ -164,6 +154,12 @@ def write_conditioning(name: str, out_zarr, out_csv, **kwargs) -> pd.DataFrame:
         captions.to_csv(tmp, index=False)
     log.info("conditioning %s: %d test images, tokens %s, pooled %s", name, len(ids), tokens.shape[1:], pooled.shape[1:])
     return captions
+
+
+def semantic_parameters(path) -> int:
+    """The semantic encoder's parameter count a conditioning store records (0 for the true caption),
+    from its attributes alone."""
+    return int(open_store(path, rule="reconstruct_conditioning").attrs.get("n_parameters_semantic", 0))
 
 
 class Conditioning:

@@ -374,9 +374,9 @@ def evaluate_images(images, predictions, latents, stimuli_path, features_path, w
         table["category"] = (guess == by_id.loc[ids].to_numpy()).astype(np.float64)
     semantic = 0
     if conditioning_path is not None:
-        from .conditioning import Conditioning
+        from .conditioning import semantic_parameters
 
-        semantic = int(Conditioning(conditioning_path).attrs.get("n_parameters_semantic", 0))
+        semantic = semantic_parameters(conditioning_path)  # its attributes, not its embeddings
     keys = {"subject": subject, "encoder": source, "kind": preds["spec"].get("kind", ""), **run_keys(run),
             "n_parameters": preds["n_parameters"] + semantic, "n_parameters_latent": preds["n_parameters"],
             "n_parameters_semantic": semantic}

@@ -136,7 +136,7 @@ def semantic_paragraph(summary: pd.DataFrame) -> str:
     CLIP 2-way (or the first network metric present), PixCorr and category readout against ``none``."""
     from .frontier import image_points
 
-    if "conditioning" not in summary or not (summary["conditioning"].fillna("").str.len() > 0).any():
+    if not (summary["mode"] == "img2img").any():
         return ""
     points, strength, guidance = image_points(summary)
     conditioned = points[points["conditioning"] != "none"]
