@@ -528,11 +528,11 @@ def test_retrieval_of_a_run_uses_latents_z_scored_with_the_training_statistics(m
     assert per_image["retrieval_image"].mean() < 1 and row["retrieval_pool"] == uniq.size
 
 
-def test_category_descriptor_ignores_position_flips_and_contrast_and_reads_the_synthetic_stimuli():
-    """The descriptor is unchanged by a circular shift, a mirror or upside-down flip and an affine change of
-    grey levels (numpy's own FFT and histogram of the standardised grey image as the reference), and
-    the nearest-neighbour readout equals scikit-learn's 1-NN on it; on the synthetic stimuli it reads a
-    held-out stimulus's category far above chance (14 categories)."""
+def test_category_descriptor_ignores_colour_casts_and_reads_the_synthetic_stimuli():
+    """The descriptor is each channel's 8 x 8 block means, standardised per channel, centred and of
+    unit length (numpy by hand as the reference), so unchanged by a gain and offset per channel but
+    not by a flip; the nearest-neighbour readout equals scikit-learn's 1-NN on it; on the synthetic
+    stimuli it reads a held-out stimulus's category far above chance (14 categories)."""
     from sklearn.neighbors import KNeighborsClassifier
 
     from braid.evaluate import CATEGORY_SIZE, category_descriptor, nearest_category, stimuli_as_float
@@ -540,19 +540,16 @@ def test_category_descriptor_ignores_position_flips_and_contrast_and_reads_the_s
     from braid.synthetic import make_stimuli
 
     rng = np.random.default_rng(4)
-    x = rng.random((1, 3, 256, 256))
+    x = rng.random((2, 3, 256, 256))
     base = category_descriptor(x)
-    assert base.shape == (1, CATEGORY_SIZE * CATEGORY_SIZE + 16)
-    np.testing.assert_allclose(np.linalg.norm(base), 1)
-    for changed in (np.roll(x, (16, 48), axis=(2, 3)), x[..., ::-1], x[:, :, ::-1], 0.5 * x + 0.2):
-        np.testing.assert_allclose(category_descriptor(changed), base, atol=2e-5)  # (std + 1e-6)
-    # the histogram half by hand: the grey image in 16 x 16 blocks, standardised, 16 bins on [-3, 3]
-    grey = x[0].mean(0).reshape(16, 16, 16, 16).mean((1, 3))
-    grey = (grey - grey.mean()) / (grey.std() + 1e-6)
-    hist = np.histogram(grey, bins=16, range=(-3, 3))[0].astype(float)
-    hist = (hist - hist.mean()) / np.linalg.norm(hist - hist.mean())
-    half = base[0, -16:]
-    np.testing.assert_allclose(half / np.linalg.norm(half), hist, atol=1e-9)
+    assert base.shape == (2, 3 * CATEGORY_SIZE * CATEGORY_SIZE)
+    blocks = x[1].reshape(3, 8, 32, 8, 32).mean((2, 4))
+    blocks = (blocks - blocks.mean((1, 2), keepdims=True)) / (blocks.std((1, 2), keepdims=True) + 1e-6)
+    v = blocks.ravel() - blocks.mean()
+    np.testing.assert_allclose(base[1], v / np.linalg.norm(v), atol=1e-9)
+    cast = x * np.array([0.6, 1.3, 0.9])[:, None, None] + np.array([0.1, -0.05, 0.02])[:, None, None]
+    np.testing.assert_allclose(category_descriptor(cast), base, atol=2e-5)  # (std + 1e-6)
+    assert np.abs(category_descriptor(x[..., ::-1]) - base).max() > 0.01  # where things are counts
 
     images, made = make_stimuli(120, np.random.default_rng(0), attributes=True)
     cats = np.array([m["category"] for m in made])
@@ -561,4 +558,4 @@ def test_category_descriptor_ignores_position_flips_and_contrast_and_reads_the_s
     ours = nearest_category(d[query], d[pool], cats[pool])
     knn = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(d[pool], cats[pool]).predict(d[query])
     np.testing.assert_array_equal(ours, knn)
-    assert (ours == cats[query]).mean() > 4 / 14, (ours == cats[query]).mean()  # measured 0.8 here; chance 1/14
+    assert (ours == cats[query]).mean() > 4 / 14, (ours == cats[query]).mean()  # measured 0.3 here; chance 1/14

@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
+import braid.config
 from snakemake_runs import (GPU_RULES, PARALLEL, REPO, RUN_LAYER, planned_outputs, planned_rules,
                             snakemake)
 
@@ -290,7 +292,7 @@ def test_every_job_leaves_its_wall_time_and_peak_memory(run):
 def test_long_steps_write_their_progress_to_their_logs(run):
     """Not only the terminal: the job's log file has the step, count, rate (and, until the end, ETA)."""
     model = (run / "logs" / "model" / "train.log").read_text()
-    steps = 700 + RUN_CHANGES["model"]["train"]["unet_steps"]
+    steps = 700 + 300 + RUN_CHANGES["model"]["train"]["unet_steps"]  # VAE, text encoders (captions), UNet
     assert f"tiny model: {steps}/{steps} step (100 %)" in model, model[-2000:]
     mlp = (run / "logs" / "subj01" / "mlp" / "train.log").read_text()
     assert re.search(r"epochs: (\d+)/\1 epoch \(100 %\), [0-9.e+]+ epoch/s", mlp), mlp[-2000:]
@@ -316,7 +318,8 @@ def test_damage_to_a_finished_run_is_found_named_and_repaired(run, tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:-10])
     deleted = sorted((results / "ridge" / "decode" / "images").glob("*.png"))[0]
     deleted.unlink()
-    replaced, other = sorted((results / "mlp" / "none" / "guidance-3" / "strength-0.3" / "seed-0" / "images").glob("*.png"))[:2]
+    guidance = "guidance-" + braid.config.strength_label(run_config()["reconstruct"]["guidance_scales"][0])
+    replaced, other = sorted((results / "mlp" / "none" / guidance / "strength-0.3" / "seed-0" / "images").glob("*.png"))[:2]
     shutil.copyfile(other, replaced)
     assert planned_rules(snakemake(work, "-n")) == set()  # nothing looks out of date
 
@@ -333,7 +336,7 @@ def test_damage_to_a_finished_run_is_found_named_and_repaired(run, tmp_path):
     repair = lines[-1].split()
     assert repair[:2] == ["snakemake", "--forcerun"] and sorted(repair[2:]) == sorted([
         "results/subj01/ridge/predictions.zarr/zarr.json", "results/subj01/ridge/decode/images",
-        "results/subj01/mlp/none/guidance-3/strength-0.3/seed-0/images"])
+        f"results/subj01/mlp/none/{guidance}/strength-0.3/seed-0/images"])
 
     snakemake(work, *repair[1:], *PARALLEL)
     again = subprocess.run(verify, capture_output=True, text=True)

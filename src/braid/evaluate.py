@@ -289,35 +289,28 @@ def run_keys(run: str) -> dict:
 
 # --- the synthetic world's category readout --------------------------------------------------
 
-CATEGORY_SIZE = 16  # px of the grey image the category descriptor is computed on
+CATEGORY_SIZE = 8  # blocks per side of the thumbnail the category descriptor compares
 
 
 def category_descriptor(images256: np.ndarray) -> np.ndarray:
-    """Unit vectors (n, d) describing what kind of picture each image is, not where things are in it:
-    the grey image averaged into 16 x 16 blocks and standardised, then (1) its log-amplitude
-    spectrum without the mean, symmetrised over u -> -u (so unchanged by translation and by
-    flips) and (2) the histogram of its standardised grey levels (unchanged by brightness and
-    contrast), each centred and scaled to unit length, concatenated and scaled again.
+    """Unit vectors (n, d) describing which picture each image was cut from: each colour channel
+    averaged into an 8 x 8 thumbnail and standardised per image and channel (so unchanged by a
+    colour cast, brightness and contrast, which the synthetic stimuli vary per channel), the three
+    channels concatenated, centred and scaled to unit length.
 
     ``images256``: float (n, 3, 256, 256) in [0, 1]. A stand-in for a classifier on the synthetic
-    NSD, whose categories differ in texture and tone (its stimuli are crops, flips and colour
-    shifts of 14 photographs); real NSD has no categories to read out."""
-    x = np.asarray(images256, np.float64).mean(1)
-    n, h, w = x.shape
+    NSD, whose 14 categories are the photographs its stimuli are cropped from: a reconstruction
+    is read as the category of the training stimulus whose coarse layout it shares
+    (:func:`nearest_category`). Coarse on purpose: the tiny model's 64 px reconstructions keep
+    an image's layout long before its texture. Real NSD has no categories to read out."""
+    x = np.asarray(images256, np.float64)
+    n, c, h, w = x.shape
     b = h // CATEGORY_SIZE
-    g = x[:, : b * CATEGORY_SIZE, : b * CATEGORY_SIZE].reshape(n, CATEGORY_SIZE, b, CATEGORY_SIZE, b).mean((2, 4))
-    g = (g - g.mean((1, 2), keepdims=True)) / (g.std((1, 2), keepdims=True) + 1e-6)
-    amp = np.abs(np.fft.fft2(g))
-    amp = amp + np.roll(np.flip(amp, axis=-1), 1, axis=-1)
-    amp[:, 0, 0] = 0.0
-    hist = np.stack([np.histogram(gi, bins=16, range=(-3, 3))[0] for gi in g]).astype(np.float64)
-
-    def unit(v):
-        v = v.reshape(n, -1)
-        v = v - v.mean(1, keepdims=True)
-        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-
-    return unit(np.concatenate([unit(np.log1p(amp)), unit(hist)], axis=1))
+    g = x[:, :, : b * CATEGORY_SIZE, : b * CATEGORY_SIZE].reshape(n, c, CATEGORY_SIZE, b, CATEGORY_SIZE, b).mean((3, 5))
+    g = (g - g.mean((2, 3), keepdims=True)) / (g.std((2, 3), keepdims=True) + 1e-6)
+    v = g.reshape(n, -1)
+    v = v - v.mean(1, keepdims=True)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
 def nearest_category(query: np.ndarray, pool: np.ndarray, pool_categories) -> np.ndarray:
