@@ -559,3 +559,25 @@ def test_category_descriptor_ignores_colour_casts_and_reads_the_synthetic_stimul
     knn = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(d[pool], cats[pool]).predict(d[query])
     np.testing.assert_array_equal(ours, knn)
     assert (ours == cats[query]).mean() > 4 / 14, (ours == cats[query]).mean()  # measured 0.3 here; chance 1/14
+
+
+def test_grid_rows_with_captions_draw_their_images_as_large_as_the_others(tmp_path):
+    """Each row's images in one flat colour: counted in the saved PNG with PIL, a row with captions
+    under its images covers as many pixels per image as a row without (its extra height goes to
+    the captions)."""
+    from PIL import Image
+
+    from braid.evaluate import save_grid
+
+    n = 4
+    colours = {"seen": (255, 0, 0), "plain": (0, 0, 255), "captioned": (0, 160, 0), "last": (200, 0, 200)}
+    flat = {k: np.broadcast_to(np.array(c, float).reshape(3, 1, 1) / 255, (n, 3, 32, 32)) for k, c in colours.items()}
+    stimuli = (np.moveaxis(flat["seen"], 1, -1) * 255).astype(np.uint8)
+    rows = [("plain", flat["plain"]), ("captioned", flat["captioned"]), ("last", flat["last"])]
+    notes = [None, ["a long caption of the kind retrieval prints under an image"] * n, None]
+    save_grid(stimuli, rows, list(range(n)), tmp_path / "grid.png", "title", n=n, notes=notes)
+    pixels = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB")).astype(int)
+    area = {k: int((np.abs(pixels - np.array(c)).sum(-1) <= 6).sum()) for k, c in colours.items()}
+    assert min(area.values()) > 1000, area
+    for k in ("plain", "captioned", "last"):
+        assert abs(area[k] - area["seen"]) <= 0.03 * area["seen"], area

@@ -421,6 +421,13 @@ def save_grid(stimuli: np.ndarray, rows: list[tuple[str, np.ndarray]], labels, p
     fig.suptitle(title, fontsize=9)
     height = fig.get_size_inches()[1]
     fig.tight_layout(rect=(0.1, 0, 1, 1 - 0.18 * (title.count("\n") + 1) / height))  # room for the title's lines
+    plain = [i for i, note in enumerate(all_notes) if not note]
+    if plain and len(plain) < len(all_notes):  # a row with notes: its images as large as the others, notes below
+        box = axes[plain[0], 0].get_position(original=True).height
+        for i, note in enumerate(all_notes):
+            for ax in axes[i] if note else ():
+                p = ax.get_position(original=True)
+                ax.set_position([p.x0, p.y1 - box, p.width, box])
     save_figure(fig, path, dpi=100)
 
 

@@ -210,7 +210,7 @@ encoder's prediction, its own. <i>conditioning</i>: img2img's text conditioning 
 are references: <i>true-latent</i> (the stimulus's own z0: decoded = the autoencoder's ceiling, img2img = this
 design's ceiling), <i>mean-latent</i> (chance level) and the <i>true-caption</i> conditioning (the semantic
 ceiling). Category (synthetic data only): reconstructions read as the category of their nearest training
-stimulus (grey-level spectrum and histogram), right in %.</p>
+stimulus (8 × 8 thumbnails, colour casts ignored), right in %.</p>
 <table>{head(lead_ours, COLUMNS + extra)}
 {rows_html(ours, lead_ours, columns=COLUMNS + extra)}
 </table>
