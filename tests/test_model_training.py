@@ -241,3 +241,9 @@ def test_the_texture_descriptor_ignores_position_flips_and_contrast():
     np.testing.assert_allclose(half / np.linalg.norm(half), hist, atol=1e-9)
     with pytest.raises(BraidError, match="8 x 8 px are too small"):
         texture_descriptor(x[:, :, :8, :8])
+    from braid.model_training import caption_targets
+
+    small = torch.rand(5, 3, 8, 8) * 2 - 1  # model.image_size 8: 8 x 8 blocks, every feature standardised
+    targets = caption_targets(small, torch.randn(5, 4, 1, 1))
+    assert targets.shape == (5, 4 + 8 * 8 + 16)
+    torch.testing.assert_close(targets.mean(0), torch.zeros(targets.shape[1]), atol=1e-5, rtol=0)

@@ -191,10 +191,12 @@ def texture_descriptor(images: np.ndarray, blocks: int = 16) -> np.ndarray:
 def caption_targets(x, latents):
     """What a caption teaches the text encoders about its image (the stand-in for CLIP's image
     tower): the scaled latent and the :func:`texture_descriptor` of images ``x`` ((n, 3, H, W) in
-    [-1, 1]), each feature standardised over the images; float32 (n, d)."""
+    [-1, 1]; 16 x 16 blocks, fewer below 16 px), each feature standardised over the images;
+    float32 (n, d)."""
     import torch
 
-    texture = torch.from_numpy(texture_descriptor(((x.float() + 1) / 2).clamp(0, 1).numpy())).float()
+    blocks = min(16, *x.shape[-2:])  # model.image_size may be as small as 8
+    texture = torch.from_numpy(texture_descriptor(((x.float() + 1) / 2).clamp(0, 1).numpy(), blocks)).float()
     feats = torch.cat([latents.float().flatten(1), texture], 1)
     return (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
 
