@@ -50,15 +50,13 @@ def main() -> None:
 
     schema = yaml.safe_load((run / "config" / "schema.yaml").read_text())
     config = braid.config.fill_defaults(yaml.safe_load((run / "config" / "config.yaml").read_text()), schema)
-    settings = {k: v for k, v in config["reconstruct"].items()
-                if k not in ("strengths", "seeds", "batch_size", "guidance_scales", "conditioning")}
-    settings["variant"] = config["model"].get("variant")
-    models = sorted(glob.glob(str(run / "resources" / "models" / "tiny-trained*")))
+    settings = braid.config.img2img_settings(config)
+    model = run / braid.config.model_dir(config["model"])
     stimuli = glob.glob(str(run / "resources" / "**" / "nsd_stimuli.hdf5"), recursive=True)
     info = glob.glob(str(run / "resources" / "**" / "nsd_stim_info_merged.csv"), recursive=True)
-    if not (models and stimuli and info):
-        raise SystemExit(f"{run}: no finished demo run here (resources/models/tiny-trained*, the stimuli and "
-                         "their info); run `make demo` first")
+    if not (model.is_dir() and stimuli and info):
+        raise SystemExit(f"{run}: no finished demo run here ({model}, the stimuli and their info); run `make demo` "
+                         "first")
     results = run / "results" / subject
     pool = category_pool(stimuli[0], results / "trials.parquet", info[0])
     if pool is None:
@@ -76,7 +74,7 @@ def main() -> None:
             per_seed = []
             for seed in range(args.seeds):
                 out = Path(tmp) / name / f"seed-{seed}"
-                reconstruct(str(results / args.latent / "predictions.zarr"), models[0], out, strength=args.strength,
+                reconstruct(str(results / args.latent / "predictions.zarr"), model, out, strength=args.strength,
                             seed=seed, params=settings, guidance_scale=args.guidance,
                             conditioning_path=str(path) if path else None)
                 ids = np.array(sorted(int(p.stem) for p in out.glob("*.png")))

@@ -558,7 +558,7 @@ def test_category_descriptor_ignores_colour_casts_and_reads_the_synthetic_stimul
     ours = nearest_category(d[query], d[pool], cats[pool])
     knn = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(d[pool], cats[pool]).predict(d[query])
     np.testing.assert_array_equal(ours, knn)
-    assert (ours == cats[query]).mean() > 4 / 14, (ours == cats[query]).mean()  # measured 0.3 here; chance 1/14
+    assert (ours == cats[query]).mean() > 3 / 14, (ours == cats[query]).mean()  # measured 0.3 (9 of 30); chance 1/14
 
 
 def test_grid_rows_with_captions_draw_their_images_as_large_as_the_others(tmp_path):

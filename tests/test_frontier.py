@@ -66,3 +66,33 @@ def test_the_table_scores_every_encoder_and_the_mean_predictor(trained, tmp_path
     assert t.set_index("encoder").loc["ridge", "fraction_of_reference"] == pytest.approx((30 * 16 + 16) / ref["n_parameters"])
     expected = frontier.pareto_front(t["n_parameters"], t["test_latent_r"])
     assert t["pareto"].tolist() == expected.tolist() and t["pareto"].iloc[0]
+
+
+def _runs(rows):
+    cols = ["subject", "encoder", "mode", "conditioning", "strength", "guidance", "pixcorr", "category",
+            "n_parameters_semantic"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def test_image_points_look_where_the_conditionings_ran_and_the_paragraph_reads_them():
+    """The fixed prompt runs at 0.3 and 0.8, the conditionings at 0.5 only: the frontier's points and
+    the report's paragraph compare them at 0.5 and the lowest guidance (listed second here); without
+    conditionings, at the highest strength, and the paragraph is empty."""
+    from braid.frontier import image_points
+    from braid.published import semantic_paragraph
+
+    rows = [["subj01", "ridge", "decode", "", None, None, 0.5, 0.4, 0]]
+    for g in (5.0, 3.5):
+        for s in (0.3, 0.5, 0.8):
+            rows.append(["subj01", "ridge", "img2img", "none", s, g, 0.2 + s / 10 + g / 100, 0.1, 0])
+        rows.append(["subj01", "ridge", "img2img", "predicted-sem", 0.5, g, 0.31, 0.35, 1234])
+    points, strength, guidance = image_points(_runs(rows))
+    assert (strength, guidance) == (0.5, 3.5)
+    assert sorted(points["conditioning"]) == ["none", "predicted-sem"]
+    text = semantic_paragraph(_runs(rows))
+    base = 0.2 + 0.5 / 10 + 3.5 / 100
+    assert "strength 0.5 and guidance 3.5" in text and f"PixCorr {base:.3f} → 0.310" in text, text
+    assert "category readout 10.0 % → 35.0 %" in text and "(+1,234 parameters)" in text, text
+    plain = [r for r in rows if r[3] != "predicted-sem"]
+    assert image_points(_runs(plain))[1:] == (0.8, 3.5)
+    assert semantic_paragraph(_runs(plain)) == ""

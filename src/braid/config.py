@@ -331,6 +331,14 @@ def model_dir(model: dict) -> str:
     return f"resources/models/{model_name(model)}"
 
 
+def img2img_settings(config: dict) -> dict:
+    """What decides an img2img job's images besides its wildcards (strength, guidance, seed,
+    conditioning): ``reconstruct`` without the lists that make those wildcards and the batch size,
+    plus the model's weights variant. The rule's params and anything rerunning its code use this."""
+    skip = ("strengths", "seeds", "batch_size", "guidance_scales", "conditioning")
+    return {k: v for k, v in config["reconstruct"].items() if k not in skip} | {"variant": config["model"]["variant"]}
+
+
 def model_identity(model: dict) -> dict:
     """What names the weights ``model_fetch`` gets: source, revision, variant and the VAE override
     (and the seed of a model built here); sorted. Settings of how it runs (dtype, image size,

@@ -637,7 +637,7 @@ METRIC_LABELS = {"latent_r": "latent r", "latent_two_way": "latent 2-way", "pixc
 
 def plot_metrics(table: pd.DataFrame, out_png) -> None:
     """Each metric against img2img strength (decode-only at 0), one line per subject × encoder with
-    the s.e.m. over images as bars, with the fixed prompt at the first guidance scale (the semantic
+    the s.e.m. over images as bars, with the fixed prompt at the lowest guidance scale (the semantic
     conditionings are in the frontier of image quality and the table); reference rows dashed; the
     oracle's latent scores as ticks."""
     import matplotlib

@@ -136,12 +136,14 @@ CONDITIONING_MARKERS = {"none": "o", "predicted": "s", "retrieved": "D", "true-c
 
 
 def image_points(summary: pd.DataFrame) -> tuple[pd.DataFrame, float, float]:
-    """The img2img runs at the highest strength and the first guidance scale (averaged over seeds):
-    one point per (subject, latent source, conditioning); and that strength and guidance."""
+    """The img2img runs at the highest strength the conditionings on meaning ran at (the highest of
+    all without them) and the lowest guidance scale, averaged over seeds: one point per (subject,
+    latent source, conditioning); and that strength and guidance."""
     from .conditioning import parse
 
     runs = summary[summary["mode"] == "img2img"]
-    strength = float(runs["strength"].max())
+    conditioned = runs[runs["conditioning"] != "none"]
+    strength = float((conditioned if len(conditioned) else runs)["strength"].max())
     guidance = float(runs["guidance"].min())
     points = runs[(runs["strength"] == strength) & (runs["guidance"] == guidance)].copy()
     points["conditioning_mode"] = [parse(c)[0] for c in points["conditioning"]]

@@ -201,9 +201,9 @@ def caption_targets(x, latents):
     return (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
 
 
-def _flat_captions(captions: list[list[str]]) -> tuple[list[str], list[list[int]]]:
-    """Every caption in one list, and per image the positions of its own."""
-    texts, rows = [], []
+def _flat_captions(captions: list[list[str]], head: list[str] = ()) -> tuple[list[str], list[list[int]]]:
+    """``head`` then every caption in one list, and per image the positions of its own."""
+    texts, rows = list(head), []
     for caps in captions:
         rows.append(list(range(len(texts), len(texts) + len(caps))))
         texts += caps
@@ -267,9 +267,7 @@ class CaptionConditioning:
         self.captions = captions
         self.dropout = float(dropout) if captions else 1.0
         self.time_ids = time_ids(size)
-        texts, self.rows = _flat_captions(captions or [])
-        texts = ["", *texts]  # row 0: the empty prompt
-        self.rows = [[r + 1 for r in rows] for rows in self.rows]
+        texts, self.rows = _flat_captions(captions or [], head=[""])  # row 0: the empty prompt
         with torch.no_grad():
             parts = [encode_texts(pipe, texts[i : i + chunk]) for i in range(0, len(texts), chunk)]
         self.tokens = torch.cat([p[0] for p in parts])

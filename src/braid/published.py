@@ -132,16 +132,13 @@ data) category accuracy; {chance}. Italic: the synthetic data's semantic oracle 
 
 def semantic_paragraph(summary: pd.DataFrame) -> str:
     """One paragraph (HTML) on what the semantic conditionings add on this run: for each latent source
-    conditioned on meaning, at the highest strength and first guidance scale, each conditioning's
+    conditioned on meaning, where :func:`braid.frontier.image_points` looks, each conditioning's
     CLIP 2-way (or the first network metric present), PixCorr and category readout against ``none``."""
     from .frontier import image_points
 
     if not (summary["mode"] == "img2img").any():
         return ""
     points, strength, guidance = image_points(summary)
-    conditioned = points[points["conditioning"] != "none"]
-    if conditioned.empty:
-        return ""
     metric = next((m for m in ("clip", "inception", "alexnet5", "alexnet2") if m in points and points[m].notna().any()),
                   None)
     shown = [m for m in (metric, "pixcorr", "category") if m and m in points and points[m].notna().any()]

@@ -84,9 +84,6 @@ rule reconstruct_img2img:
         runtime=480,
         gpu=GPU,
     params:
-        settings=as_json(
-            without(config["reconstruct"], "strengths", "seeds", "batch_size", "guidance_scales", "conditioning")
-            | {"variant": config["model"]["variant"]}
-        ),
+        settings=as_json(braid.config.img2img_settings(config)),
     script:
         "../../scripts/reconstruct_img2img.py"
