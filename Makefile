@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/snakemake --profile profiles/local --cores $(CORES)
+	$(BIN)/snakemake --profile profiles/demo --cores $(CORES)
 	@echo
 	@echo "BRAID demo finished: metrics in results/summary.csv and summary.html, figures in results/summary.png,"
 	@echo "results/<subject>/grid-strength-*.png (look here first) and frontier.png, results/<subject>/<encoder>/loss.png;"
@@ -33,8 +33,8 @@ test: $(STAMP)
 
 # The HTML report of the demo's run (runs what is not yet done first); open report.html in a browser.
 report: $(STAMP)
-	$(BIN)/snakemake --profile profiles/local --cores $(CORES)
-	$(BIN)/snakemake --profile profiles/local --report report.html
+	$(BIN)/snakemake --profile profiles/demo --cores $(CORES)
+	$(BIN)/snakemake --profile profiles/demo --report report.html
 	@echo "report: report.html"
 
 # The full-scale rehearsal (about 40 minutes on 2 CPU cores, ~20 GB of disk; needs npm for its S3
@@ -49,7 +49,7 @@ verify: $(STAMP)
 	$(BIN)/python -m braid.verify $(ARGS)
 
 dryrun: $(STAMP)
-	$(BIN)/snakemake -n --profile profiles/local
+	$(BIN)/snakemake -n --profile profiles/demo
 
 # Needs Graphviz's `dot` (Debian/Ubuntu: apt-get install graphviz).
 rulegraph: docs/rulegraph.svg

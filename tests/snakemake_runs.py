@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 # a working folder holding this file is run with it as its first config layer (the `run` fixture's)
@@ -36,11 +38,12 @@ def planned_rules(proc: subprocess.CompletedProcess) -> set[str]:
     return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+\s*$", table, re.M)}
 
 
-# The rules with many jobs get one thread each, so that two run at once on two cores: their time
-# is mostly Python's imports, which one thread does as fast as two. model_train and the other
-# single jobs keep their threads. Results agree with a plain run's up to floating point.
-PARALLEL = ["--cores", "2", "--set-threads", *(f"{rule}=1" for rule in (
-    "encoder_train", "reconstruct_decode", "reconstruct_img2img", "evaluate_stimuli", "evaluate_images"))]
+# The demo's profile (profiles/demo): the rules with many jobs get one thread each, so that two run
+# at once on two cores: their time is mostly Python's imports, which one thread does as fast as
+# two. model_train and the other single jobs keep their threads. Results agree with a plain run's
+# up to floating point.
+DEMO_THREADS = yaml.safe_load((REPO / "profiles" / "demo" / "config.yaml").read_text())["set-threads"]
+PARALLEL = ["--cores", "2", "--set-threads", *(f"{rule}={n}" for rule, n in DEMO_THREADS.items())]
 # the rules that use a GPU (they declare gpu=1)
 GPU_RULES = {"latents_encode", "semantic_encode", "semantic_train", "encoder_train", "reconstruct_decode",
              "reconstruct_conditioning", "reconstruct_img2img", "evaluate_stimuli",

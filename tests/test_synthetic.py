@@ -198,3 +198,30 @@ def test_a_design_longer_than_the_betas_written(synthetic_cfg):
     assert betas == [nsd.betas_key(s, 1) for s in cfg["subjects"]]
     assert make_design({**cfg, "design_sessions": None}, np.random.default_rng(0))["masterordering"].size == \
         cfg["trials_per_session"]
+
+
+def test_semantic_gain_scales_the_ventral_signal_only(mirror, synthetic_cfg, tiny_model, tmp_path):
+    """``semantic_gain`` multiplies the ventral stream's semantic signal, and nothing else: with the
+    same seed, gain 0 leaves the noise alone there, gain 0.5 half the signal of gain 1 (the default
+    mirror's); nsdgeneral's betas stay as they were; the noise ceiling and the semantic oracle's
+    prior responses follow the gain."""
+    root1, _ = mirror
+    roots = {1.0: root1}
+    for g in (0.0, 0.5):
+        roots[g] = tmp_path / f"gain{g}"
+        synthetic.generate({**synthetic_cfg, "semantic_gain": g}, tiny_model, roots[g], image_size=64)
+    roi = np.asarray(nib.load(root1 / nsd.roi_key(1, "nsdgeneral")).dataobj).T == 1
+    ventral = np.asarray(nib.load(root1 / nsd.roi_key(1, "streams")).dataobj).T == 5
+    betas = {}
+    for g, root in roots.items():
+        with h5py.File(root / nsd.betas_key(1, 1), "r") as f:
+            betas[g] = f["betas"][:].astype(np.float64) / 300 / synthetic_cfg["gain"]
+    np.testing.assert_array_equal(betas[0.5][:, roi], betas[1.0][:, roi])
+    signal = betas[1.0][:, ventral] - betas[0.0][:, ventral]
+    assert signal.std() > 0.5  # unit variance, less what the int16 rounding takes
+    np.testing.assert_allclose(betas[0.5][:, ventral] - betas[0.0][:, ventral], 0.5 * signal, atol=2 / 600)
+    ncsnr = np.asarray(nib.load(roots[0.5] / nsd.ncsnr_key(1, "func1pt8mm", "betas_fithrf_GLMdenoise_RR")).dataobj).T
+    noise = synthetic_cfg["noise_sd"]
+    assert np.allclose(ncsnr[roi], 1 / noise) and np.allclose(ncsnr[ventral], 0.5 / noise)
+    prior = {g: np.load(roots[g] / synthetic.oracle_key(1, "semantic"))["prior_response"] for g in (0.5, 1.0)}
+    np.testing.assert_allclose(prior[0.5], 0.5 * prior[1.0], rtol=1e-6)

@@ -28,15 +28,16 @@ pytestmark = pytest.mark.integration
 
 
 # The `run` fixture is the embedded default (`make demo`'s configuration) with one img2img strength
-# (the semantic conditionings' too) and one seed instead of two of each, and a tiny model whose UNet
-# trains 300 steps instead of 1,000 (no test here reads the quality of its denoising; the pixel
-# tests read the VAE, trained in full):
-# every rule, the sweep and the frontier, in 65 jobs of the demo's 102 (`snakemake -n`). Every snakemake call on its folder
-# layers this first.
+# (the semantic conditionings' too) instead of two, a tiny model whose UNet trains 300 steps instead
+# of 1,000 (no test here reads the quality of its denoising; the pixel tests read the VAE, trained
+# in full), and the ventral stream's semantic signal at full strength (semantic_gain 1, where the
+# semantic encoders' thresholds below are set; the demo's 0.15 is tested in test_synthetic.py):
+# every rule, the sweep and the frontier. Every snakemake call on its folder layers this first.
 RUN_CHANGES = {"reconstruct": {"strengths": [0.3], "seeds": [0],
                                "conditioning": {"modes": ["predicted", "retrieved", "true-caption"], "latent": ["ridge"],
                                                 "semantic": ["ridge-tokens"], "strengths": [0.3]}},
-               "model": {"train": {"unet_steps": 300}}}
+               "model": {"train": {"unet_steps": 300}},
+               "synthetic": {"semantic_gain": 1.0}}
 
 
 def run_config() -> dict:

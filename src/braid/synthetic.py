@@ -19,7 +19,9 @@ info) and five COCO-format captions from its category and what was done to it
 (:func:`make_captions`). The voxels of ``streams`` label 5 (ventral, anterior to
 ``nsdgeneral``) respond in the same way to ``p_i``, the model's pooled text embedding averaged
 over the image's captions (what :mod:`braid.text_embeddings` caches), standardised over the
-stimuli, through their own fixed random map.
+stimuli, through their own fixed random map, with the signal scaled by ``semantic_gain``
+(relative to the trial noise, as the latent signal's unit variance is): on NSD a caption's
+embedding is predicted from the ventral stream far less well than the true caption gives it.
 
 Oracle (the reference the encoders are compared with)
 -----------------------------------------------------
@@ -490,7 +492,7 @@ def generate_betas(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.Pa
     p_mean, p_std = p_all.mean(0), p_all.std(0) + 1e-8
     sem_all = (p_all - p_mean) / p_std
     sem_prior = (_mean_pooled(pipe, make_captions(prior_made, np.random.default_rng([cfg["seed"], 5]))) - p_mean) / p_std
-    gain, noise_sd = cfg["gain"], cfg["noise_sd"]
+    gain, noise_sd, semantic_gain = cfg["gain"], cfg["noise_sd"], cfg.get("semantic_gain", 1.0)
     nonlinear = cfg.get("nonlinearity", "none") == "tanh"
 
     meta = {"generative_model": __doc__, "config": cfg, "latent_dims": int(z.shape[1]),
@@ -509,7 +511,8 @@ def generate_betas(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.Pa
         ventral_zyx = rois["streams"].T == 5
         # the noise-ceiling SNR as NSD defines it (signal sd / noise sd), here known exactly: the
         # signal has unit variance in the signal-carrying voxels and none elsewhere
-        ncsnr = np.where((rois["nsdgeneral"] > 0) | (rois["streams"] == 5), 1.0 / max(noise_sd, 1e-6), 0.0)
+        ncsnr = np.where(rois["nsdgeneral"] > 0, 1.0, np.where(rois["streams"] == 5, semantic_gain, 0.0))
+        ncsnr = ncsnr / max(noise_sd, 1e-6)
         _save_nifti(ncsnr.astype(np.float32), out / nsd.ncsnr_key(s, resolution, beta_version))
         in_roi = roi_zyx[brain_zyx]  # ROI voxels, in the order of the brain voxels
         in_ventral = ventral_zyx[brain_zyx]
@@ -523,7 +526,7 @@ def generate_betas(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.Pa
         sem_weights = np.random.default_rng([cfg["seed"], 4, s]).standard_normal((int(in_ventral.sum()), p_all.shape[1]))
         sem_signal = sem_all @ sem_weights.T
         sem_scale = 1.0 / sem_signal.std(0)
-        sem_signal = response(sem_signal * sem_scale)
+        sem_signal = semantic_gain * response(sem_signal * sem_scale)
         ids = design["subjectim"][s - 1, order] - 1  # 0-based nsd id of each trial
         for session in progress(range(1, cfg["sessions"] + 1), desc=f"{subject_label(s)} betas", mininterval=2):
             t = slice((session - 1) * trials_per_session, session * trials_per_session)
@@ -537,7 +540,7 @@ def generate_betas(cfg: dict, model_dir: str | os.PathLike, out_dir: str | os.Pa
             write_betas_nifti(out / key.replace(".hdf5", ".nii.gz"), stored, brain_zyx)
         for target, (prior, prior_response, zyx, mean, std) in {
             "latent": (s_prior, response((s_prior @ weights.T) * scale), roi_zyx, z_mean, z_std),
-            "semantic": (sem_prior, response((sem_prior @ sem_weights.T) * sem_scale), ventral_zyx, p_mean, p_std),
+            "semantic": (sem_prior, semantic_gain * response((sem_prior @ sem_weights.T) * sem_scale), ventral_zyx, p_mean, p_std),
         }.items():
             with atomic_output(out / oracle_key(s, target)) as tmp, open(tmp, "wb") as f:
                 np.savez(f, prior_s=prior.astype(np.float32), prior_response=prior_response.astype(np.float32),
