@@ -16,7 +16,7 @@ category readout (``braid.evaluate.category_pool``, ``category_descriptor``, ``n
 
 Prints each conditioning's readout (mean over images of the share of seeds read right, s.e.m.
 over images) and its difference from ``none``, and true-caption's from the other two, paired
-over images. The demo's two seeds cannot separate differences under about 0.1; ten can.
+over images. The demo's one seed cannot separate differences under about 0.15; ten can.
 """
 
 from __future__ import annotations

@@ -216,7 +216,8 @@ def test_semantic_gain_scales_the_ventral_signal_only(mirror, synthetic_cfg, tin
     for g, root in roots.items():
         with h5py.File(root / nsd.betas_key(1, 1), "r") as f:
             betas[g] = f["betas"][:].astype(np.float64) / 300 / synthetic_cfg["gain"]
-    np.testing.assert_array_equal(betas[0.5][:, roi], betas[1.0][:, roi])
+    # one int16 step of slack: the default mirror may have been written at another torch thread count
+    np.testing.assert_allclose(betas[0.5][:, roi], betas[1.0][:, roi], rtol=0, atol=1.01 / 600)
     signal = betas[1.0][:, ventral] - betas[0.0][:, ventral]
     assert signal.std() > 0.5  # unit variance, less what the int16 rounding takes
     np.testing.assert_allclose(betas[0.5][:, ventral] - betas[0.0][:, ventral], 0.5 * signal, atol=2 / 600)
@@ -224,4 +225,4 @@ def test_semantic_gain_scales_the_ventral_signal_only(mirror, synthetic_cfg, tin
     noise = synthetic_cfg["noise_sd"]
     assert np.allclose(ncsnr[roi], 1 / noise) and np.allclose(ncsnr[ventral], 0.5 / noise)
     prior = {g: np.load(roots[g] / synthetic.oracle_key(1, "semantic"))["prior_response"] for g in (0.5, 1.0)}
-    np.testing.assert_allclose(prior[0.5], 0.5 * prior[1.0], rtol=1e-6)
+    np.testing.assert_allclose(prior[0.5], 0.5 * prior[1.0], rtol=1e-4, atol=1e-6)

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 # (the semantic conditionings' too) instead of two, a tiny model whose UNet trains 300 steps instead
 # of 1,000 (no test here reads the quality of its denoising; the pixel tests read the VAE, trained
 # in full), and the ventral stream's semantic signal at full strength (semantic_gain 1, where the
-# semantic encoders' thresholds below are set; the demo's 0.15 is tested in test_synthetic.py):
+# semantic encoders' thresholds below are set; what the gain does is tested in test_synthetic.py):
 # every rule, the sweep and the frontier. Every snakemake call on its folder layers this first.
 RUN_CHANGES = {"reconstruct": {"strengths": [0.3], "seeds": [0],
                                "conditioning": {"modes": ["predicted", "retrieved", "true-caption"], "latent": ["ridge"],
