@@ -123,6 +123,17 @@ def test_the_rehearsal_keeps_every_real_shape_and_cuts_only_amounts():
     assert sorted(rehearsal["evaluate"]["networks"]) == sorted(real["evaluate"]["networks"])
     assert set(rehearsal["sweep"]) == set(real["sweep"])
     assert rehearsal["pilot_images"] and len(rehearsal["sessions"]) < len(real["sessions"])
+    # the semantic route at its real shapes: the same ROI, targets and encoders, each conditioning mode
+    assert rehearsal["semantic_roi"] == real["semantic_roi"]
+    assert rehearsal["semantic"]["token_components"] == real["semantic"]["token_components"]
+    for name, encoder in real["semantic_encoders"].items():
+        cut = {k: v for k, v in rehearsal["semantic_encoders"][name].items() if k != "epochs"}
+        assert cut == {k: v for k, v in encoder.items() if k != "epochs"}, name
+    assert set(rehearsal["semantic_sweep"]) == set(real["semantic_sweep"])
+    modes = rehearsal["reconstruct"]["conditioning"]
+    assert modes["modes"] == real["reconstruct"]["conditioning"]["modes"]
+    assert modes["semantic"] == real["reconstruct"]["conditioning"]["semantic"]
+    assert rehearsal["captions"]["source"].startswith("http://127.0.0.1:")  # COCO's zip over loopback, downloaded
 
 
 def test_schema_rejects_unknown_keys_and_values():

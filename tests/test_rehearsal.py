@@ -71,6 +71,44 @@ def test_betas_have_nsds_layout_and_the_signal_only_in_the_roi(bucket):
     assert roi_var / other_var == pytest.approx(2.0, rel=0.1)
 
 
+def test_the_caption_zip_has_cocos_members_and_five_captions_of_every_image(bucket):
+    """COCO's zip in miniature: captions_fetch reads it as it would COCO's own (members, format)."""
+    import json
+    import zipfile
+
+    root, meta = bucket
+    info = pd.read_csv(root / nsd.STIM_INFO, index_col=0)
+    with zipfile.ZipFile(root / rehearsal.CAPTIONS_KEY) as zf:
+        assert sorted(zf.namelist()) == ["annotations/captions_train2017.json", "annotations/captions_val2017.json"]
+        docs = {split: json.loads(zf.read(f"annotations/captions_{split}.json")) for split in ("train2017", "val2017")}
+    for split, doc in docs.items():
+        coco_ids = set(info.loc[info["cocoSplit"] == split, "cocoId"].tolist())
+        assert {im["id"] for im in doc["images"]} == coco_ids
+        per_image = pd.Series([a["image_id"] for a in doc["annotations"]]).value_counts()
+        assert set(per_image.index) == coco_ids and (per_image == 5).all()
+        assert all(isinstance(a["caption"], str) and a["caption"].strip() for a in doc["annotations"][:1000])
+    ids = [a["id"] for doc in docs.values() for a in doc["annotations"]]
+    assert len(ids) == len(set(ids)) == 5 * 73_000  # annotation ids unique across both files, as COCO's
+
+
+def test_a_stored_image_is_captioned_as_it_was_made(tmp_path):
+    """A stored image's captions name what its attributes say (upside down here); an image never
+    stored gets captions all the same."""
+    import json
+    import zipfile
+
+    info = pd.DataFrame({"cocoId": [11, 12, 13], "cocoSplit": ["train2017", "val2017", "train2017"]})
+    made = {1: {"category": 0, "share": 0.9, "upside_down": True, "gains": [1.0, 1.0, 1.0]}}
+    path = tmp_path / "annotations_trainval2017.zip"
+    rehearsal.write_caption_zip(path, info, made)
+    with zipfile.ZipFile(path) as zf:
+        val = json.loads(zf.read("annotations/captions_val2017.json"))
+        train = json.loads(zf.read("annotations/captions_train2017.json"))
+    assert len(val["annotations"]) == 5 and all(a["image_id"] == 12 for a in val["annotations"])
+    assert all("upside down" in a["caption"] or "far away" in a["caption"] for a in val["annotations"])
+    assert sorted({a["image_id"] for a in train["annotations"]}) == [11, 13]
+
+
 def test_the_real_volume_gets_subj01s_nsdgeneral_size():
     rois = rehearsal.rois_of_size(rehearsal.VOLUME, np.random.default_rng(0), rehearsal.ROI_VOXELS)
     assert rois["nsdgeneral"].shape == (81, 104, 83)
@@ -101,6 +139,28 @@ def test_extrapolation_scales_time_by_each_rules_unit():
     assert out.loc["latents_encode", "full_rss_mb"] == 3000
 
 
+def test_the_semantic_routes_rules_scale_with_their_own_roi_and_targets():
+    SG, SC = rehearsal.SEMANTIC_GRADIENT, rehearsal.SEMANTIC_CLOSED_FORM
+    per_rule = pd.DataFrame({"rule": [SG, SC, "semantic_encode", "reconstruct_conditioning"], "jobs": [1, 4, 1, 2],
+                             "max_s": [6.0, 5.0, 130.0, 20.0], "max_rss_mb": [1500.0, 2000.0, 6000.0, 6500.0]})
+    run = {"sessions": 2, "images": 64, "trials": 105, "epochs": 2, "test_images": 6, "steps": 4}
+    full = rehearsal.FULL
+    out = rehearsal.extrapolate(per_rule, run, full, semantic_voxels=7_000).set_index("rule")
+    assert out.loc[SG, "full_s"] == pytest.approx(6 * (27_000 * 200) / (105 * 2))
+    assert out.loc["semantic_encode", "full_s"] == pytest.approx(130 * 10_000 / 64)
+    assert out.loc["reconstruct_conditioning", "full_s"] == pytest.approx(20 * 1_000 / 6)
+    assert np.isnan(out.loc[SC, "full_s"])
+    # the semantic MLP holds 27,000 trials of 7,000 voxels and 1,280 + 256 targets (float32, twice)
+    assert out.loc[SG, "full_rss_mb"] == pytest.approx(1500 + (27_000 - 105) * (7_000 + 1_536) * 8 / 2**20)
+    n, p, d = 27_000, 7_000, 1_536  # RidgePath at full scale, float64, x 1.3 + 1,500 MB (as above)
+    floats = n * p + 2 * p * p + n * p + p * p + p * d + n * d
+    assert out.loc[SC, "full_rss_mb"] >= (1500 + (8 * floats + 12 * p * d) / 2**20) * 1.3
+    assert out.loc["semantic_encode", "full_rss_mb"] == 6000
+    # without the ROI's size the memory stays as measured
+    alone = rehearsal.extrapolate(per_rule, run, full).set_index("rule")
+    assert alone.loc[SG, "full_rss_mb"] == 1500 and alone.loc[SC, "full_rss_mb"] == 2000
+
+
 def test_declared_memory_is_read_from_a_dry_run_and_set_beside_the_peaks():
     dry = """
 rule encoder_train:
@@ -127,8 +187,16 @@ localrule nsd_fetch:
                          "job": ["subj01/ridge/train", "subj01/mlp/train", "subj01/mlp-h8/train", "nsd/fetch/x"],
                          "s": [10.0, 8.0, 5.0, 1.0], "max_rss": [4273.0, 2673.0, 900.0, 129.0], "cpu_time": [1.0] * 4})
     jobs = rehearsal.with_declared(jobs, {**declared, "encoder_train/subj01/mlp-h8/train": 600})
-    table = rehearsal.rule_table(jobs, {"ridge": "ridge", "mlp": "mlp", "mlp-h8": "mlp"}).set_index("rule")
+    semantic = pd.DataFrame({"rule": ["semantic_train"] * 3, "job": ["subj01/ridge-tokens/train", "subj01/mlp/train",
+                                                                     "subj01/lowrank/train"],
+                             "s": [3.0, 4.0, 2.0], "max_rss": [900.0, 800.0, 700.0], "cpu_time": [1.0] * 3})
+    jobs = pd.concat([jobs, semantic], ignore_index=True)
+    table = rehearsal.rule_table(jobs, {"ridge": "ridge", "mlp": "mlp", "mlp-h8": "mlp"},
+                                 {"ridge-tokens": "ridge", "mlp": "mlp", "lowrank": "lowrank"}).set_index("rule")
     assert table.loc[rehearsal.CLOSED_FORM, "jobs"] == 1 and table.loc[rehearsal.GRADIENT, "jobs"] == 2
+    # the semantic mlp is its own gradient row, not the latent route's
+    assert table.loc[rehearsal.SEMANTIC_CLOSED_FORM, "jobs"] == 2 and table.loc[rehearsal.SEMANTIC_GRADIENT, "jobs"] == 1
+    assert "semantic_train" not in table.index
     # the gradient rule's tightest job is mlp-h8, over its 600 MB: the table must say so
     assert table.loc[rehearsal.GRADIENT, "mem_mb"] == 600
     assert table.loc[rehearsal.GRADIENT, "peak_over_declared"] == pytest.approx(900 / 600)

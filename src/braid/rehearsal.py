@@ -8,12 +8,14 @@
    per subject, 1,000 shared, 73,000 in ``imgBrick``), with the bucket's real key names. Only
    the images the written sessions show are stored in ``imgBrick`` (the others are unallocated
    HDF5 chunks: zero bytes on disk), and the betas' NIfTI twins are not written (BRAID reads the
-   HDF5 files). The signal is a random linear map of the images' 16 x 16 thumbnails, so that
+   HDF5 files). Beside it, COCO's caption zip in miniature (:func:`write_caption_zip`: five
+   captions of every one of the 73,000 images, in COCO's format), which ``captions_fetch``
+   downloads over HTTP as it would COCO's own. The signal is a random linear map of the images' 16 x 16 thumbnails, so that
    no 512-pixel VAE pass is needed to make the data; with random model weights no result is
    meaningful anyway.
 2. **Serves it over loopback S3** (s3rver, an S3 server that answers ranged GETs from disk) at
    the endpoint of ``config/rehearsal.yaml``, exactly as the public bucket would be: the fetch
-   rules run unchanged in ROI-only mode, anonymously.
+   rules run unchanged in ROI-only mode, anonymously; the caption zip is one more object there.
 3. **Runs the workflow** on ``config/nsd_ssd1b.yaml`` plus ``config/rehearsal.yaml`` (fewer
    sessions, trials, epochs and steps; the SSD-1B architecture with random weights; the metric
    networks' real architectures with random weights) in ``rehearsal/``, then prints and writes
@@ -43,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import captions as braid_captions
 from . import config as braid_config
 from . import nsd, synthetic
 from .common import BraidError, atomic_output, exit_on_sigterm
@@ -53,6 +56,8 @@ VOLUME = (81, 104, 83)  # subj01's func1pt8mm volume (X, Y, Z)
 ROI_VOXELS = nsd.NSDGENERAL_VOXELS[SUBJECT]
 BUCKET_MARKER = ".braid-rehearsal-bucket.json"
 THUMB = 16  # the signal's image features: 16 x 16 x 3 thumbnails
+# COCO's annotation zip, served beside the bucket's keys (captions.source of config/rehearsal.yaml)
+CAPTIONS_KEY = f"coco/{braid_captions.ANNOTATIONS_ZIP}"
 
 
 def bucket_config(sessions: int = 2, seed: int = 0) -> dict:
@@ -93,21 +98,23 @@ def write_bucket(root: str | os.PathLike, sessions: int = 2, seed: int = 0, volu
     cfg = {**bucket_config(sessions, seed), "volume": list(volume)}
     rng = np.random.default_rng(seed)
     design = synthetic.make_design(cfg, rng)
-    synthetic.write_design_files(root, design, [SUBJECT], rng)
+    info = synthetic.write_design_files(root, design, [SUBJECT], rng)
 
     # the images the written sessions show; every other row of imgBrick stays unallocated
     trials = sessions * nsd.TRIALS_PER_SESSION
     ids = design["subjectim"][SUBJECT - 1, design["masterordering"].ravel()[:trials] - 1] - 1  # 0-based per trial
     shown = np.unique(ids)
     features = np.empty((shown.size, THUMB * THUMB * 3))
+    made = {}  # nsd id -> what made the stored image (its captions say it)
     size = synthetic.IMAGE_SIZE
     with atomic_output(root / nsd.STIMULI) as tmp, h5py.File(tmp, "w") as f:
         brick = f.create_dataset("imgBrick", shape=(design["n_images"], size, size, 3), dtype="uint8",
                                  chunks=(1, size, size, 3))
         for start in tqdm(range(0, shown.size, 100), desc="stimuli", unit="x100 images", disable=not progress):
-            batch = synthetic.make_stimuli(min(100, shown.size - start), rng)
+            batch, attributes = synthetic.make_stimuli(min(100, shown.size - start), rng, attributes=True)
             for k, img in enumerate(batch):
                 brick[shown[start + k]] = img
+                made[int(shown[start + k])] = attributes[k]
             features[start : start + len(batch)] = thumbnails(batch)
     s = (features - features.mean(0)) / (features.std(0) + 1e-8)
 
@@ -133,8 +140,30 @@ def write_bucket(root: str | os.PathLike, sessions: int = 2, seed: int = 0, volu
         stored = np.clip(np.round(cfg["gain"] * x * 300), -32767, 32767).astype(np.int16)
         del x
         synthetic.write_betas(root / nsd.betas_key(SUBJECT, session), stored, brain_zyx)
+    write_caption_zip(root / CAPTIONS_KEY, info, made, seed)
     return {"rehearsal": True, "config": cfg, "roi_voxels": int(roi_zyx.sum()), "brain_voxels": n_brain,
             "images_stored": int(shown.size), "volume": list(volume)}
+
+
+def write_caption_zip(path: str | os.PathLike, info: pd.DataFrame, made: dict[int, dict], seed: int = 0) -> None:
+    """COCO's ``annotations_trainval2017.zip`` in miniature at ``path``: only its two caption members
+    (``annotations/captions_{train,val}2017.json``, COCO's format), with five captions of every row of
+    the stim info ``info``. An image in ``made`` (nsd id -> :func:`braid.synthetic.make_stimuli`'s
+    attributes) is described as it was made; the others (never stored) from a random draw."""
+    import zipfile
+
+    rng = np.random.default_rng([seed, 3])
+    n = len(info)
+    category = rng.integers(len(synthetic.CATEGORIES), size=n)
+    share, flips, gains = rng.uniform(0.35, 1.0, size=n), rng.random(n) < 0.25, rng.uniform(0.6, 1.4, size=(n, 3))
+    every = [made.get(i) or {"category": int(category[i]), "share": float(share[i]), "upside_down": bool(flips[i]),
+                             "gains": gains[i].tolist()} for i in range(n)]
+    captions = synthetic.make_captions(every, rng)
+    with tempfile.TemporaryDirectory() as tmp, atomic_output(path) as out:
+        synthetic.write_coco_captions(tmp, info, captions)
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for split, member in braid_captions.CAPTION_MEMBERS.items():
+                zf.write(Path(tmp) / synthetic.CAPTION_KEYS[split], member)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,6 +223,8 @@ def upload(root: Path, endpoint: str) -> None:
 
 GRADIENT = "encoder_train (mlp, student)"
 CLOSED_FORM = "encoder_train (ridge, lowrank)"
+SEMANTIC_GRADIENT = "semantic_train (mlp, student)"
+SEMANTIC_CLOSED_FORM = "semantic_train (ridge, lowrank)"
 # How each rule's work grows from the rehearsal to the full experiment (40 sessions of 750 trials,
 # 10,000 images, 200 epochs, 1,000 test images x strengths x seeds): the unit its wall time is
 # proportional to. Peak memory is measured at real shapes (one session, one batch, the whole
@@ -207,12 +238,19 @@ SCALING = {
     "latents_statistics": "images",
     GRADIENT: "trials x epochs",
     CLOSED_FORM: None,  # 105 trials take RidgePath's n x n route, 27,000 its p x p one: not linear, not extrapolated
+    "betas_mask_semantic": "sessions",
+    "semantic_encode": "images",  # five captions per image through both text encoders, once
+    "semantic_bank": "images",
+    SEMANTIC_GRADIENT: "trials x epochs",
+    SEMANTIC_CLOSED_FORM: None,
     "reconstruct_decode": "test images",
+    "reconstruct_conditioning": "test images",
     "reconstruct_img2img": "test images x steps",
     "evaluate_stimuli": "test images",
     "evaluate_images": "test images",
 }
 LATENT_DIM = 4 * 64 * 64  # SDXL-VAE latents of 512-pixel images
+SEMANTIC_DIM = 1280 + 256  # the largest semantic target: the pooled embedding and 256 token components
 
 
 def full_scale_units(run: dict, full: dict) -> dict[str, float]:
@@ -250,15 +288,20 @@ def with_declared(jobs: pd.DataFrame, declared: dict[str, int]) -> pd.DataFrame:
     return jobs
 
 
-def rule_table(jobs: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
-    """:func:`braid.jobstats.by_rule` of the run's jobs, with ``encoder_train`` split into its
-    gradient-trained (mlp, student) and closed-form (ridge, lowrank) jobs; ``kinds``: encoder -> kind."""
+def rule_table(jobs: pd.DataFrame, kinds: dict[str, str], semantic_kinds: dict[str, str] | None = None
+               ) -> pd.DataFrame:
+    """:func:`braid.jobstats.by_rule` of the run's jobs, with ``encoder_train`` and ``semantic_train``
+    each split into their gradient-trained (mlp, student) and closed-form (ridge, lowrank) jobs;
+    ``kinds``, ``semantic_kinds``: encoder -> kind."""
     from . import jobstats
 
     jobs = jobs.copy()
-    enc = (jobs["rule"] == "encoder_train").to_numpy()
-    names = [Path(j).parts[1] for j in jobs.loc[enc, "job"]]  # <subject>/<encoder>/train
-    jobs.loc[enc, "rule"] = [CLOSED_FORM if kinds.get(n) in ("ridge", "lowrank") else GRADIENT for n in names]
+    for rule, names_kinds, closed, gradient in (("encoder_train", kinds, CLOSED_FORM, GRADIENT),
+                                                ("semantic_train", semantic_kinds or {}, SEMANTIC_CLOSED_FORM,
+                                                 SEMANTIC_GRADIENT)):
+        rows = (jobs["rule"] == rule).to_numpy()
+        names = [Path(j).parts[1] for j in jobs.loc[rows, "job"]]  # <subject>/<encoder>/train
+        jobs.loc[rows, "rule"] = [closed if names_kinds.get(n) in ("ridge", "lowrank") else gradient for n in names]
     table = jobstats.by_rule(jobs)
     if "mem_mb" in jobs:  # per rule, the job that comes closest to (or beyond) its declared memory
         ratio = jobs["max_rss"] / jobs["mem_mb"].astype(float)
@@ -268,26 +311,32 @@ def rule_table(jobs: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
     return table
 
 
-def extrapolate(per_rule: pd.DataFrame, run: dict, full: dict, voxels: int = ROI_VOXELS) -> pd.DataFrame:
+def extrapolate(per_rule: pd.DataFrame, run: dict, full: dict, voxels: int = ROI_VOXELS,
+                semantic_voxels: int | None = None) -> pd.DataFrame:
     """Per rule: the rehearsal's largest job (s, MB) and the same job at full scale.
 
     Time is linear in the rule's unit (:data:`SCALING`; none for the closed-form encoders). Memory
     is the measured peak, plus for gradient-trained encoders the data they add: (full - rehearsal)
-    trials x (voxels + latent dims) x 4 bytes x 2; the closed-form encoders get
-    :func:`braid.resources.ridge_path_mb` at full scale (what their rule asks for).
+    trials x (voxels + target dims) x 4 bytes x 2; the closed-form encoders get
+    :func:`braid.resources.ridge_path_mb` at full scale (what their rule asks for). ``voxels`` and
+    the latent dims are the latent route's; ``semantic_voxels`` (the semantic ROI's size) and
+    :data:`SEMANTIC_DIM` the semantic encoders' (their memory stays as measured without it).
     """
     from .resources import ridge_path_mb
 
     factor = full_scale_units(run, full)
+    routes = {GRADIENT: (voxels, LATENT_DIM), CLOSED_FORM: (voxels, LATENT_DIM),
+              SEMANTIC_GRADIENT: (semantic_voxels, SEMANTIC_DIM), SEMANTIC_CLOSED_FORM: (semantic_voxels, SEMANTIC_DIM)}
     rows = []
     for r in per_rule.itertuples():
         unit = SCALING.get(r.rule)
-        f = factor[unit] if unit else (np.nan if r.rule == CLOSED_FORM else 1.0)
+        f = factor[unit] if unit else (np.nan if r.rule in (CLOSED_FORM, SEMANTIC_CLOSED_FORM) else 1.0)
         memory = r.max_rss_mb
-        if r.rule == GRADIENT:
-            memory += (full["trials"] - run["trials"]) * (voxels + LATENT_DIM) * 4 * 2 / 2**20
-        elif r.rule == CLOSED_FORM:
-            memory = max(memory, ridge_path_mb(full["trials"], voxels, LATENT_DIM))
+        p, d = routes.get(r.rule, (None, None))
+        if p is not None and r.rule in (GRADIENT, SEMANTIC_GRADIENT):
+            memory += (full["trials"] - run["trials"]) * (p + d) * 4 * 2 / 2**20
+        elif p is not None:
+            memory = max(memory, ridge_path_mb(full["trials"], p, d))
         rows.append({"rule": r.rule, "jobs": r.jobs, "max_s": r.max_s, "max_rss_mb": r.max_rss_mb,
                      "declared_mb": getattr(r, "mem_mb", np.nan),
                      "peak_over_declared": getattr(r, "peak_over_declared", np.nan),
@@ -303,6 +352,14 @@ def run_units(workdir: Path, config: dict) -> dict:
     return {"sessions": len(config["sessions"]), "images": int(trials["nsd_id"].nunique()),
             "trials": int((trials["split"] == "train").sum()),
             "epochs": int(enc.get("epochs", 1)), "test_images": int(test), "steps": int(config["reconstruct"]["steps"])}
+
+
+def semantic_roi_voxels(workdir: Path) -> int | None:
+    """The semantic ROI's voxel count in the run (None when it has no semantic route)."""
+    import zarr
+
+    store = workdir / "results" / f"subj{SUBJECT:02d}" / "semantic" / "betas.zarr"
+    return int(zarr.open_group(str(store), mode="r")["betas"].shape[1]) if store.exists() else None
 
 
 # the full experiment: 40 sessions, 10,000 images, 200 epochs over the ~27,000 training trials, 1,000 test images, 25 steps
@@ -412,9 +469,11 @@ def report(run: Path, config: dict, snakemake: list[str]) -> pd.DataFrame:
     from . import encoder, jobstats
 
     kinds = {name: encoder.spec(cfg)["kind"] for name, cfg in braid_config.all_encoders(config).items()}
+    semantic_kinds = {name: cfg["kind"] for name, cfg in braid_config.all_encoders(config, "semantic_").items()}
     dry = subprocess.run([*snakemake, "-n", "--forceall"], capture_output=True, text=True)
     jobs = with_declared(jobstats.jobs(run), declared_memory(dry.stdout))
-    table = extrapolate(rule_table(jobs, kinds), run_units(run, config), FULL)
+    table = extrapolate(rule_table(jobs, kinds, semantic_kinds), run_units(run, config), FULL,
+                        semantic_voxels=semantic_roi_voxels(run))
     with atomic_output(run / "results" / "job_resources.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.1f")
     text = markdown(table)
