@@ -37,7 +37,7 @@ report: $(STAMP)
 	$(BIN)/snakemake --profile profiles/demo --report report.html
 	@echo "report: report.html"
 
-# The full-scale rehearsal (about 40 minutes on 2 CPU cores, ~20 GB of disk; needs npm for its S3
+# The full-scale rehearsal (about 45 minutes on 2 CPU cores, ~20 GB of disk; needs npm for its S3
 # server): config/nsd_ssd1b.yaml + config/rehearsal.yaml at NSD's and SSD-1B's real shapes, in rehearsal/;
 # prints each rule's peak memory and wall time, and their extrapolation to the full experiment.
 rehearsal: $(STAMP)

@@ -1,6 +1,6 @@
 """The full-scale rehearsal's pieces: the real-scale synthetic subject and the resource table.
 
-``make rehearsal`` itself (about 40 minutes) is not part of the suite; these check what it is
+``make rehearsal`` itself (about 45 minutes) is not part of the suite; these check what it is
 built from, on a smaller volume with NSD's real design.
 """
 
