@@ -98,14 +98,20 @@ def test_a_stored_image_is_captioned_as_it_was_made(tmp_path):
     import zipfile
 
     info = pd.DataFrame({"cocoId": [11, 12, 13], "cocoSplit": ["train2017", "val2017", "train2017"]})
-    made = {1: {"category": 0, "share": 0.9, "upside_down": True, "gains": [1.0, 1.0, 1.0]}}
+    from braid import synthetic
+
+    info = pd.DataFrame({"cocoId": [11, 12, 13], "cocoSplit": ["train2017", "val2017", "train2017"]})
+    category = synthetic.CATEGORIES.index("coffee")
+    made = {1: {"category": category, "share": 0.9, "upside_down": True, "gains": [1.0, 1.0, 1.0]}}
     path = tmp_path / "annotations_trainval2017.zip"
     rehearsal.write_caption_zip(path, info, made)
     with zipfile.ZipFile(path) as zf:
         val = json.loads(zf.read("annotations/captions_val2017.json"))
         train = json.loads(zf.read("annotations/captions_train2017.json"))
     assert len(val["annotations"]) == 5 and all(a["image_id"] == 12 for a in val["annotations"])
-    assert all("upside down" in a["caption"] or "far away" in a["caption"] for a in val["annotations"])
+    # every caption names the coffee photograph (each caption draws one of its category's nouns)
+    assert all(any(w in a["caption"].lower() for w in ("coffee", "espresso")) for a in val["annotations"])
+    assert any("upside down" in a["caption"] for a in val["annotations"])
     assert sorted({a["image_id"] for a in train["annotations"]}) == [11, 13]
 
 
@@ -145,7 +151,7 @@ def test_the_semantic_routes_rules_scale_with_their_own_roi_and_targets():
                              "max_s": [6.0, 5.0, 130.0, 20.0], "max_rss_mb": [1500.0, 2000.0, 6000.0, 6500.0]})
     run = {"sessions": 2, "images": 64, "trials": 105, "epochs": 2, "test_images": 6, "steps": 4}
     full = rehearsal.FULL
-    out = rehearsal.extrapolate(per_rule, run, full, semantic_voxels=7_000).set_index("rule")
+    out = rehearsal.extrapolate(per_rule, run, full, semantic=(7_000, 1_536)).set_index("rule")
     assert out.loc[SG, "full_s"] == pytest.approx(6 * (27_000 * 200) / (105 * 2))
     assert out.loc["semantic_encode", "full_s"] == pytest.approx(130 * 10_000 / 64)
     assert out.loc["reconstruct_conditioning", "full_s"] == pytest.approx(20 * 1_000 / 6)
@@ -159,6 +165,22 @@ def test_the_semantic_routes_rules_scale_with_their_own_roi_and_targets():
     # without the ROI's size the memory stays as measured
     alone = rehearsal.extrapolate(per_rule, run, full).set_index("rule")
     assert alone.loc[SG, "full_rss_mb"] == 1500 and alone.loc[SC, "full_rss_mb"] == 2000
+
+
+def test_the_semantic_shape_is_the_masked_roi_and_the_largest_target(tmp_path):
+    """Voxels from the run's semantic betas; targets: SDXL's 1,280-d pooled embedding, plus the
+    token components when an encoder targets the tokens."""
+    import json
+
+    array = tmp_path / "results" / "subj01" / "semantic" / "betas.zarr" / "betas"
+    config = {"semantic": {"token_components": 256}, "semantic_sweep": {},
+              "semantic_encoders": {"ridge": {"kind": "ridge"}, "ridge-tokens": {"kind": "ridge", "target": "tokens"}}}
+    assert rehearsal.semantic_shape(tmp_path, config) is None  # no semantic route in the run
+    array.mkdir(parents=True)
+    (array / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "array", "shape": [105, 7_123]}))
+    assert rehearsal.semantic_shape(tmp_path, config) == (7_123, 1_280 + 256)
+    del config["semantic_encoders"]["ridge-tokens"]
+    assert rehearsal.semantic_shape(tmp_path, config) == (7_123, 1_280)
 
 
 def test_declared_memory_is_read_from_a_dry_run_and_set_beside_the_peaks():

@@ -250,7 +250,6 @@ SCALING = {
     "evaluate_images": "test images",
 }
 LATENT_DIM = 4 * 64 * 64  # SDXL-VAE latents of 512-pixel images
-SEMANTIC_DIM = 1280 + 256  # the largest semantic target: the pooled embedding and 256 token components
 
 
 def full_scale_units(run: dict, full: dict) -> dict[str, float]:
@@ -296,12 +295,12 @@ def rule_table(jobs: pd.DataFrame, kinds: dict[str, str], semantic_kinds: dict[s
     from . import jobstats
 
     jobs = jobs.copy()
-    for rule, names_kinds, closed, gradient in (("encoder_train", kinds, CLOSED_FORM, GRADIENT),
-                                                ("semantic_train", semantic_kinds or {}, SEMANTIC_CLOSED_FORM,
-                                                 SEMANTIC_GRADIENT)):
+    split = {"encoder_train": (kinds, CLOSED_FORM, GRADIENT),
+             "semantic_train": (semantic_kinds or {}, SEMANTIC_CLOSED_FORM, SEMANTIC_GRADIENT)}
+    for rule, (of, closed, gradient) in split.items():
         rows = (jobs["rule"] == rule).to_numpy()
         names = [Path(j).parts[1] for j in jobs.loc[rows, "job"]]  # <subject>/<encoder>/train
-        jobs.loc[rows, "rule"] = [closed if names_kinds.get(n) in ("ridge", "lowrank") else gradient for n in names]
+        jobs.loc[rows, "rule"] = [closed if of.get(n) in ("ridge", "lowrank") else gradient for n in names]
     table = jobstats.by_rule(jobs)
     if "mem_mb" in jobs:  # per rule, the job that comes closest to (or beyond) its declared memory
         ratio = jobs["max_rss"] / jobs["mem_mb"].astype(float)
@@ -312,31 +311,33 @@ def rule_table(jobs: pd.DataFrame, kinds: dict[str, str], semantic_kinds: dict[s
 
 
 def extrapolate(per_rule: pd.DataFrame, run: dict, full: dict, voxels: int = ROI_VOXELS,
-                semantic_voxels: int | None = None) -> pd.DataFrame:
+                semantic: tuple[int, int] | None = None) -> pd.DataFrame:
     """Per rule: the rehearsal's largest job (s, MB) and the same job at full scale.
 
     Time is linear in the rule's unit (:data:`SCALING`; none for the closed-form encoders). Memory
     is the measured peak, plus for gradient-trained encoders the data they add: (full - rehearsal)
     trials x (voxels + target dims) x 4 bytes x 2; the closed-form encoders get
     :func:`braid.resources.ridge_path_mb` at full scale (what their rule asks for). ``voxels`` and
-    the latent dims are the latent route's; ``semantic_voxels`` (the semantic ROI's size) and
-    :data:`SEMANTIC_DIM` the semantic encoders' (their memory stays as measured without it).
+    the latent dims are the latent route's; ``semantic`` is the semantic encoders' (voxels, target
+    dims) (:func:`semantic_shape`; without it their memory stays as measured).
     """
     from .resources import ridge_path_mb
 
     factor = full_scale_units(run, full)
-    routes = {GRADIENT: (voxels, LATENT_DIM), CLOSED_FORM: (voxels, LATENT_DIM),
-              SEMANTIC_GRADIENT: (semantic_voxels, SEMANTIC_DIM), SEMANTIC_CLOSED_FORM: (semantic_voxels, SEMANTIC_DIM)}
+    shapes = {GRADIENT: (voxels, LATENT_DIM), CLOSED_FORM: (voxels, LATENT_DIM),
+              SEMANTIC_GRADIENT: semantic, SEMANTIC_CLOSED_FORM: semantic}  # (voxels, target dims)
     rows = []
     for r in per_rule.itertuples():
         unit = SCALING.get(r.rule)
-        f = factor[unit] if unit else (np.nan if r.rule in (CLOSED_FORM, SEMANTIC_CLOSED_FORM) else 1.0)
+        closed_form = r.rule in (CLOSED_FORM, SEMANTIC_CLOSED_FORM)
+        f = factor[unit] if unit else (np.nan if closed_form else 1.0)
         memory = r.max_rss_mb
-        p, d = routes.get(r.rule, (None, None))
-        if p is not None and r.rule in (GRADIENT, SEMANTIC_GRADIENT):
-            memory += (full["trials"] - run["trials"]) * (p + d) * 4 * 2 / 2**20
-        elif p is not None:
-            memory = max(memory, ridge_path_mb(full["trials"], p, d))
+        if shapes.get(r.rule) is not None:
+            p, d = shapes[r.rule]
+            if closed_form:
+                memory = max(memory, ridge_path_mb(full["trials"], p, d))
+            else:
+                memory += (full["trials"] - run["trials"]) * (p + d) * 4 * 2 / 2**20
         rows.append({"rule": r.rule, "jobs": r.jobs, "max_s": r.max_s, "max_rss_mb": r.max_rss_mb,
                      "declared_mb": getattr(r, "mem_mb", np.nan),
                      "peak_over_declared": getattr(r, "peak_over_declared", np.nan),
@@ -354,12 +355,18 @@ def run_units(workdir: Path, config: dict) -> dict:
             "epochs": int(enc.get("epochs", 1)), "test_images": int(test), "steps": int(config["reconstruct"]["steps"])}
 
 
-def semantic_roi_voxels(workdir: Path) -> int | None:
-    """The semantic ROI's voxel count in the run (None when it has no semantic route)."""
-    import zarr
+def semantic_shape(workdir: Path, config: dict) -> tuple[int, int] | None:
+    """The semantic encoders' (voxels, largest target dims) in the run, None without a semantic route:
+    the semantic ROI's voxels as masked, and the pooled text embedding plus, where an encoder targets
+    the tokens, their components (as the semantic_train rule sizes its memory)."""
+    from .models import CLIP_BIGG_CONFIG
+    from .resources import zarr_shape
 
-    store = workdir / "results" / f"subj{SUBJECT:02d}" / "semantic" / "betas.zarr"
-    return int(zarr.open_group(str(store), mode="r")["betas"].shape[1]) if store.exists() else None
+    shape = zarr_shape(workdir / "results" / f"subj{SUBJECT:02d}" / "semantic" / "betas.zarr" / "betas")
+    if shape is None:
+        return None
+    tokens = any(cfg.get("target") == "tokens" for cfg in braid_config.all_encoders(config, "semantic_").values())
+    return shape[1], CLIP_BIGG_CONFIG["projection_dim"] + (config["semantic"]["token_components"] if tokens else 0)
 
 
 # the full experiment: 40 sessions, 10,000 images, 200 epochs over the ~27,000 training trials, 1,000 test images, 25 steps
@@ -473,7 +480,7 @@ def report(run: Path, config: dict, snakemake: list[str]) -> pd.DataFrame:
     dry = subprocess.run([*snakemake, "-n", "--forceall"], capture_output=True, text=True)
     jobs = with_declared(jobstats.jobs(run), declared_memory(dry.stdout))
     table = extrapolate(rule_table(jobs, kinds, semantic_kinds), run_units(run, config), FULL,
-                        semantic_voxels=semantic_roi_voxels(run))
+                        semantic=semantic_shape(run, config))
     with atomic_output(run / "results" / "job_resources.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.1f")
     text = markdown(table)
