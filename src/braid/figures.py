@@ -1,5 +1,5 @@
-"""What BRAID's figures and tables share: a figure saved whole, and one stamp on numbers that
-are not results.
+"""What BRAID's figures and tables share: a figure saved whole, labels that do not overlap, and
+one stamp on numbers that are not results.
 
 Numbers from a diffusion model whose weights are not the published ones (random, or trained
 here on the synthetic stimuli) are not results; scores from metric networks with random
@@ -46,3 +46,44 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
             fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
+
+
+def label_apart(ax, labels, fontsize: float = 6, color: str = "k", offset: tuple = (3.0, -8.0),
+                gap: float = -7.0) -> list:
+    """Annotate points ``labels`` ((text, x, y) in data coordinates), each at ``offset`` points
+    from its point where that overlaps no label placed before it and stays inside the axes; if
+    not, the first of: the same height left of the point, then the other side of the point
+    (above instead of below), then each of these ``gap`` points further on (negative: down).
+    Labels are placed from the top when ``gap`` is negative, from the bottom when positive.
+    Call it once the axes' limits and size are final. Returns the annotations."""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    dx, dy0 = offset
+
+    def candidates(k):
+        dy = dy0 + k * gap
+        mirrored = -dy0 - fontsize - k * gap  # the same distance on the other side of the point
+        return [(dx, dy, "left"), (-dx, dy, "right"), (dx, mirrored, "left"), (-dx, mirrored, "right")]
+
+    placed, out = [], []
+    for text, x, y in sorted(labels, key=lambda t: t[2] if gap > 0 else -t[2]):
+        ann = ax.annotate(text, (x, y), fontsize=fontsize, xytext=(dx, dy0), textcoords="offset points", color=color)
+        for k in range(len(placed) + 1):
+            fits = False
+            for cx, cy, ha in candidates(k):
+                ann.xyann = (cx, cy)
+                ann.set_horizontalalignment(ha)
+                box = ann.get_window_extent(renderer)
+                inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+                if inside and not any(box.overlaps(other) for other in placed):
+                    fits = True
+                    break
+            if fits:
+                break
+        else:  # nowhere free: the first position, stacked past every label placed before it
+            ann.xyann = (dx, dy0 + len(placed) * gap)
+            ann.set_horizontalalignment("left")
+            box = ann.get_window_extent(renderer)
+        placed.append(box)
+        out.append(ann)
+    return out

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .common import atomic_output
-from .figures import save_figure, stamped
+from .figures import label_apart, save_figure, stamped
 from .scores import latent_metrics
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,8 @@ def plot(t: pd.DataFrame, path, subject: str, reference: str | None) -> None:
             ax.scatter(group["n_parameters"], group[metric], s=28, color=KIND_COLOURS.get(kind, "gray"), label=kind, zorder=3)
         front = enc[enc[front_col]].sort_values("n_parameters")
         ax.step(front["n_parameters"], front[metric], where="post", color="k", lw=1, alpha=0.6, label="Pareto front")
-        for r in front.itertuples() if metric == QUALITY else ():  # names once, on the left
-            ax.annotate(r.encoder, (r.n_parameters, getattr(r, metric)), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+        if metric == QUALITY:  # names once, on the left, placed once the layout is final
+            names = [(r.encoder, r.n_parameters, getattr(r, metric)) for r in front.itertuples()]
         ref = enc[enc["is_reference"]]
         if len(ref):
             ax.scatter(ref["n_parameters"], ref[metric], marker="*", s=220, facecolor="none", edgecolor="red",
@@ -125,6 +124,7 @@ def plot(t: pd.DataFrame, path, subject: str, reference: str | None) -> None:
         title += f" — reference {reference!r} not trained"
     fig.suptitle(stamped(title, [t["weights"].iloc[0]]), fontsize=9)
     fig.tight_layout()
+    label_apart(axes[0], names, fontsize=7, offset=(3, 3), gap=7)
     save_figure(fig, path)
 
 
@@ -175,6 +175,7 @@ def plot_images(summary: pd.DataFrame, path, reference: str | None = None) -> No
     nrow = -(-len(panels) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.8 * nrow + 0.9), squeeze=False)
     subjects = sorted(points["subject"].unique())
+    names = {}  # axes -> the published methods' labels, placed once the layout is final
     for ax, (metric, label) in zip(axes.ravel(), panels):
         for subject in subjects:
             pts = points[points["subject"] == subject]
@@ -209,8 +210,7 @@ def plot_images(summary: pd.DataFrame, path, reference: str | None = None) -> No
                 y = float(value) / 100 if pct else float(value)
                 ax.scatter([count], [y], marker="P", s=55, color="tab:red" if not estimate else "none",
                            edgecolor="tab:red", zorder=3)
-                ax.annotate(model + (" (est.)" if estimate else ""), (count, y), fontsize=6, xytext=(3, -8),
-                            textcoords="offset points", color="tab:red")
+                names.setdefault(ax, []).append((model + (" (est.)" if estimate else ""), count, y))
         ax.set_xscale("log")
         ax.set_xlabel("brain-side parameters (latent + semantic encoder)")
         ax.set_title(label, fontsize=9)
@@ -230,4 +230,6 @@ def plot_images(summary: pd.DataFrame, path, reference: str | None = None) -> No
              "colour: latent encoder kind; published: their own test sets and metric weights)")
     fig.suptitle("\n".join([*stamps, title]), fontsize=9, color="tab:red" if stamps else "k")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
+    for ax, labels in names.items():
+        label_apart(ax, labels, fontsize=6, color="tab:red")
     save_figure(fig, path, dpi=100)
