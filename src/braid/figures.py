@@ -67,23 +67,16 @@ def label_apart(ax, labels, fontsize: float = 6, color: str = "k", offset: tuple
 
     placed, out = [], []
     for text, x, y in sorted(labels, key=lambda t: t[2] if gap > 0 else -t[2]):
-        ann = ax.annotate(text, (x, y), fontsize=fontsize, xytext=(dx, dy0), textcoords="offset points", color=color)
-        for k in range(len(placed) + 1):
-            fits = False
-            for cx, cy, ha in candidates(k):
-                ann.xyann = (cx, cy)
-                ann.set_horizontalalignment(ha)
-                box = ann.get_window_extent(renderer)
-                inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-                if inside and not any(box.overlaps(other) for other in placed):
-                    fits = True
-                    break
-            if fits:
-                break
-        else:  # nowhere free: the first position, stacked past every label placed before it
-            ann.xyann = (dx, dy0 + len(placed) * gap)
-            ann.set_horizontalalignment("left")
+        ann = ax.annotate(text, (x, y), fontsize=fontsize, textcoords="offset points", color=color)
+        tries = [c for k in range(len(placed) + 1) for c in candidates(k)]
+        # nowhere free: the first position, stacked past every label placed before it
+        for cx, cy, ha in [*tries, (dx, dy0 + len(placed) * gap, "left")]:
+            ann.xyann = (cx, cy)
+            ann.set_horizontalalignment(ha)
             box = ann.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in placed):
+                break
         placed.append(box)
         out.append(ann)
     return out

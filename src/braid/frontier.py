@@ -107,8 +107,6 @@ def plot(t: pd.DataFrame, path, subject: str, reference: str | None) -> None:
             ax.scatter(group["n_parameters"], group[metric], s=28, color=KIND_COLOURS.get(kind, "gray"), label=kind, zorder=3)
         front = enc[enc[front_col]].sort_values("n_parameters")
         ax.step(front["n_parameters"], front[metric], where="post", color="k", lw=1, alpha=0.6, label="Pareto front")
-        if metric == QUALITY:  # names once, on the left, placed once the layout is final
-            names = [(r.encoder, r.n_parameters, getattr(r, metric)) for r in front.itertuples()]
         ref = enc[enc["is_reference"]]
         if len(ref):
             ax.scatter(ref["n_parameters"], ref[metric], marker="*", s=220, facecolor="none", edgecolor="red",
@@ -124,7 +122,9 @@ def plot(t: pd.DataFrame, path, subject: str, reference: str | None) -> None:
         title += f" — reference {reference!r} not trained"
     fig.suptitle(stamped(title, [t["weights"].iloc[0]]), fontsize=9)
     fig.tight_layout()
-    label_apart(axes[0], names, fontsize=7, offset=(3, 3), gap=7)
+    front = enc[enc["pareto"]]  # the front's names once, on the left, placed once the layout is final
+    label_apart(axes[0], list(zip(front["encoder"], front["n_parameters"], front[QUALITY])), fontsize=7, offset=(3, 3),
+                gap=7)
     save_figure(fig, path)
 
 
