@@ -67,7 +67,7 @@ def label_apart(ax, labels, fontsize: float = 6, color: str = "k", offset: tuple
 
     placed, out = [], []
     for text, x, y in sorted(labels, key=lambda t: t[2] if gap > 0 else -t[2]):
-        ann = ax.annotate(text, (x, y), fontsize=fontsize, textcoords="offset points", color=color)
+        ann = ax.annotate(text, (x, y), fontsize=fontsize, xytext=offset, textcoords="offset points", color=color)
         tries = [c for k in range(len(placed) + 1) for c in candidates(k)]
         # nowhere free: the first position, stacked past every label placed before it
         for cx, cy, ha in [*tries, (dx, dy0 + len(placed) * gap, "left")]:
